@@ -1,0 +1,18 @@
+"""Smoothing patterns, tried in this order on the op that produces a group of linears' input.
+
+Each pattern module holds its search (``match``), its fold, and an ``Example``
+module that exhibits it; ``walk`` holds the channel-preserving walk they share.
+"""
+
+from . import gated_act, linear_linear, linear_norm
+from .base import Absorber, ArgEdits, Region
+from .walk import NotChannelPreserving, Walk, trace_channels, walk_back
+
+# One table, applied top to bottom; the first pattern that matches absorbs 1/s.
+PATTERNS = (
+    linear_norm,  # norm weight (and bias) takes 1/s: free
+    linear_linear,  # the previous linear's rows take 1/s: free
+    gated_act,  # up's rows take 1/s through act(gate) * up: free
+)
+
+__all__ = ["PATTERNS", "Absorber", "ArgEdits", "Region", "NotChannelPreserving", "Walk", "trace_channels", "walk_back"]

@@ -1,0 +1,62 @@
+"""Low-level W8A8 kernels (torch.library custom ops in namespace ``qpass``) and references.
+
+Importing this package registers ``qpass::onednn_qlinear`` and ``qpass::fbgemm_dynamic_linear``.
+"""
+
+from .capability import KERNEL_NAMES, available_kernels, cpu_has_int8_dot, kernel_available
+from .cuda import fp8_scaled_mm, int8_scaled_mm
+from .fbgemm import (
+    FbgemmPacked,
+    fbgemm_dynamic_linear,
+    fbgemm_packed,
+    pack_fbgemm_dynamic,
+    release_fbgemm,
+)
+from .onednn import (
+    OnednnInt8Weight,
+    onednn_dynamic_linear,
+    onednn_qlinear,
+    onednn_static_linear,
+    pack_onednn_int8,
+)
+from .quant import (
+    U7_QMAX,
+    U7_ZERO_POINT,
+    dequantize_act_u7,
+    quantize_act_u7_per_tensor,
+    quantize_act_u7_per_token,
+    quantize_weight_int8_per_channel,
+)
+from .reference import (
+    fbgemm_act_qparams,
+    reference_fbgemm_dynamic_linear,
+    reference_int_linear,
+)
+
+__all__ = [
+    "KERNEL_NAMES",
+    "FbgemmPacked",
+    "OnednnInt8Weight",
+    "U7_QMAX",
+    "U7_ZERO_POINT",
+    "available_kernels",
+    "cpu_has_int8_dot",
+    "dequantize_act_u7",
+    "fbgemm_act_qparams",
+    "fbgemm_dynamic_linear",
+    "fbgemm_packed",
+    "fp8_scaled_mm",
+    "int8_scaled_mm",
+    "kernel_available",
+    "onednn_dynamic_linear",
+    "onednn_qlinear",
+    "onednn_static_linear",
+    "pack_fbgemm_dynamic",
+    "pack_onednn_int8",
+    "quantize_act_u7_per_tensor",
+    "quantize_act_u7_per_token",
+    "quantize_weight_int8_per_channel",
+    "reference_fbgemm_dynamic_linear",
+    "reference_int_linear",
+    "release_fbgemm",
+]

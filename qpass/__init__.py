@@ -1,0 +1,28 @@
+"""qpass: torch.fx / torch.compile passes that run LLMs in W8A8 without losing accuracy.
+
+    calib = qpass.calibrate(model, batches)
+    compiled = torch.compile(model, backend=qpass.backend(qpass.QuantConfig(), calibration=calib))
+"""
+
+from qpass.backend import PIPELINE, QPassBackend, backend, qpass
+from qpass.calibration import Calibration, ChannelStats, calibrate
+from qpass.config import (
+    AdaDim,
+    OutlierSplit,
+    PerGroup,
+    PerInputChannel,
+    PerOutputChannel,
+    PerTensor,
+    PerToken,
+    QuantConfig,
+    QuantSpec,
+    Smoothing,
+)
+from qpass.printer import format_graph
+from qpass.report import Report
+
+__all__ = [
+    "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "ChannelStats", "calibrate",
+    "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
+    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report",
+]

@@ -1,0 +1,94 @@
+"""The torch.compile backend: capture -> smooth -> quantize -> lower -> Inductor.
+
+``PIPELINE`` is the one place that states the order of the passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from qpass.calibration import Calibration
+from qpass.config import QuantConfig
+from qpass.graph import QGraph
+from qpass.passes.smooth import smooth
+from qpass.report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QPassBackend", "backend", "qpass", "PIPELINE"]
+
+Pass = Callable[[QGraph, QuantConfig, "Calibration | None", Report], int]
+
+# The passes, in the order they run. Each returns how many linears it rewrote.
+PIPELINE: tuple[tuple[str, Pass], ...] = (
+    ("smooth", smooth),  # fold SmoothQuant scales into norms / previous linears (exact)
+)
+
+
+class QPassBackend:
+    """A torch.compile backend with a fixed configuration and calibration.
+
+    ``report`` accumulates one row per linear over every graph compiled;
+    ``graphs`` keeps the rewritten FX graphs for inspection. ``inductor=False``
+    runs the rewritten graph eagerly (useful to debug a pass).
+    """
+
+    def __init__(self, config: QuantConfig | None = None, calibration: Calibration | None = None, *, inductor: bool = True):
+        self.config = config if config is not None else QuantConfig()
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise TypeError(f"qpass.backend: calibration must be a qpass.Calibration, got {type(calibration).__name__}")
+        self.calibration = calibration
+        self.inductor = inductor
+        self.report = Report()
+        self.graphs: list[fx.GraphModule] = []
+        if calibration is None and self.config.smoothing is not None:
+            logger.warning("qpass: no calibration given; smoothing is off (pass calibration=qpass.calibrate(...))")
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        qg = QGraph(gm, example_inputs)
+        self.report.graphs += 1
+        for name, run in PIPELINE:
+            if name == "smooth" and self.calibration is None:
+                continue
+            n = run(qg, self.config, self.calibration, self.report)
+            logger.info("qpass %s: %d linears rewritten", name, n)
+        new_gm, keep = qg.build()
+        self.graphs.append(new_gm)
+        inputs = [example_inputs[i] for i in keep]
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            compiled = compile_fx(new_gm, inputs)
+        else:
+            compiled = new_gm.forward
+        return _select_inputs(compiled, keep)
+
+
+def _select_inputs(compiled: Callable, keep: list[int]) -> Callable:
+    """Call ``compiled`` with only the inputs it kept (Dynamo passes them all)."""
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args):
+        if boxed:
+            (args,) = args
+            kept = [args[i] for i in keep]
+            args.clear()  # boxed convention: the callee owns the inputs
+            return compiled(kept)
+        return compiled(*(args[i] for i in keep))
+
+    run._boxed_call = boxed
+    return run
+
+
+def backend(config: QuantConfig | None = None, calibration: Calibration | None = None, **kwargs) -> QPassBackend:
+    """``torch.compile(model, backend=qpass.backend(config, calibration=calib))``."""
+    return QPassBackend(config, calibration, **kwargs)
+
+
+def qpass(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """The default configuration as a plain backend function (registered as ``"qpass"``)."""
+    return QPassBackend()(gm, example_inputs)

@@ -1,0 +1,220 @@
+"""Configuration: what to quantize, how finely, and how to smooth.
+
+Every config is a frozen dataclass that validates itself in ``__post_init__`` and
+does nothing else; behaviour lives in the passes, keyed by config type.
+
+Shapes, for a linear ``y = x @ W.T`` with ``x: (tokens, K)`` and ``W: (N, K)``::
+
+    PerTensor()         one scale                      W: (1, 1)   x: (1, 1)
+    PerToken()          one scale per row of x                     x: (tokens, 1)
+    PerOutputChannel()  one scale per row of W         W: (N, 1)
+    PerInputChannel()   one scale per column of W      W: (1, K)
+    PerGroup(128)       one scale per 128 columns      W: (N, K // 128)
+    AdaDim()            PerInputChannel or PerOutputChannel, chosen per layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+__all__ = [
+    "PerTensor",
+    "PerToken",
+    "PerOutputChannel",
+    "PerInputChannel",
+    "PerGroup",
+    "AdaDim",
+    "Granularity",
+    "QuantSpec",
+    "Smoothing",
+    "OutlierSplit",
+    "QuantConfig",
+    "DTYPES",
+]
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """One scale per token (row) of an activation; always dynamic."""
+
+
+@dataclass(frozen=True)
+class PerOutputChannel:
+    """One scale per output channel (row) of a weight."""
+
+
+@dataclass(frozen=True)
+class PerInputChannel:
+    """One scale per input channel (column) of a weight."""
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per ``group_size`` consecutive input channels of each weight row."""
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"PerGroup.group_size must be a positive int, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class AdaDim:
+    """Per layer, PerInputChannel or PerOutputChannel, whichever reconstructs the
+    layer's output on calibration data with the smaller error."""
+
+
+Granularity = Union[PerTensor, PerToken, PerOutputChannel, PerInputChannel, PerGroup, AdaDim]
+
+# dtype name -> (storage dtype, qmin, qmax); float8 ranges are the format's finite max.
+DTYPES: dict[str, tuple[torch.dtype, float, float]] = {
+    "int8": (torch.int8, -128, 127),
+    "uint8": (torch.uint8, 0, 255),
+    "int4": (torch.int8, -8, 7),  # stored one value per int8
+    "fp8_e4m3": (torch.float8_e4m3fn, -448.0, 448.0),
+}
+
+WEIGHT_GRANULARITIES = (PerTensor, PerOutputChannel, PerInputChannel, PerGroup, AdaDim)
+ACTIVATION_GRANULARITIES = (PerTensor, PerToken)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``QuantSpec("int8", PerToken())`` quantizes each token of an activation with its
+    own symmetric scale computed at run time; ``QuantSpec("int8", PerTensor(),
+    dynamic=False)`` uses one scale taken from calibration.
+    """
+
+    dtype: Literal["int8", "uint8", "int4", "fp8_e4m3"]
+    granularity: Granularity
+    symmetric: bool = True
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"QuantSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.granularity, (*WEIGHT_GRANULARITIES, *ACTIVATION_GRANULARITIES)):
+            raise TypeError(f"QuantSpec.granularity must be a granularity, got {self.granularity!r}")
+        if self.dtype == "fp8_e4m3" and not self.symmetric:
+            raise ValueError("QuantSpec: fp8_e4m3 has no zero point; use symmetric=True")
+        if isinstance(self.granularity, PerToken) and not self.dynamic:
+            raise ValueError("QuantSpec: PerToken scales are computed at run time; use dynamic=True")
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def qrange(self) -> tuple[float, float]:
+        return DTYPES[self.dtype][1], DTYPES[self.dtype][2]
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant: ``s_j = a_j**alpha / w_j**(1 - alpha)`` per input channel.
+
+    ``alpha="auto"`` searches ``alpha_grid`` per pattern for the smallest error of the
+    quantized layer outputs on calibration samples. Where no preceding op can absorb
+    ``1/s``, ``fallback="multiply"`` inserts ``x * (1/s)`` before the linears and
+    ``"skip"`` leaves them unsmoothed.
+    """
+
+    alpha: float | Literal["auto"] = 0.5
+    fallback: Literal["multiply", "skip"] = "multiply"
+    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"Smoothing.alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.fallback not in ("multiply", "skip"):
+            raise ValueError(f"Smoothing.fallback must be 'multiply' or 'skip', got {self.fallback!r}")
+        if not self.alpha_grid or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError(f"Smoothing.alpha_grid must be non-empty values in [0, 1], got {self.alpha_grid!r}")
+
+
+@dataclass(frozen=True)
+class OutlierSplit:
+    """LLM.int8()-style decomposition: input channels whose calibrated absmax exceeds
+    ``threshold`` (or the ``top_k`` largest) stay in high precision; the rest are
+    quantized; the two partial products are summed."""
+
+    threshold: float | None = 6.0
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.top_k is None):
+            raise ValueError("OutlierSplit: give exactly one of threshold and top_k")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"OutlierSplit.threshold must be > 0, got {self.threshold!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise ValueError(f"OutlierSplit.top_k must be a positive int, got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What qpass does to every linear of the captured graph.
+
+    ``weight=None`` and ``activation=None`` with ``smoothing=Smoothing()`` only folds
+    SmoothQuant scales (the model computes the same function). ``skip`` holds module
+    paths or glob patterns (``"lm_head"``, ``"*.mlp.down_proj"``) left untouched.
+    ``lower=True`` replaces quantized linears by low-precision kernels where one fits.
+    ``release_weights=True`` lets the compiled model hold only the low-precision weights.
+    """
+
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", PerOutputChannel()))
+    activation: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", PerToken()))
+    smoothing: Smoothing | None = field(default_factory=Smoothing)
+    outliers: OutlierSplit | None = None
+    skip: tuple[str, ...] = ("lm_head",)
+    lower: bool = True
+    release_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise TypeError(f"QuantConfig.skip must be a tuple of module paths, got {self.skip!r}")
+        w, a = self.weight, self.activation
+        if w is not None:
+            if not isinstance(w.granularity, WEIGHT_GRANULARITIES):
+                raise ValueError(f"QuantConfig.weight: {type(w.granularity).__name__} is not a weight granularity")
+            if not w.symmetric:
+                raise ValueError("QuantConfig.weight: weights are quantized symmetrically; use symmetric=True")
+            if w.dtype == "uint8":
+                raise ValueError("QuantConfig.weight: uint8 weights are not supported; use int8")
+        if a is not None:
+            if not isinstance(a.granularity, ACTIVATION_GRANULARITIES):
+                raise ValueError(
+                    f"QuantConfig.activation: {type(a.granularity).__name__} is not an activation granularity "
+                    "(use PerTensor or PerToken)"
+                )
+            if a.dtype == "int4":
+                raise ValueError("QuantConfig.activation: int4 activations are not supported")
+            if w is None:
+                raise ValueError("QuantConfig: activation quantization needs weight quantization too")
+            if (a.dtype == "fp8_e4m3") != (w.dtype == "fp8_e4m3"):
+                raise ValueError("QuantConfig: fp8_e4m3 activations need fp8_e4m3 weights and vice versa")
+            if a.dtype.startswith("int") and w.dtype == "int4":
+                raise ValueError("QuantConfig: int4 weights are weight-only (activation=None)")
+        if self.outliers is not None and a is None:
+            raise ValueError("QuantConfig.outliers needs activation quantization")
+        if self.release_weights and w is None:
+            raise ValueError("QuantConfig.release_weights needs weight quantization")
+
+    def skips(self, path: str) -> bool:
+        """True if the module at ``path`` is excluded by ``skip``."""
+        return any(path == s or path.endswith("." + s) or fnmatch.fnmatchcase(path, s) for s in self.skip)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)

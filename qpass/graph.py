@@ -1,0 +1,215 @@
+"""The graph qpass rewrites: a private copy of Dynamo's graph that knows its parameters.
+
+Dynamo lifts parameters to graph inputs and passes the real parameter tensors
+among the example inputs. ``QGraph`` copies the graph (Dynamo's own must not be
+mutated: that changes the arguments Dynamo passes), names every parameter input
+by its module path, and turns every tensor a pass rewrites into a constant of a
+fresh root module (a ``get_attr`` node). ``build()`` returns the GraphModule for
+Inductor and the indices of the inputs it still takes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch._guards import detect_fake_mode
+
+__all__ = ["QGraph", "LinearSite", "normalize_path", "LINEAR_TARGETS"]
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+
+_SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
+
+
+def normalize_path(source: str) -> str:
+    """``L['self']._modules['model']._modules['layers']._modules['0']`` or
+    ``L['self'].model.layers[0]`` -> ``model.layers.0``."""
+    source = re.sub(r"^L\[['\"]self['\"]\]", "", source)
+    parts = [a or b for a, b in _SOURCE_KEY.findall(source)]
+    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+
+
+@dataclass
+class LinearSite:
+    """One linear layer call in the graph: ``y = x @ W.T + b``.
+
+    ``weight_t`` is True for GPT-2's Conv1D, which appears as ``addmm(b, x, W)``
+    with W stored as (in, out).
+    """
+
+    node: fx.Node
+    path: str
+
+    @property
+    def weight_t(self) -> bool:
+        return self.node.target is torch.addmm
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[1] if self.weight_t else self.node.args[0]
+
+    @property
+    def weight_node(self) -> fx.Node:
+        return self.node.args[2] if self.weight_t else _arg(self.node, 1, "weight")
+
+    @property
+    def bias_node(self) -> fx.Node | None:
+        return self.node.args[0] if self.weight_t else _arg(self.node, 2, "bias")
+
+
+def _arg(node: fx.Node, i: int, name: str):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name)
+
+
+class QGraph:
+    """A rewritable copy of a Dynamo graph plus the real values of its parameters."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list):
+        self.graph = fx.Graph()
+        val_map: dict[fx.Node, fx.Node] = {}
+        out = self.graph.graph_copy(gm.graph, val_map)
+        self.graph.output(out)
+        self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if len(self.placeholders) != len(example_inputs):
+            raise RuntimeError("qpass: graph inputs and example inputs differ in number")
+        self.fake_mode = _graph_fake_mode(self.graph) or detect_fake_mode(example_inputs)
+        self.root = nn.Module()
+        self.names: dict[str, str] = {}  # constant attribute -> module path it came from
+        self.params: dict[fx.Node, tuple[str, torch.Tensor]] = {}
+        for node, value in zip(self.placeholders, example_inputs):
+            if isinstance(value, nn.Parameter):
+                self.params[node] = (self._param_path(node), value)
+        self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
+
+    @staticmethod
+    def _param_path(node: fx.Node) -> str:
+        grapharg = node.meta.get("grapharg")
+        if grapharg is not None:
+            name = grapharg.source.name
+            return normalize_path(name() if callable(name) else name)
+        return node.name
+
+    # -- reading ---------------------------------------------------------------
+    def value(self, node) -> torch.Tensor | None:
+        """The real value of a node computed from parameters and constants alone
+        (a parameter, a constant, or e.g. Gemma's ``1.0 + w.float()``); else None."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node in self._const_cache:
+            return self._const_cache[node]
+        result = None
+        if node in self.params:
+            result = self.params[node][1].detach()
+        elif node.op == "get_attr":
+            result = getattr(self.root, node.target)
+        elif node.op in ("call_function", "call_method"):
+            tensor_args = [a for a in node.all_input_nodes]
+            if tensor_args and all(self.value(a) is not None for a in tensor_args):
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
+                with torch.no_grad():
+                    fn = getattr(args[0].__class__, node.target) if node.op == "call_method" else node.target
+                    result = fn(*args, **kwargs)
+                if not isinstance(result, torch.Tensor):
+                    result = None
+        self._const_cache[node] = result
+        return result
+
+    def site(self, node) -> LinearSite | None:
+        """The linear layer computed by ``node``, if its weight is a parameter or constant."""
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        if not (node.target in LINEAR_TARGETS or (node.target is torch.addmm and len(node.args) == 3 and not node.kwargs)):
+            return None
+        site = LinearSite(node, "")
+        w = self.value(site.weight_node)
+        if w is None or w.dim() != 2:
+            return None
+        site.path = self.module_of(node)
+        return site
+
+    def linears(self) -> list[LinearSite]:
+        """Every linear whose weight is a parameter or constant, in graph order."""
+        return [s for n in self.graph.nodes if (s := self.site(n)) is not None]
+
+    def module_of(self, node: fx.Node) -> str:
+        """Module path of the innermost module that ran ``node`` (``model.layers.0.mlp.up_proj``)."""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            source, _cls = list(stack.values())[-1]
+            return normalize_path(source)
+        site_weight = node.args[1] if node.target in LINEAR_TARGETS and len(node.args) > 1 else None
+        if site_weight in self.params:
+            return self.params[site_weight][0].rsplit(".", 1)[0]
+        return node.name
+
+    def fake(self, tensor: torch.Tensor):
+        return self.fake_mode.from_tensor(tensor, static_shapes=True) if self.fake_mode is not None else tensor
+
+    def shape(self, node) -> torch.Size | None:
+        val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+        return val.shape if isinstance(val, torch.Tensor) else None
+
+    # -- writing ---------------------------------------------------------------
+    def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A ``get_attr`` node reading ``tensor`` as a buffer of the new root module."""
+        base = re.sub(r"\W", "_", name)
+        attr, i = base, 1
+        while hasattr(self.root, attr):
+            attr, i = f"{base}_{i}", i + 1
+        self.root.register_buffer(attr, tensor.detach().contiguous())
+        self.names[attr] = name
+        first = next(n for n in self.graph.nodes if n.op not in ("placeholder", "get_attr"))
+        with self.graph.inserting_before(first):
+            node = self.graph.get_attr(attr)
+        node.meta["val"] = node.meta["example_value"] = self.fake(tensor)
+        self._const_cache[node] = getattr(self.root, attr)
+        return node
+
+    def call(self, target, args: tuple, kwargs: dict | None = None, *, before: fx.Node) -> fx.Node:
+        """Insert ``target(*args)`` before ``before``, with ``meta['val']`` from fake tensors."""
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, args, kwargs or {})
+        fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), self._meta_val)
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                val = target(*fake_args, **fake_kwargs)
+        else:
+            val = None
+        node.meta["val"] = node.meta["example_value"] = val
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in before.meta:
+                node.meta[key] = before.meta[key]
+        return node
+
+    @staticmethod
+    def _meta_val(node: fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+
+    def build(self) -> tuple[fx.GraphModule, list[int]]:
+        """The rewritten GraphModule and the indices of the original inputs it keeps."""
+        self.graph.eliminate_dead_code()
+        keep = []
+        for i, node in enumerate(self.placeholders):
+            if node.users or node not in self.params:
+                keep.append(i)
+            else:
+                self.graph.erase_node(node)
+        self.graph.lint()
+        gm = fx.GraphModule(self.root, self.graph)
+        gm.qpass_names = dict(self.names)
+        return gm, keep
+
+
+def _graph_fake_mode(graph: fx.Graph):
+    """The fake mode Dynamo traced ``graph`` under (new nodes' meta must share it)."""
+    for node in graph.nodes:
+        val = node.meta.get("example_value")
+        if isinstance(val, torch._subclasses.FakeTensor):
+            return val.fake_mode
+    return None

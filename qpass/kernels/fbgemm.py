@@ -1,0 +1,178 @@
+"""FBGEMM dynamic-quantized linear behind an integer handle: ``qpass::fbgemm_dynamic_linear``.
+
+``quantized::linear_prepack`` returns a TorchScript object that makes Dynamo graph-break, so
+packed weights live in a process-wide registry (handle -> packed params) and the custom op only
+receives the integer handle, which Dynamo bakes into the graph as a constant.
+
+What FBGEMM computes (``PackedLinearWeight::apply_dynamic_impl`` in ATen, checked against an
+emulation in the tests):
+
+* Weight: the ``int_repr`` of the qint8 tensor given to ``linear_prepack`` is used as is (no
+  requantization, ``-128`` allowed); per-tensor or per-channel (axis 0) affine, scales rounded
+  to float32. :func:`pack_fbgemm_dynamic` builds a symmetric per-channel qint8 tensor
+  (zero points 0); a tensor from ``torch.quantize_per_channel(w, s, zeros, 0, torch.qint8)``
+  gives the same packing.
+* Activation: quantized per TENSOR (min/max over all rows at once), asymmetric uint8.
+  ``min = min(x.min(), 0)``, ``max = max(x.max(), 0)``; ``[qmin, qmax] = [0, 255]``, halved to
+  ``[0, 127]`` with ``reduce_range=True``; ``scale = (max - min) / (qmax - qmin)`` (double, then
+  float32; 0 or inf-reciprocal -> 0.1; below 6.1e-5 clamped up to 6.1e-5 with min/max widened);
+  ``zero_point = round(qmin - min / scale)`` (or from max, whichever has less rounding error),
+  clamped to ``[qmin, qmax]``; ``q = clamp(round(x / scale) + zero_point, 0, 255)``.
+  Per tensor equals per token only for one token.
+* Output: ``scale_x * scale_w[n] * (sum_k (q - zp) * w) + bias`` in float32.
+* ``reduce_range=False`` (the default of ``quantized::linear_dynamic``) uses full-range uint8,
+  which saturates int16 pair sums on CPUs without VNNI (AVX2) and gives WRONG results there;
+  this module therefore packs with ``reduce_range=True`` (7-bit activations, exact) unless told
+  otherwise.
+
+Quantized tensors (``torch.qint8``) are deprecated in PyTorch (issue 184982); this path may
+disappear in a future release.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .quant import quantize_weight_int8_per_channel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FbgemmPacked:
+    """A registry entry: FBGEMM packed params plus what the fake implementation needs."""
+
+    packed: torch.ScriptObject
+    in_features: int
+    out_features: int
+    reduce_range: bool
+
+
+_REGISTRY: dict[int, FbgemmPacked] = {}
+_HANDLES = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+def _make_qint8_per_channel(w_int8: Tensor, scales: Tensor) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        return torch._make_per_channel_quantized_tensor(
+            w_int8, scales.to(torch.float64), torch.zeros_like(scales, dtype=torch.int64), 0
+        )
+
+
+def _prepack(qweight: Tensor, bias: Optional[Tensor]) -> torch.ScriptObject:
+    engine = torch.backends.quantized.engine
+    if engine in ("fbgemm", "x86"):  # both pack linear weights with FBGEMM
+        return torch.ops.quantized.linear_prepack(qweight, bias)
+    logger.debug("quantized engine is %r; packing with 'fbgemm' temporarily", engine)
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        return torch.ops.quantized.linear_prepack(qweight, bias)
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def pack_fbgemm_dynamic(
+    weight: Tensor,
+    w_scales: Tensor | float | None = None,
+    bias: Optional[Tensor] = None,
+    *,
+    reduce_range: bool = True,
+) -> int:
+    """Pack a weight for :func:`fbgemm_dynamic_linear` and return its registry handle.
+
+    ``weight`` is one of: a float ``(N, K)`` weight (quantized here, symmetric per channel,
+    int8 in ``[-127, 127]``); an int8 ``(N, K)`` weight with ``w_scales`` ``(N,)`` or scalar; a
+    qint8 quantized tensor (per tensor or per channel on axis 0), used as is. ``bias`` is fused
+    into FBGEMM's epilogue. Keep ``reduce_range=True`` on CPUs without VNNI (see module doc).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D (N, K) weight, got shape {tuple(weight.shape)}")
+    weight = weight.detach().cpu()
+    if weight.is_quantized:
+        if weight.dtype != torch.qint8:
+            raise ValueError(f"expected a qint8 weight, got {weight.dtype}")
+        qweight = weight
+    else:
+        if weight.dtype == torch.int8:
+            if w_scales is None:
+                raise ValueError("an int8 weight needs w_scales")
+            w_int8 = weight
+            scales = torch.as_tensor(w_scales, dtype=torch.float32).reshape(-1)
+            if scales.numel() == 1:
+                scales = scales.expand(weight.shape[0])
+        elif weight.is_floating_point():
+            if w_scales is not None:
+                raise ValueError("w_scales is only used with an int8 weight")
+            w_int8, scales = quantize_weight_int8_per_channel(weight)
+        else:
+            raise ValueError(f"unsupported weight dtype {weight.dtype}")
+        if scales.numel() != weight.shape[0]:
+            raise ValueError(f"w_scales has {scales.numel()} elements, expected {weight.shape[0]}")
+        qweight = _make_qint8_per_channel(w_int8.contiguous(), scales.contiguous())
+    b = None if bias is None else bias.detach().cpu().to(torch.float32).contiguous()
+    packed = _prepack(qweight, b)
+    n, k = qweight.shape
+    with _LOCK:
+        handle = next(_HANDLES)
+        _REGISTRY[handle] = FbgemmPacked(packed, k, n, reduce_range)
+    logger.debug("packed FBGEMM weight N=%d K=%d as handle %d", n, k, handle)
+    return handle
+
+
+def fbgemm_packed(handle: int) -> FbgemmPacked:
+    """The registry entry for ``handle`` (KeyError with a clear message if unknown)."""
+    try:
+        return _REGISTRY[handle]
+    except KeyError:
+        raise KeyError(f"no FBGEMM packed weight registered under handle {handle!r}") from None
+
+
+def release_fbgemm(handle: int) -> None:
+    """Drop a packed weight from the registry (graphs that still use the handle will fail)."""
+    with _LOCK:
+        _REGISTRY.pop(handle, None)
+
+
+# "int handle" (not SymInt): Dynamo specializes on it, so the fake impl can look the entry up.
+@torch.library.custom_op(
+    "qpass::fbgemm_dynamic_linear",
+    mutates_args=(),
+    schema="(Tensor x, int handle, Tensor? bias) -> Tensor",
+)
+def fbgemm_dynamic_linear(x: Tensor, handle: int, bias: Optional[Tensor]) -> Tensor:
+    """Dynamic W8A8 linear by FBGEMM: float ``x (..., K)`` -> float32 ``(..., N)``.
+
+    The activation is quantized per tensor inside FBGEMM (see module doc); ``bias`` (if any) is
+    added afterwards in float32, on top of a bias packed with the weight.
+    """
+    entry = fbgemm_packed(handle)
+    k, n = entry.in_features, entry.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"activation has K={x.shape[-1]}, packed weight has K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    if x2.shape[0] == 0:
+        y = x2.new_zeros((0, n))
+    else:
+        y = torch.ops.quantized.linear_dynamic(x2, entry.packed, entry.reduce_range)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, n)
+
+
+@fbgemm_dynamic_linear.register_fake
+def _fbgemm_dynamic_linear_fake(x: Tensor, handle: int, bias: Optional[Tensor]) -> Tensor:
+    if not isinstance(handle, int):
+        raise TypeError("qpass::fbgemm_dynamic_linear needs a constant integer handle")
+    n = fbgemm_packed(handle).out_features
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)

@@ -1,0 +1,278 @@
+"""SmoothQuant: move activation outliers into the weights, exactly.
+
+Before (Llama attention input)::
+
+    y = input_layernorm.weight * norm(x)
+    q, k, v = linear(y, Wq), linear(y, Wk), linear(y, Wv)
+
+After::
+
+    y = const(input_layernorm.weight / s) * norm(x)
+    q, k, v = linear(y, const(Wq * s)), linear(y, const(Wk * s)), linear(y, const(Wv * s))
+
+Where nothing before the linears can take ``1/s`` (``fc1 -> relu -> fc2``), the
+fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qpass.calibration import Calibration
+from qpass.config import QuantConfig
+from qpass.graph import LinearSite, QGraph
+from qpass.report import Match, Report
+
+from qpass.patterns import PATTERNS, Absorber, ArgEdits, NotChannelPreserving, Region, Walk, trace_channels, walk_back
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["smoothing_scales", "smooth", "weight_absmax"]
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = a**alpha / w**(1 - alpha)`` per channel; 1 where ``a`` or ``w`` is zero or not finite."""
+    a, w = act_absmax.double(), weight_absmax.double()
+    ok = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
+    s = a.clamp(min=1e-12).pow(alpha) / w.clamp(min=1e-12).pow(1 - alpha)
+    s = torch.where(ok & torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return s.float()
+
+
+def weight_absmax(site: LinearSite, w: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel absmax of a linear weight."""
+    return w.detach().abs().amax(dim=1 if site.weight_t else 0).float()
+
+
+def scale_columns(site: LinearSite, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``W[:, j] * s[j]`` (Conv1D: ``W[j, :] * s[j]``)."""
+    return (w * (s[:, None] if site.weight_t else s[None, :])).to(w.dtype)
+
+
+@dataclass
+class Consumer:
+    site: LinearSite
+    walk: Walk | None
+    act_absmax: torch.Tensor  # (K,) calibrated, before smoothing
+
+
+AlphaChooser = Callable[[list[Consumer], list[torch.Tensor], torch.Tensor, torch.Tensor], float]
+
+
+def smooth(
+    qg: QGraph,
+    config: QuantConfig,
+    calibration: Calibration | None,
+    report: Report,
+    choose_alpha: AlphaChooser | None = None,
+) -> int:
+    """Fold SmoothQuant scales for every linear; returns the number of linears smoothed.
+
+    ``choose_alpha(consumers, weights, index_by_consumer, ...)`` picks alpha for
+    ``Smoothing(alpha="auto")``.
+    """
+    sm = config.smoothing
+    if sm is None:
+        return 0
+    edits = ArgEdits(qg)
+    groups: dict[fx.Node, list[Consumer]] = {}
+    for site in qg.linears():
+        row = report.row(site.path)
+        if config.skips(site.path):
+            row.smoothing, row.reason = "none", "skipped by config"
+            continue
+        if calibration is None or site.path not in calibration:
+            row.smoothing, row.reason = "none", "no calibration statistics"
+            logger.warning("%s: no calibration statistics; not smoothed", site.path)
+            continue
+        stats = calibration[site.path]
+        k = weight_absmax(site, qg.value(site.weight_node)).numel()
+        if stats.absmax.numel() != k:
+            row.smoothing, row.reason = "none", f"calibrated {stats.absmax.numel()} channels, weight has {k}"
+            logger.warning("%s: %s; not smoothed", site.path, row.reason)
+            continue
+        producer, path = walk_back(site.input)
+        try:
+            walk = trace_channels(producer, path)
+        except NotChannelPreserving as e:
+            walk, producer = None, site.input
+            row.reason = f"input path not channel-preserving: {e}"
+        groups.setdefault(producer, []).append(Consumer(site, walk, stats.absmax))
+
+    smoothed = 0
+    unabsorbed: list[tuple[Consumer, str]] = []
+    for producer, consumers in groups.items():
+        absorber, reason = _absorber(qg, producer, consumers)
+        if absorber is None:
+            unabsorbed += [(c, reason) for c in consumers]
+            continue
+        _fold_group(qg, edits, absorber, producer, consumers, config, report, choose_alpha)
+        smoothed += len(consumers)
+    smoothed += _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha)
+    edits.commit()
+    return smoothed
+
+
+def _absorber(qg: QGraph, producer: fx.Node, consumers: list[Consumer]) -> tuple[Absorber | None, str]:
+    if any(c.walk is None for c in consumers):
+        return None, consumers[0].site.node.name
+    channels = consumers[0].walk.probes[producer].shape[-1]
+    scaled = torch.zeros(channels, dtype=torch.bool)
+    for c in consumers:
+        scaled[c.walk.index] = True
+    for pattern in PATTERNS:
+        try:
+            absorber = pattern.match(qg, producer, scaled)
+        except NotChannelPreserving:
+            absorber = None
+        if absorber is not None:
+            break
+    else:
+        return None, f"nothing before the linear can absorb 1/s (it reads {_describe(producer)})"
+    consumer_paths = [
+        Region(c.walk.path, c.walk.probes, scaled) for c in consumers
+    ]
+    readers = {c.site.node for c in consumers}
+    if (escape := _escape(absorber.regions + consumer_paths, readers)) is not None:
+        return None, f"cannot fold into {absorber.name}: {escape}"
+    return absorber, ""
+
+
+def _escape(regions: list[Region], readers: set[fx.Node]) -> str | None:
+    """Who else reads a value the fold would scale; None if nobody does."""
+    inside = {n for r in regions for n in r.nodes}
+    for region in regions:
+        for node in region.nodes:
+            for user in node.users:
+                if user in inside or (user in readers and _reads_as_input(user, node)):
+                    continue
+                if _reads_unscaled_channels(user, node, region):
+                    continue
+                return f"{node.name} is also read by {_describe(user)}"
+    return None
+
+
+def _reads_as_input(linear: fx.Node, node: fx.Node) -> bool:
+    data = linear.args[1] if linear.target is torch.addmm else linear.args[0]
+    return data is node and sum(a is node for a in linear.args) == 1
+
+
+def _reads_unscaled_channels(user: fx.Node, node: fx.Node, region: Region) -> bool:
+    """A slice (``getitem``) of ``node`` that only touches channels the fold leaves alone."""
+    from qpass.patterns.walk import replay
+
+    if node not in region.probes or not (user.op == "call_function" and user.target.__name__ == "getitem"):
+        return False
+    try:
+        channels = replay(user, region.probes).round().long().unique()
+    except Exception:
+        return False
+    return not bool(region.scaled[channels].any())
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "output":
+        return "the graph output (e.g. a returned KV cache)"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
+
+
+def _group_scales(
+    qg: QGraph,
+    consumers: list[Consumer],
+    weights: list[torch.Tensor],
+    channels: int,
+    alpha: float,
+) -> torch.Tensor:
+    """Shared scale per producer channel: the max activation and weight over every
+    consumer channel that reads it (GQA: all query heads of one value head)."""
+    a = torch.zeros(channels)
+    w = torch.zeros(channels)
+    for c, weight in zip(consumers, weights):
+        idx = c.walk.index if c.walk is not None else torch.arange(channels)
+        a.scatter_reduce_(0, idx, c.act_absmax.float(), "amax")
+        w.scatter_reduce_(0, idx, weight_absmax(c.site, weight), "amax")
+    return smoothing_scales(a, w, alpha)
+
+
+def _outlier_ratio(a: torch.Tensor) -> float:
+    a = a.float().abs()
+    med = a.median().clamp(min=1e-12)
+    return float(a.max() / med)
+
+
+def _fold_group(qg, edits, absorber, producer, consumers, config, report, choose_alpha) -> None:
+    channels = consumers[0].walk.probes[producer].shape[-1]
+    weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
+    alpha = _alpha(config, consumers, weights, channels, choose_alpha, qg)
+    s = _group_scales(qg, consumers, weights, channels, alpha)
+    absorber.fold(edits, s)
+    for c, w in zip(consumers, weights):
+        sc = s[c.walk.index]
+        edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, sc), f"{c.site.path}.weight", "weight")
+        _record(report.row(c.site.path), absorber.kind, absorber.name, alpha, c.act_absmax, sc, "")
+    report.add_match(Match(absorber.kind, absorber.name, tuple(c.site.path for c in consumers)))
+
+
+def _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha) -> int:
+    """Smooth linears whose producer cannot absorb 1/s by inserting ``x * (1/s)``."""
+    by_input: dict[fx.Node, list[tuple[Consumer, str]]] = {}
+    for c, reason in unabsorbed:
+        by_input.setdefault(c.site.input, []).append((c, reason))
+    done = 0
+    for x, group in by_input.items():
+        consumers = [c for c, _ in group]
+        reason = group[0][1]
+        if config.smoothing.fallback == "skip":
+            for c in consumers:
+                row = report.row(c.site.path)
+                row.smoothing, row.reason = "none", reason
+            continue
+        weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
+        channels = consumers[0].act_absmax.numel()
+        plain = [Consumer(c.site, None, c.act_absmax) for c in consumers]
+        alpha = _alpha(config, plain, weights, channels, choose_alpha, qg)
+        s = _group_scales(qg, plain, weights, channels, alpha)
+        inv = qg.constant(f"{consumers[0].site.path}.smooth_inv_scale", (1.0 / s).to(_dtype(x)))
+        first = min((c.site.node for c in consumers), key=_order(qg))
+        scaled = qg.call(torch.mul, (x, inv), before=first)
+        for c, w in zip(consumers, weights):
+            c.site.node.replace_input_with(x, scaled)
+            edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, s), f"{c.site.path}.weight", "weight")
+            _record(report.row(c.site.path), "multiply", "inserted mul", alpha, c.act_absmax, s, reason)
+        report.add_match(Match("multiply", f"mul before {consumers[0].site.path}", tuple(c.site.path for c in consumers)))
+        done += len(consumers)
+    return done
+
+
+def _record(row, kind, absorber, alpha, act_absmax, s, reason) -> None:
+    row.smoothing, row.absorber, row.alpha, row.reason = kind, absorber, alpha, reason
+    row.outlier_ratio = (_outlier_ratio(act_absmax), _outlier_ratio(act_absmax / s))
+
+
+def _alpha(config, consumers, weights, channels, choose_alpha, qg) -> float:
+    alpha = config.smoothing.alpha
+    if alpha != "auto":
+        return float(alpha)
+    if choose_alpha is None:
+        raise ValueError("Smoothing(alpha='auto') needs quantization settings to search against")
+    return choose_alpha(consumers, weights, lambda a: _group_scales(qg, consumers, weights, channels, a))
+
+
+def _wpos(site: LinearSite) -> int:
+    return 2 if site.weight_t else 1
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+
+def _order(qg: QGraph):
+    pos = {n: i for i, n in enumerate(qg.graph.nodes)}
+    return lambda n: pos[n]
