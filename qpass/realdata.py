@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -320,12 +321,32 @@ def windows(ids: torch.Tensor, seqlen: int, n: int | None = None) -> list[torch.
     return [ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0) for i in range(n)]
 
 
+_WIKI_IDS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def wikipedia_token_ids(tokenizer: Any) -> torch.Tensor:
+    """Token ids of :func:`wikipedia_text`, memoized per (live) tokenizer object.
+
+    The returned tensor is shared between calls: do not modify it in place.
+    """
+    try:
+        return _WIKI_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = token_ids(tokenizer, wikipedia_text())
+    try:
+        _WIKI_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable or not hashable: no memo
+        pass
+    return ids
+
+
 def calibration_batches(tokenizer: Any, n_batches: int = 8, seqlen: int = 512) -> list[torch.Tensor]:
     """``n_batches`` windows of shape ``(1, seqlen)`` from the start of the Wikipedia text.
 
     They never overlap the last :data:`HELD_OUT_TOKENS` tokens used by :func:`eval_windows`.
     """
-    ids = token_ids(tokenizer, wikipedia_text())
+    ids = wikipedia_token_ids(tokenizer)
     calib, _ = split_tokens(ids, n_batches * seqlen, HELD_OUT_TOKENS)
     return windows(calib, seqlen, n_batches)
 
@@ -344,7 +365,7 @@ def eval_windows(tokenizer: Any, seqlen: int = 1024, n_tokens: int = 20480) -> l
             f"n_tokens={n_tokens} exceeds the {HELD_OUT_TOKENS} held-out tokens "
             "(evaluation would overlap calibration data)"
         )
-    ids = token_ids(tokenizer, wikipedia_text())
+    ids = wikipedia_token_ids(tokenizer)
     _, held_out = split_tokens(ids, 0, n * seqlen)
     return windows(held_out, seqlen, n)
 

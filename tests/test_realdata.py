@@ -265,6 +265,7 @@ def test_calibration_and_eval_are_disjoint(smollm2) -> None:
     assert torch.equal(torch.cat(calib, dim=1)[0], ids[: 8 * 512])
     assert torch.equal(torch.cat(held_out, dim=1)[0], ids[-20480:])
     assert ids.numel() >= 8 * 512 + HELD_OUT_TOKENS
+    assert torch.equal(realdata.wikipedia_token_ids(tokenizer), ids)
     assert torch.equal(eval_windows(tokenizer, 1024, 20480)[0], held_out[0])  # deterministic
 
 
