@@ -56,32 +56,13 @@ class QPassBackend:
                 continue
             n = run(qg, self.config, self.calibration, self.report)
             logger.info("qpass %s: %d linears rewritten", name, n)
-        new_gm, keep = qg.build()
+        new_gm = qg.build()
         self.graphs.append(new_gm)
-        inputs = [example_inputs[i] for i in keep]
-        if self.inductor:
-            from torch._inductor.compile_fx import compile_fx
+        if not self.inductor:
+            return new_gm.forward
+        from torch._inductor.compile_fx import compile_fx
 
-            compiled = compile_fx(new_gm, inputs)
-        else:
-            compiled = new_gm.forward
-        return _select_inputs(compiled, keep)
-
-
-def _select_inputs(compiled: Callable, keep: list[int]) -> Callable:
-    """Call ``compiled`` with only the inputs it kept (Dynamo passes them all)."""
-    boxed = getattr(compiled, "_boxed_call", False)
-
-    def run(*args):
-        if boxed:
-            (args,) = args
-            kept = [args[i] for i in keep]
-            args.clear()  # boxed convention: the callee owns the inputs
-            return compiled(kept)
-        return compiled(*(args[i] for i in keep))
-
-    run._boxed_call = boxed
-    return run
+        return compile_fx(new_gm, example_inputs)
 
 
 def backend(config: QuantConfig | None = None, calibration: Calibration | None = None, **kwargs) -> QPassBackend:

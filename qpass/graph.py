@@ -5,7 +5,7 @@ among the example inputs. ``QGraph`` copies the graph (Dynamo's own must not be
 mutated: that changes the arguments Dynamo passes), names every parameter input
 by its module path, and turns every tensor a pass rewrites into a constant of a
 fresh root module (a ``get_attr`` node). ``build()`` returns the GraphModule for
-Inductor and the indices of the inputs it still takes.
+Inductor, called with the same inputs as Dynamo's graph.
 """
 
 from __future__ import annotations
@@ -191,19 +191,14 @@ class QGraph:
     def _meta_val(node: fx.Node):
         return node.meta.get("val", node.meta.get("example_value"))
 
-    def build(self) -> tuple[fx.GraphModule, list[int]]:
-        """The rewritten GraphModule and the indices of the original inputs it keeps."""
+    def build(self) -> fx.GraphModule:
+        """The rewritten GraphModule. It keeps every input of Dynamo's graph (those
+        now unused included), so it is called exactly as Dynamo's graph is."""
         self.graph.eliminate_dead_code()
-        keep = []
-        for i, node in enumerate(self.placeholders):
-            if node.users or node not in self.params:
-                keep.append(i)
-            else:
-                self.graph.erase_node(node)
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
-        return gm, keep
+        return gm
 
 
 def _graph_fake_mode(graph: fx.Graph):

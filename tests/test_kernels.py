@@ -216,7 +216,9 @@ def test_onednn_full_range_u8_saturates_without_vnni() -> None:
 # ----------------------------------------------------------------------------- FBGEMM
 
 
-def _fbgemm_exact_input(m: int, k: int, s: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _fbgemm_exact_input(
+    m: int, k: int, s: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x = xq * s with xq in [-64, 63] touching both ends -> FBGEMM picks scale s, zp 64."""
     xq = torch.randint(-64, 64, (m, k), generator=g)
     xq.view(-1)[0], xq.view(-1)[-1] = -64, 63
@@ -305,7 +307,7 @@ def test_fbgemm_activation_is_per_tensor_asymmetric(reduce_range: bool) -> None:
 @needs_fbgemm
 @no_int8_dot
 def test_fbgemm_full_range_is_wrong_without_vnni() -> None:
-    """quantized::linear_dynamic's default reduce_range=False saturates on AVX2 (why we pack with True)."""
+    """linear_dynamic's default reduce_range=False saturates on AVX2 (why we pack with True)."""
     k, n, m = 38, 8, 2
     w = torch.full((n, k), 127, dtype=torch.int8)
     s = 2.0**-3
@@ -396,7 +398,8 @@ def test_cuda_helpers_fake_shapes() -> None:
             (torch.empty((), device=dev), torch.empty((), device=dev)),
             (torch.empty(m, 1, device=dev), torch.empty(1, n, device=dev)),
         ]:
-            out = K.fp8_scaled_mm(xf, wf_t, xs, ws, torch.empty(n, device=dev, dtype=torch.bfloat16))
+            bias = torch.empty(n, device=dev, dtype=torch.bfloat16)
+            out = K.fp8_scaled_mm(xf, wf_t, xs, ws, bias)
             assert out.shape == (m, n) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
         out = K.fp8_scaled_mm(xf, wf_t, xs, ws, out_dtype=torch.float32)
         assert out.shape == (m, n) and out.dtype == torch.float32
@@ -488,7 +491,8 @@ def test_kernel_available() -> None:
 def test_reference_int_linear_small() -> None:
     xq = torch.tensor([[65, 63, 64]], dtype=torch.uint8)
     wq = torch.tensor([[1, 2, 3], [-128, 127, 0]], dtype=torch.int8)
-    out = K.reference_int_linear(xq, 64, wq, 0.5, torch.tensor([1.0, 2.0]), torch.tensor([0.25, 0.0]))
+    ws, bias = torch.tensor([1.0, 2.0]), torch.tensor([0.25, 0.0])
+    out = K.reference_int_linear(xq, 64, wq, 0.5, ws, bias)
     # (1 - 2) * 0.5 * 1 + 0.25 ; (-128 - 127) * 0.5 * 2
     assert out.dtype == torch.float64
     assert out.tolist() == [[-0.25, -255.0]]

@@ -15,8 +15,11 @@ AVX2 CPU without VNNI (see :mod:`qpass.kernels.quant`):
   shape ``(K, N)``); a plain tensor passed to ``qlinear_pointwise`` crashes the process, so the
   op checks ``is_mkldnn`` first;
 * ``onednn::qlinear_prepack`` has no fake implementation and the packed weight has a
-  non-strided layout, so the op carries ``torch.Tag.flexible_layout`` (otherwise Inductor
-  inserts a layout-fixing copy of the packed weight, which fails).
+  non-strided (``torch._mkldnn``) layout, so the op carries ``torch.Tag.flexible_layout`` so that
+  Inductor never inserts a layout-fixing copy of it. (With torch 2.13 the untagged op also
+  compiled in every setting tried: closure constant, module buffer, freezing, dynamic shapes,
+  get_attr of a fresh root module; the tag is kept as a safeguard.)
+* Pack outside the graph: the packed weight is a constant (closure, buffer or get_attr).
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def pack_onednn_int8(w_int8: Tensor, w_scales: Tensor | float) -> OnednnInt8Weig
     weight values may use the full int8 range ``[-128, 127]``.
     """
     if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
-        raise ValueError(f"expected a 2-D int8 (N, K) weight, got {w_int8.dtype} {tuple(w_int8.shape)}")
+        raise ValueError(
+            f"expected a 2-D int8 (N, K) weight, got {w_int8.dtype} {tuple(w_int8.shape)}"
+        )
     n, k = w_int8.shape
     scales = torch.as_tensor(w_scales, dtype=torch.float32).detach().reshape(-1)
     if scales.numel() == 1:
@@ -155,5 +160,7 @@ def onednn_static_linear(
 ) -> Tensor:
     """W8A8 linear with a static per-tensor 7-bit activation scale (bias added inside oneDNN)."""
     x_u8 = quantize_act_u7_per_tensor(x, x_scale)
-    y = torch.ops.qpass.onednn_qlinear(x_u8, float(x_scale), U7_ZERO_POINT, packed_w, w_scales, bias)
+    y = torch.ops.qpass.onednn_qlinear(
+        x_u8, float(x_scale), U7_ZERO_POINT, packed_w, w_scales, bias
+    )
     return y.to(out_dtype or x.dtype)

@@ -34,7 +34,7 @@ def quantize_act_u7_per_token(x: Tensor, eps: float = SCALE_EPS) -> tuple[Tensor
 
 
 def quantize_act_u7_per_tensor(x: Tensor, scale: float | Tensor) -> Tensor:
-    """Static symmetric 7-bit quantization with a given (scalar) scale; uint8 in ``[1, 127]``, zp 64."""
+    """Static symmetric 7-bit quantization with a scalar scale: uint8 in ``[1, 127]``, zp 64."""
     q = torch.clamp(torch.round(x.float() / scale), -U7_QMAX, U7_QMAX) + U7_ZERO_POINT
     return q.to(torch.uint8)
 
