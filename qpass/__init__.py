@@ -18,11 +18,12 @@ from qpass.config import (
     QuantSpec,
     Smoothing,
 )
+from qpass.presets import PRESETS, preset
 from qpass.printer import format_graph
 from qpass.report import Report
 
 __all__ = [
     "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "ChannelStats", "calibrate",
     "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
-    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report",
+    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset",
 ]

@@ -81,6 +81,8 @@ class QGraph:
         self.fake_mode = _graph_fake_mode(self.graph) or detect_fake_mode(example_inputs)
         self.root = nn.Module()
         self.names: dict[str, str] = {}  # constant attribute -> module path it came from
+        self.smoothing: dict[fx.Node, torch.Tensor] = {}  # linear -> per-input-channel s its input was divided by
+        self.quantized: dict[fx.Node, str] = {}  # output node of a quantized linear -> module path
         self.params: dict[fx.Node, tuple[str, torch.Tensor]] = {}
         for node, value in zip(self.placeholders, example_inputs):
             if isinstance(value, nn.Parameter):

@@ -17,14 +17,14 @@ fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from qpass.calibration import Calibration
-from qpass.config import QuantConfig
+from qpass import qmath
+from qpass.config import AdaDim, PerOutputChannel, QuantConfig
 from qpass.graph import LinearSite, QGraph
 from qpass.report import Match, Report
 
@@ -61,21 +61,8 @@ class Consumer:
     act_absmax: torch.Tensor  # (K,) calibrated, before smoothing
 
 
-AlphaChooser = Callable[[list[Consumer], list[torch.Tensor], torch.Tensor, torch.Tensor], float]
-
-
-def smooth(
-    qg: QGraph,
-    config: QuantConfig,
-    calibration: Calibration | None,
-    report: Report,
-    choose_alpha: AlphaChooser | None = None,
-) -> int:
-    """Fold SmoothQuant scales for every linear; returns the number of linears smoothed.
-
-    ``choose_alpha(consumers, weights, index_by_consumer, ...)`` picks alpha for
-    ``Smoothing(alpha="auto")``.
-    """
+def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report) -> int:
+    """Fold SmoothQuant scales for every linear; returns the number of linears smoothed."""
     sm = config.smoothing
     if sm is None:
         return 0
@@ -111,9 +98,9 @@ def smooth(
         if absorber is None:
             unabsorbed += [(c, reason) for c in consumers]
             continue
-        _fold_group(qg, edits, absorber, producer, consumers, config, report, choose_alpha)
+        _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report)
         smoothed += len(consumers)
-    smoothed += _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha)
+    smoothed += _multiply_fallback(qg, edits, unabsorbed, config, calibration, report)
     edits.commit()
     return smoothed
 
@@ -206,20 +193,21 @@ def _outlier_ratio(a: torch.Tensor) -> float:
     return float(a.max() / med)
 
 
-def _fold_group(qg, edits, absorber, producer, consumers, config, report, choose_alpha) -> None:
+def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report) -> None:
     channels = consumers[0].walk.probes[producer].shape[-1]
     weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
-    alpha = _alpha(config, consumers, weights, channels, choose_alpha, qg)
+    alpha = _alpha(qg, config, calibration, consumers, weights, channels)
     s = _group_scales(qg, consumers, weights, channels, alpha)
     absorber.fold(edits, s)
     for c, w in zip(consumers, weights):
         sc = s[c.walk.index]
         edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, sc), f"{c.site.path}.weight", "weight")
+        qg.smoothing[c.site.node] = sc
         _record(report.row(c.site.path), absorber.kind, absorber.name, alpha, c.act_absmax, sc, "")
     report.add_match(Match(absorber.kind, absorber.name, tuple(c.site.path for c in consumers)))
 
 
-def _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha) -> int:
+def _multiply_fallback(qg, edits, unabsorbed, config, calibration, report) -> int:
     """Smooth linears whose producer cannot absorb 1/s by inserting ``x * (1/s)``."""
     by_input: dict[fx.Node, list[tuple[Consumer, str]]] = {}
     for c, reason in unabsorbed:
@@ -236,7 +224,7 @@ def _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha) -> i
         weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
         channels = consumers[0].act_absmax.numel()
         plain = [Consumer(c.site, None, c.act_absmax) for c in consumers]
-        alpha = _alpha(config, plain, weights, channels, choose_alpha, qg)
+        alpha = _alpha(qg, config, calibration, plain, weights, channels)
         s = _group_scales(qg, plain, weights, channels, alpha)
         inv = qg.constant(f"{consumers[0].site.path}.smooth_inv_scale", (1.0 / s).to(_dtype(x)))
         first = min((c.site.node for c in consumers), key=_order(qg))
@@ -244,6 +232,7 @@ def _multiply_fallback(qg, edits, unabsorbed, config, report, choose_alpha) -> i
         for c, w in zip(consumers, weights):
             c.site.node.replace_input_with(x, scaled)
             edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, s), f"{c.site.path}.weight", "weight")
+            qg.smoothing[c.site.node] = s
             _record(report.row(c.site.path), "multiply", "inserted mul", alpha, c.act_absmax, s, reason)
         report.add_match(Match("multiply", f"mul before {consumers[0].site.path}", tuple(c.site.path for c in consumers)))
         done += len(consumers)
@@ -255,13 +244,38 @@ def _record(row, kind, absorber, alpha, act_absmax, s, reason) -> None:
     row.outlier_ratio = (_outlier_ratio(act_absmax), _outlier_ratio(act_absmax / s))
 
 
-def _alpha(config, consumers, weights, channels, choose_alpha, qg) -> float:
+def _alpha(qg, config, calibration, consumers, weights, channels) -> float:
+    """The configured alpha, or for ``"auto"`` the grid value whose quantized layer
+    outputs are closest to fp32 on the calibration samples of this group."""
     alpha = config.smoothing.alpha
     if alpha != "auto":
         return float(alpha)
-    if choose_alpha is None:
-        raise ValueError("Smoothing(alpha='auto') needs quantization settings to search against")
-    return choose_alpha(consumers, weights, lambda a: _group_scales(qg, consumers, weights, channels, a))
+    if config.weight is None and config.activation is None:
+        return 0.5  # nothing is quantized: any alpha keeps the function; take the usual one
+    stats = [calibration[c.site.path] for c in consumers]
+    if any(st.samples is None for st in stats):
+        logger.warning("%s: no calibration samples for alpha='auto'; using 0.5", consumers[0].site.path)
+        return 0.5
+    best, best_err = 0.5, float("inf")
+    for a in config.smoothing.alpha_grid:
+        s = _group_scales(qg, consumers, weights, channels, a)
+        err = sum(_smoothed_error(config, c, w, st, s) for c, w, st in zip(consumers, weights, stats))
+        if err < best_err:
+            best, best_err = a, err
+    return best
+
+
+def _smoothed_error(config, c: Consumer, w: torch.Tensor, stats, s: torch.Tensor) -> float:
+    """Output error of one consumer quantized after smoothing by ``s``."""
+    sc = s[c.walk.index] if c.walk is not None else s
+    w = (w.t() if c.site.weight_t else w).float() * sc
+    act = config.activation
+    qparams = None
+    if act is not None and not act.dynamic:
+        qparams = qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)
+    g = config.weight.granularity if config.weight is not None else None
+    g = PerOutputChannel() if isinstance(g, AdaDim) else g
+    return qmath.layer_error(stats.samples / sc, w, config.weight, act, g, qparams)
 
 
 def _wpos(site: LinearSite) -> int:

@@ -1,0 +1,84 @@
+"""Reference quantize / dequantize ops, visible by name in the rewritten graph.
+
+They are ``torch.library`` ops with a ``CompositeImplicitAutograd`` kernel: the
+FX graph shows ``qpass.quantize`` / ``qpass.dequantize`` nodes, and when Inductor
+traces the graph they decompose into plain aten ops that it fuses, on CPU and CUDA.
+The lowering pass pattern-matches them into real low-precision kernels.
+
+Semantics (``zp`` = zero point, all scales > 0)::
+
+    quantize(x, scale, zp, qmin, qmax, dtype)   = clamp(round(x / scale) + zp, qmin, qmax).to(dtype)
+                                                  (float8: clamp(x / scale, qmin, qmax).to(float8), no rounding)
+    dequantize(q, scale, zp, group, out_dtype)  = ((q - zp) * scale).to(out_dtype)
+                                                  (group > 0: each scale column covers ``group`` columns of q)
+    choose_qparams(x, per_token, symmetric, qmin, qmax) -> (scale, zp)   from x's range at run time
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["quantize", "dequantize", "choose_qparams"]
+
+_lib = torch.library.Library("qpass", "FRAGMENT")
+_lib.define("quantize(Tensor x, Tensor scale, Tensor? zero_point, float qmin, float qmax, ScalarType dtype) -> Tensor")
+_lib.define("dequantize(Tensor q, Tensor scale, Tensor? zero_point, int group_size, ScalarType out_dtype) -> Tensor")
+_lib.define("choose_qparams(Tensor x, bool per_token, bool symmetric, float qmin, float qmax) -> (Tensor, Tensor)")
+
+_EPS = 1e-12
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@torch.library.impl(_lib, "quantize", "CompositeImplicitAutograd")
+def _quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: float, qmax: float, dtype: torch.dtype) -> Tensor:
+    y = x.float() / scale
+    if _is_float8(dtype):
+        return y.clamp(qmin, qmax).to(dtype)
+    y = torch.round(y)
+    if zero_point is not None:
+        y = y + zero_point
+    return y.clamp(qmin, qmax).to(dtype)
+
+
+@torch.library.impl(_lib, "dequantize", "CompositeImplicitAutograd")
+def _dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int, out_dtype: torch.dtype) -> Tensor:
+    y = q.float()
+    if group_size > 0:
+        shape = q.shape
+        y = y.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+        if zero_point is not None:
+            y = y - zero_point.unsqueeze(-1)
+        return (y * scale.unsqueeze(-1)).reshape(shape).to(out_dtype)
+    if zero_point is not None:
+        y = y - zero_point
+    return (y * scale).to(out_dtype)
+
+
+@torch.library.impl(_lib, "choose_qparams", "CompositeImplicitAutograd")
+def _choose_qparams(x: Tensor, per_token: bool, symmetric: bool, qmin: float, qmax: float) -> tuple[Tensor, Tensor]:
+    x = x.float()
+    if per_token:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    else:
+        lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+    return qparams_from_range(lo, hi, symmetric, qmin, qmax)
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, qmin: float, qmax: float) -> tuple[Tensor, Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` (widened to include 0) onto ``[qmin, qmax]``."""
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+        return scale.clamp(min=_EPS), torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+quantize = torch.ops.qpass.quantize.default
+dequantize = torch.ops.qpass.dequantize.default
+choose_qparams = torch.ops.qpass.choose_qparams.default

@@ -1,0 +1,178 @@
+"""Insert quant/dequant around every linear that the config quantizes.
+
+Before::
+
+    y = linear(x, W, b)
+
+After (dynamic per-token activations, per-output-channel weights)::
+
+    x_scale, x_zp = qpass.choose_qparams(x, per_token=True, ...)
+    x_q = qpass.quantize(x, x_scale, None, -128, 127, int8)
+    x_dq = qpass.dequantize(x_q, x_scale, None, 0, f32)
+    w_dq = qpass.dequantize(const(W_q), const(W_scale), None, 0, f32)
+    y = linear(x_dq, w_dq, b)
+
+GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
+``OutlierSplit`` the outlier input channels bypass quantization::
+
+    y = linear(qdq(x * const(mask)), dq(W_q without outlier columns), b)
+        + linear(index_select(x, -1, const(outliers)), const(W[:, outliers]))
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qpass import ops, qmath
+from qpass.calibration import Calibration, ChannelStats
+from qpass.config import AdaDim, PerGroup, PerToken, QuantConfig, QuantSpec
+from qpass.graph import LinearSite, QGraph
+from qpass.report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["quantize"]
+
+
+def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report) -> int:
+    """Rewrite every quantized linear to the reference quant/dequant form; returns how many."""
+    if config.weight is None:
+        return 0
+    done = 0
+    for site in qg.linears():
+        row = report.row(site.path)
+        if config.skips(site.path):
+            row.weight = row.activation = "fp32 (skipped)"
+            continue
+        w = qg.value(site.weight_node)
+        if not w.dtype.is_floating_point:
+            row.reason = f"weight dtype {w.dtype} is not floating point; left as is"
+            logger.warning("%s: %s", site.path, row.reason)
+            continue
+        _quantize_site(qg, site, config, calibration.get(site.path) if calibration else None, row)
+        done += 1
+    return done
+
+
+def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
+    """The calibrated statistics of what reaches the linear after smoothing: (lo, hi, absmax, samples)."""
+    if stats is None:
+        return None
+    s = qg.smoothing.get(site.node)
+    if s is None:
+        s = torch.ones_like(stats.absmax)
+    samples = None if stats.samples is None else stats.samples / s
+    return stats.min / s, stats.max / s, stats.absmax / s, samples
+
+
+def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row) -> None:
+    wspec, aspec = config.weight, config.activation
+    w = qg.value(site.weight_node)
+    w = (w.t() if site.weight_t else w).detach().float()
+    view = act_view(qg, site, stats)
+    samples = view[3] if view is not None else None
+
+    granularity = wspec.granularity
+    if isinstance(granularity, AdaDim):
+        granularity, why = qmath.choose_adadim(samples, w, wspec, aspec)
+        row.reason = f"adadim: {why}"
+    if isinstance(granularity, PerGroup) and w.shape[1] % granularity.group_size:
+        raise ValueError(
+            f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
+        )
+    if aspec is not None and not aspec.dynamic and view is None:
+        raise ValueError(
+            f"{site.path}: static activation scales need calibration statistics for this layer "
+            "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
+        )
+
+    outliers = _outlier_channels(config, view, site.path)
+    keep_mask = None
+    if outliers is not None:
+        keep_mask = torch.ones(w.shape[1], dtype=torch.bool)
+        keep_mask[outliers] = False
+        w_main = w * keep_mask
+    else:
+        w_main = w
+
+    x = site.input
+    dtype = _dtype(x)
+    before = site.node
+    bias = site.bias_node
+    qw = qmath.quantize_weight(w_main, wspec, granularity)
+    wq = qg.constant(f"{site.path}.weight_q", qw.q)
+    ws = qg.constant(f"{site.path}.weight_scale", qw.scale)
+    w_dq = qg.call(ops.dequantize, (wq, ws, None, qw.group_size, dtype), before=before)
+
+    x_main = x
+    if keep_mask is not None:
+        mask = qg.constant(f"{site.path}.inlier_mask", keep_mask.to(dtype))
+        x_main = qg.call(torch.mul, (x, mask), before=before)
+    x_dq = x_main if aspec is None else _fake_quant_act(qg, x_main, aspec, view, keep_mask, site, before, dtype)
+    y = qg.call(F.linear, (x_dq, w_dq, bias), before=before)
+    if outliers is not None:
+        idx = qg.constant(f"{site.path}.outlier_channels", outliers)
+        w_out = qg.constant(f"{site.path}.outlier_weight", w[:, outliers].to(dtype))
+        x_out = qg.call(torch.index_select, (x, -1, idx), before=before)
+        y_out = qg.call(F.linear, (x_out, w_out, None), before=before)
+        y = qg.call(torch.add, (y, y_out), before=before)
+    site.node.replace_all_uses_with(y)
+    qg.graph.erase_node(site.node)
+    qg.quantized[y] = site.path
+
+    row.weight = f"{wspec.dtype} {qmath.describe(granularity)}"
+    row.activation = "fp32" if aspec is None else _describe_act(aspec)
+    if outliers is not None:
+        row.activation += f" + {outliers.numel()} fp32 outlier channels"
+
+
+def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype) -> fx.Node:
+    qmin, qmax = spec.qrange
+    if spec.dynamic:
+        scale, zp = _pair(qg, qg.call(ops.choose_qparams, (x, isinstance(spec.granularity, PerToken), spec.symmetric, qmin, qmax), before=before), before)
+    else:
+        lo, hi = view[0], view[1]
+        if keep_mask is not None:
+            lo, hi = lo[keep_mask], hi[keep_mask]
+        s, z = qmath.static_act_qparams(lo, hi, spec)
+        scale = qg.constant(f"{site.path}.input_scale", s)
+        zp = qg.constant(f"{site.path}.input_zero_point", z)
+    if spec.symmetric:
+        zp = None
+    xq = qg.call(ops.quantize, (x, scale, zp, qmin, qmax, spec.storage_dtype), before=before)
+    return qg.call(ops.dequantize, (xq, scale, zp, 0, dtype), before=before)
+
+
+def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+    import operator
+
+    return qg.call(operator.getitem, (node, 0), before=before), qg.call(operator.getitem, (node, 1), before=before)
+
+
+def _outlier_channels(config: QuantConfig, view, path: str) -> torch.Tensor | None:
+    split = config.outliers
+    if split is None:
+        return None
+    if view is None:
+        raise ValueError(f"{path}: OutlierSplit needs calibration statistics for this layer")
+    absmax = view[2]
+    if split.top_k is not None:
+        idx = absmax.topk(min(split.top_k, absmax.numel())).indices
+    else:
+        idx = (absmax > split.threshold).nonzero().flatten()
+    return idx.sort().values if idx.numel() else None
+
+
+def _describe_act(spec: QuantSpec) -> str:
+    mode = "dynamic" if spec.dynamic else "static"
+    sym = "" if spec.symmetric else " asym"
+    return f"{spec.dtype} {qmath.describe(spec.granularity)} {mode}{sym}"
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else torch.float32

@@ -1,0 +1,121 @@
+"""The quantization math, as short pure tensor functions (no FX).
+
+Weights are ``(N, K)`` (out, in); activations ``(..., K)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qpass import ops
+from qpass.config import (
+    AdaDim,
+    Granularity,
+    PerGroup,
+    PerInputChannel,
+    PerOutputChannel,
+    PerTensor,
+    PerToken,
+    QuantSpec,
+)
+
+__all__ = [
+    "QuantizedWeight", "quantize_weight", "fake_quant_weight", "fake_quant_act", "static_act_qparams",
+    "layer_error", "choose_adadim", "describe",
+]
+
+
+@dataclass
+class QuantizedWeight:
+    q: Tensor  # (N, K) in the storage dtype
+    scale: Tensor  # broadcastable to (N, K); (N, K // g) for groups
+    group_size: int  # 0 unless grouped
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return ops.dequantize(self.q, self.scale, None, self.group_size, dtype)
+
+
+# Granularity -> absmax of each quantization block, shaped like the scale. One rule each.
+_WEIGHT_ABSMAX: dict[type, Callable[[Tensor, Granularity], Tensor]] = {
+    PerTensor: lambda w, g: w.abs().amax().reshape(1, 1),
+    PerOutputChannel: lambda w, g: w.abs().amax(dim=1, keepdim=True),
+    PerInputChannel: lambda w, g: w.abs().amax(dim=0, keepdim=True),
+    PerGroup: lambda w, g: w.abs().reshape(w.shape[0], -1, g.group_size).amax(dim=-1),
+}
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None = None) -> QuantizedWeight:
+    """Symmetric quantization of ``w`` (N, K) at ``granularity`` (default: the spec's)."""
+    g = granularity or spec.granularity
+    if isinstance(g, AdaDim):
+        raise ValueError("quantize_weight: resolve AdaDim with choose_adadim first")
+    if isinstance(g, PerGroup) and w.shape[1] % g.group_size:
+        raise ValueError(f"group size {g.group_size} does not divide {w.shape[1]} input channels")
+    qmin, qmax = spec.qrange
+    w = w.detach().float()
+    scale = (_WEIGHT_ABSMAX[type(g)](w, g) / qmax).clamp(min=1e-12)
+    group = g.group_size if isinstance(g, PerGroup) else 0
+    if group:
+        q = ops.quantize(w.reshape(w.shape[0], -1, group), scale.unsqueeze(-1), None, qmin, qmax, spec.storage_dtype)
+        q = q.reshape(w.shape)
+    else:
+        q = ops.quantize(w, scale, None, qmin, qmax, spec.storage_dtype)
+    return QuantizedWeight(q, scale, group)
+
+
+def fake_quant_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None = None) -> Tensor:
+    return quantize_weight(w, spec, granularity).dequantize(w.dtype)
+
+
+def fake_quant_act(x: Tensor, spec: QuantSpec, scale: Tensor | None = None, zero_point: Tensor | None = None) -> Tensor:
+    """Quantize-dequantize an activation: dynamic (``scale=None``) or with a static scale."""
+    qmin, qmax = spec.qrange
+    if scale is None:
+        scale, zero_point = ops.choose_qparams(x, isinstance(spec.granularity, PerToken), spec.symmetric, qmin, qmax)
+    if spec.symmetric:
+        zero_point = None
+    q = ops.quantize(x, scale, zero_point, qmin, qmax, spec.storage_dtype)
+    return ops.dequantize(q, scale, zero_point, 0, x.dtype)
+
+
+def static_act_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-tensor scale and zero point from per-channel calibrated ranges."""
+    qmin, qmax = spec.qrange
+    return ops.qparams_from_range(lo.min().reshape(1), hi.max().reshape(1), spec.symmetric, qmin, qmax)
+
+
+def layer_error(
+    x: Tensor,
+    w: Tensor,
+    weight: QuantSpec | None,
+    activation: QuantSpec | None,
+    granularity: Granularity | None = None,
+    act_qparams: tuple[Tensor, Tensor] | None = None,
+) -> float:
+    """Relative squared error of ``x @ w.T`` when both are quantized."""
+    ref = x @ w.T
+    xq = x if activation is None else fake_quant_act(x, activation, *(act_qparams or (None, None)))
+    wq = w if weight is None else fake_quant_weight(w, weight, granularity)
+    return float((xq @ wq.T - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+
+
+def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: QuantSpec | None) -> tuple[Granularity, str]:
+    """AdaDim: per-input-channel or per-output-channel, whichever reconstructs ``x @ w.T`` better."""
+    if x is None:
+        return PerOutputChannel(), "no calibration samples: per-output-channel"
+    errors = {g: layer_error(x, w, weight, activation, g) for g in (PerInputChannel(), PerOutputChannel())}
+    best = min(errors, key=errors.get)
+    return best, ", ".join(f"{describe(g)} err {e:.2e}" for g, e in errors.items())
+
+
+def describe(g: Granularity) -> str:
+    if isinstance(g, PerGroup):
+        return f"per-group({g.group_size})"
+    return {
+        PerTensor: "per-tensor", PerToken: "per-token", PerOutputChannel: "per-output-channel",
+        PerInputChannel: "per-input-channel", AdaDim: "adadim",
+    }[type(g)]
