@@ -31,9 +31,10 @@ def _config(arch: str, layers: int):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: bool = True) -> torch.nn.Module:
-    """A random ``arch`` model in eval mode. ``outliers`` scales a few channels of
-    every norm weight by 20x, so activations have the outlier channels real LLMs have."""
+def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0) -> torch.nn.Module:
+    """A random ``arch`` model in eval mode. ``outliers`` scales three channels of
+    every norm weight (20x by default; 0 leaves them), so activations have the
+    outlier channels real LLMs have."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(arch, layers)).eval()
     if outliers:
@@ -42,7 +43,7 @@ def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: bool = True)
             for name, p in model.named_parameters():
                 if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
                     boost = torch.ones_like(p)
-                    boost[torch.randperm(p.numel(), generator=g)[:3]] = 20.0
+                    boost[torch.randperm(p.numel(), generator=g)[:3]] = outliers
                     p.mul_(boost)
     return model
 
