@@ -198,6 +198,10 @@ class QGraph:
         now unused included), so it is called exactly as Dynamo's graph is."""
         self.graph.eliminate_dead_code()
         self.graph.lint()
+        used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        for attr in [a for a, _ in self.root.named_buffers() if a not in used]:
+            delattr(self.root, attr)  # e.g. smoothed fp32 weights superseded by quantized ones
+            self.names.pop(attr, None)
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm

@@ -20,6 +20,7 @@ _DTYPES = {
     torch.float8_e4m3fn: "f8e4m3",
 }
 _PREFIXES = ("model.decoder.", "model.", "transformer.")
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear, torch.addmm)
 
 
 def short_path(path: str) -> str:
@@ -30,13 +31,17 @@ def short_path(path: str) -> str:
     return path
 
 
+def _tensor_type(val: torch.Tensor) -> str:
+    dims = ",".join(str(d) for d in val.shape)
+    return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{dims}]"
+
+
 def _type(node: fx.Node) -> str:
     val = node.meta.get("val", node.meta.get("example_value"))
     if isinstance(val, torch.Tensor):
-        dims = ",".join(str(d) for d in val.shape)
-        return f"{_DTYPES.get(val.dtype, str(val.dtype))}[{dims}]"
+        return _tensor_type(val)
     if isinstance(val, (tuple, list)):
-        return "(" + ", ".join(_DTYPES.get(v.dtype, "?") + str(list(v.shape)) for v in val if isinstance(v, torch.Tensor)) + ")"
+        return "(" + ", ".join(_tensor_type(v) for v in val if isinstance(v, torch.Tensor)) + ")"
     return ""
 
 
@@ -58,6 +63,8 @@ def _is_focus(node: fx.Node, names: dict[fx.Node, str]) -> bool:
     if node.op == "placeholder":
         return node.name in names and names[node].startswith("param ")
     if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qpass":
+        return True
+    if node.op == "call_function" and node.target in _LINEARS:
         return True
     return any(a.op == "get_attr" or names.get(a, "").startswith("param ") for a in node.all_input_nodes)
 
@@ -110,7 +117,9 @@ class _Ref(str):
 def _fmt(a) -> str:
     if isinstance(a, (tuple, list)):
         inner = ", ".join(_fmt(x) for x in a)
-        return f"({inner})" if isinstance(a, tuple) else f"[{inner}]"
+        if isinstance(a, tuple):
+            return f"({inner},)" if len(a) == 1 else f"({inner})"
+        return f"[{inner}]"
     if isinstance(a, torch.dtype):
         return _DTYPES.get(a, str(a))
     if isinstance(a, float):

@@ -43,6 +43,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     if config.weight is None:
         return 0
     done = 0
+    shared: dict[tuple, fx.Node] = {}  # one activation quantization per input and scale
     for site in qg.linears():
         row = report.row(site.path)
         if config.skips(site.path):
@@ -53,7 +54,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             row.reason = f"weight dtype {w.dtype} is not floating point; left as is"
             logger.warning("%s: %s", site.path, row.reason)
             continue
-        _quantize_site(qg, site, config, calibration.get(site.path) if calibration else None, row)
+        _quantize_site(qg, site, config, calibration.get(site.path) if calibration else None, row, shared)
         done += 1
     return done
 
@@ -69,7 +70,7 @@ def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
     return stats.min / s, stats.max / s, stats.absmax / s, samples
 
 
-def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row) -> None:
+def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row, shared: dict) -> None:
     wspec, aspec = config.weight, config.activation
     w = qg.value(site.weight_node)
     w = (w.t() if site.weight_t else w).detach().float()
@@ -112,7 +113,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
     if keep_mask is not None:
         mask = qg.constant(f"{site.path}.inlier_mask", keep_mask.to(dtype))
         x_main = qg.call(torch.mul, (x, mask), before=before)
-    x_dq = x_main if aspec is None else _fake_quant_act(qg, x_main, aspec, view, keep_mask, site, before, dtype)
+    x_dq = x_main if aspec is None else _fake_quant_act(qg, x_main, aspec, view, keep_mask, site, before, dtype, shared)
     y = qg.call(F.linear, (x_dq, w_dq, bias), before=before)
     if outliers is not None:
         idx = qg.constant(f"{site.path}.outlier_channels", outliers)
@@ -130,21 +131,28 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
         row.activation += f" + {outliers.numel()} fp32 outlier channels"
 
 
-def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype) -> fx.Node:
+def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype, shared: dict) -> fx.Node:
     qmin, qmax = spec.qrange
-    if spec.dynamic:
-        scale, zp = _pair(qg, qg.call(ops.choose_qparams, (x, isinstance(spec.granularity, PerToken), spec.symmetric, qmin, qmax), before=before), before)
-    else:
+    static = None
+    if not spec.dynamic:
         lo, hi = view[0], view[1]
         if keep_mask is not None:
             lo, hi = lo[keep_mask], hi[keep_mask]
-        s, z = qmath.static_act_qparams(lo, hi, spec)
-        scale = qg.constant(f"{site.path}.input_scale", s)
-        zp = qg.constant(f"{site.path}.input_zero_point", z)
+        static = qmath.static_act_qparams(lo, hi, spec)
+    key = (x, spec, None if static is None else (float(static[0]), float(static[1])))
+    if key in shared:  # q, k and v read one normed input: quantize it once
+        return shared[key]
+    if static is None:
+        pair = qg.call(ops.choose_qparams, (x, isinstance(spec.granularity, PerToken), spec.symmetric, qmin, qmax), before=before)
+        scale, zp = _pair(qg, pair, before)
+    else:
+        scale = qg.constant(f"{site.path}.input_scale", static[0])
+        zp = qg.constant(f"{site.path}.input_zero_point", static[1])
     if spec.symmetric:
         zp = None
     xq = qg.call(ops.quantize, (x, scale, zp, qmin, qmax, spec.storage_dtype), before=before)
-    return qg.call(ops.dequantize, (xq, scale, zp, 0, dtype), before=before)
+    shared[key] = qg.call(ops.dequantize, (xq, scale, zp, 0, dtype), before=before)
+    return shared[key]
 
 
 def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
