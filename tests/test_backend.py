@@ -1,0 +1,111 @@
+"""The backend's contract: entry points, no global side effects, user model untouched."""
+
+import torch
+
+import qpass
+from qpass import patterns
+from tests.models import tiny_model, token_batches
+
+
+def _config_snapshot():
+    return (
+        dict(torch._inductor.config.get_config_copy()),
+        dict(torch._dynamo.config.get_config_copy()),
+        torch._functorch.config.get_config_copy(),
+    )
+
+
+def test_registered_backend_and_default_function():
+    from qpass import qpass as default_backend
+
+    model = tiny_model("llama", layers=1)
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out_named = torch.compile(model, backend="qpass", dynamic=False)(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        out_fn = torch.compile(model, backend=default_backend, dynamic=False)(ids, use_cache=False).logits
+    # default: w8a8 per-token dynamic, no smoothing without calibration
+    for out in (out_named, out_fn):
+        assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
+    torch.testing.assert_close(out_named, out_fn)
+
+
+def test_no_global_config_change_and_model_untouched():
+    before = _config_snapshot()
+    model = tiny_model("llama", layers=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: v.data_ptr() for k, v in model.named_parameters()}
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.backend(qpass.preset("w8a8_static"), calibration=calib)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(token_batches(1)[0], use_cache=False)
+    assert _config_snapshot() == before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert {k: v.data_ptr() for k, v in model.named_parameters()} == params
+
+
+def test_eager_model_still_works_after_compile():
+    model = tiny_model("llama", layers=1)
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.clone()
+        calib = qpass.calibrate(model, token_batches(2))
+        torch.compile(model, backend=qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib))(ids, use_cache=False)
+        torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=0)
+
+
+def test_report_prints_a_row_per_linear():
+    model = tiny_model("opt", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib, inductor=False)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(token_batches(1)[0], use_cache=False)
+    text = str(backend.report)
+    assert "model.decoder.layers.0.fc2" in text and "multiply" in text and "relu" in text
+    assert "folded patterns: linear-linear: 1, linear-norm: 2, multiply: 1" in text
+    assert len(backend.report.rows) == 7
+
+
+def test_graph_break_compiles_each_graph():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.a(self.norm(x))
+            torch._dynamo.graph_break()
+            return self.b(self.norm(y))
+
+    torch.manual_seed(0)
+    model = Broken().eval()
+    x = torch.randn(2, 5, 16)
+    calib = qpass.calibrate(model, [x])
+    backend = qpass.backend(qpass.QuantConfig(weight=None, activation=None, skip=()), calibration=calib, inductor=False)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert backend.report.graphs == 2
+    # the norm is shared across the break: in each graph it feeds one linear and is folded there
+    assert backend.report.rows["a"].smoothing == "linear-norm"
+
+
+def test_pattern_examples_fold_exactly():
+    """Each pattern module's Example exhibits its pattern; the fold keeps the function."""
+    kinds = {"linear_norm": "linear-norm", "linear_linear": "linear-linear", "gated_act": "gated-act"}
+    for module in patterns.PATTERNS:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        example = module.Example().eval()
+        x = torch.randn(2, 6, example.q.in_features if hasattr(example, "q") else example.gate.in_features)
+        x[..., 0] *= 30  # an outlier channel
+        calib = qpass.calibrate(example, [x])
+        backend = qpass.backend(qpass.QuantConfig(weight=None, activation=None, skip=()), calibration=calib, inductor=False)
+        with torch.no_grad():
+            out = torch.compile(example, backend=backend, dynamic=False)(x)
+            torch.testing.assert_close(out, example(x), rtol=1e-5, atol=1e-5)
+        name = module.__name__.rsplit(".", 1)[1]
+        assert backend.report.counts()[kinds[name]] >= 1, (name, backend.report.counts())
