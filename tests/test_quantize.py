@@ -79,9 +79,9 @@ def test_auto_alpha_minimises_group_error_and_is_reported(llama, monkeypatch):
     calls = []
     original = smooth_pass._smoothed_error
 
-    def spy(config, c, w, stats, s):
-        err = original(config, c, w, stats, s)
-        calls.append((c.site.path, err))
+    def spy(config, problem, s):
+        err = original(config, problem, s)
+        calls.append((problem.consumer.site.path, err))
         return err
 
     monkeypatch.setattr(smooth_pass, "_smoothed_error", spy)

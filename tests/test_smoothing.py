@@ -125,3 +125,26 @@ def test_smoothing_scales_formula(alpha):
     assert s[0] == pytest.approx(4.0**alpha / 1.0 ** (1 - alpha))
     assert s[1] == pytest.approx(1.0 / 4.0 ** (1 - alpha))
     assert s[2:].tolist() == [1.0, 1.0, 1.0]  # zero activation, inf activation, zero weight: no scaling
+
+
+def test_dynamic_shapes_recompile_and_stay_exact():
+    """A second sequence length recompiles with symbolic shapes; the passes still apply."""
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.backend(qpass.preset("w8a8_dynamic", lower=False), calibration=calib, inductor=False)
+    smooth_only = qpass.backend(SMOOTH_ONLY, calibration=calib)
+    compiled = torch.compile(model, backend=smooth_only)
+    with torch.no_grad():
+        for seq in (8, 13, 21):
+            ids = token_batches(1, seq=seq, seed=seq)[0]
+            ref = model(ids, use_cache=False).logits
+            assert _rel_err(compiled(ids, use_cache=False).logits, ref) <= 1e-5
+    assert smooth_only.report.graphs == 2  # static first, then one dynamic graph
+    assert smooth_only.report.counts()["linear-linear"] == 2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for seq in (8, 13):
+            ids = token_batches(1, seq=seq, seed=seq)[0]
+            ref = model(ids, use_cache=False).logits
+            assert _rel_err(compiled(ids, use_cache=False).logits, ref) <= 0.05

@@ -256,26 +256,43 @@ def _alpha(qg, config, calibration, consumers, weights, channels) -> float:
     if any(st.samples is None for st in stats):
         logger.warning("%s: no calibration samples for alpha='auto'; using 0.5", consumers[0].site.path)
         return 0.5
+    problems = [_SmoothingProblem(c, w, st) for c, w, st in zip(consumers, weights, stats)]
     best, best_err = 0.5, float("inf")
     for a in config.smoothing.alpha_grid:
         s = _group_scales(qg, consumers, weights, channels, a)
-        err = sum(_smoothed_error(config, c, w, st, s) for c, w, st in zip(consumers, weights, stats))
+        err = sum(_smoothed_error(config, p, s) for p in problems)
         if err < best_err:
             best, best_err = a, err
     return best
 
 
-def _smoothed_error(config, c: Consumer, w: torch.Tensor, stats, s: torch.Tensor) -> float:
-    """Output error of one consumer quantized after smoothing by ``s``."""
+class _SmoothingProblem:
+    """One consumer's calibration samples, fp32 weight (N, K) and fp32 output, which
+    smoothing does not change (``(x / s) @ (W * s).T == x @ W.T``)."""
+
+    def __init__(self, c: Consumer, w: torch.Tensor, stats):
+        self.consumer, self.stats = c, stats
+        self.w = (w.t() if c.site.weight_t else w).float()
+        self.ref = stats.samples @ self.w.T
+        self.ref_energy = float(self.ref.pow(2).sum().clamp(min=1e-30))
+
+
+def _smoothed_error(config, p: _SmoothingProblem, s: torch.Tensor) -> float:
+    """Relative output error of one consumer quantized after smoothing by ``s``."""
+    c, stats = p.consumer, p.stats
     sc = s[c.walk.index] if c.walk is not None else s
-    w = (w.t() if c.site.weight_t else w).float() * sc
-    act = config.activation
-    qparams = None
-    if act is not None and not act.dynamic:
-        qparams = qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)
-    g = config.weight.granularity if config.weight is not None else None
-    g = PerOutputChannel() if isinstance(g, AdaDim) else g
-    return qmath.layer_error(stats.samples / sc, w, config.weight, act, g, qparams)
+    act, weight = config.activation, config.weight
+    x = stats.samples / sc
+    if act is not None:
+        qparams = (None, None)
+        if not act.dynamic:
+            qparams = qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)
+        x = qmath.fake_quant_act(x, act, *qparams)
+    w = p.w * sc
+    if weight is not None:
+        g = PerOutputChannel() if isinstance(weight.granularity, AdaDim) else weight.granularity
+        w = qmath.fake_quant_weight(w, weight, g)
+    return float((x @ w.T - p.ref).pow(2).sum()) / p.ref_energy
 
 
 def _wpos(site: LinearSite) -> int:
