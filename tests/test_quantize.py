@@ -192,3 +192,25 @@ def test_static_activations_without_calibration_name_the_layer(llama):
     model, _, ids, _ = llama
     with pytest.raises(Exception, match=r"model\.layers\.0\.self_attn\.q_proj: static activation scales need calibration"):
         _run(model, qpass.preset("w8a8_static"), None, ids)
+
+
+def test_reference_ops_decompose_to_plain_aten():
+    """Inductor sees only aten ops (any device): the qpass ops are CompositeImplicitAutograd."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fake_quant(x, w_q, w_s):
+        s, z = ops.choose_qparams(x, True, False, -128.0, 127.0)
+        xq = ops.quantize(x, s, z, -128.0, 127.0, torch.int8)
+        return torch.nn.functional.linear(ops.dequantize(xq, s, z, 0, torch.float32), ops.dequantize(w_q, w_s, None, 0, torch.float32))
+
+    gm = make_fx(fake_quant, pre_dispatch=False)(torch.randn(3, 8), torch.randint(-127, 127, (4, 8), dtype=torch.int8), torch.rand(4, 1))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert targets and all(t.namespace in ("aten", "prims") for t in targets), targets
+
+
+def test_asymmetric_activations(llama):
+    model, calib, ids, ref = llama
+    for act in (QuantSpec("int8", PerToken(), symmetric=False), QuantSpec("int8", PerTensor(), symmetric=False, dynamic=False)):
+        out, backend = _run(model, qpass.preset("w8a8_dynamic", activation=act), calib, ids)
+        assert 0 < _rel(out, ref) <= BOUNDS["w8a8_static"]
+        assert backend.report.rows["model.layers.0.mlp.down_proj"].activation.endswith("asym")
