@@ -14,6 +14,7 @@ from torch import fx
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph
+from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
 from qpass.report import Report
@@ -28,6 +29,7 @@ Pass = Callable[[QGraph, QuantConfig, "Calibration | None", Report], int]
 PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("smooth", smooth),  # fold SmoothQuant scales into norms / previous linears (exact)
     ("quantize", quantize),  # quant/dequant around every quantized linear (reference semantics)
+    ("lower", lower),  # quantized linears -> oneDNN / FBGEMM / _int_mm / _scaled_mm kernels where one fits
 )
 
 

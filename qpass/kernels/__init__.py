@@ -1,6 +1,7 @@
 """Low-level W8A8 kernels (torch.library custom ops in namespace ``qpass``) and references.
 
-Importing this package registers ``qpass::onednn_qlinear`` and ``qpass::fbgemm_dynamic_linear``.
+Importing this package registers ``qpass::onednn_qlinear``, ``qpass::fbgemm_dynamic_linear`` and
+``qpass::fbgemm_qlinear``.
 """
 
 from .capability import KERNEL_NAMES, available_kernels, cpu_has_int8_dot, kernel_available
@@ -9,6 +10,7 @@ from .fbgemm import (
     FbgemmPacked,
     fbgemm_dynamic_linear,
     fbgemm_packed,
+    fbgemm_qlinear,
     pack_fbgemm_dynamic,
     release_fbgemm,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "fbgemm_act_qparams",
     "fbgemm_dynamic_linear",
     "fbgemm_packed",
+    "fbgemm_qlinear",
     "fp8_scaled_mm",
     "int8_scaled_mm",
     "kernel_available",

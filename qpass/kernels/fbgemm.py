@@ -176,3 +176,40 @@ def _fbgemm_dynamic_linear_fake(x: Tensor, handle: int, bias: Optional[Tensor]) 
         raise TypeError("qpass::fbgemm_dynamic_linear needs a constant integer handle")
     n = fbgemm_packed(handle).out_features
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+# FBGEMM with the activation grid chosen by the caller (static per-tensor scale and zero point):
+# ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` quantizes x as
+# ``clamp(round(x / x_scale) + x_zp, 0, 255)``. Given x already rounded (integers as float32)
+# and ``x_scale = 1`` that is exactly ``x + x_zp``: the caller's symmetric per-token grid, with
+# the per-token scale applied afterwards, as in the oneDNN path.
+@torch.library.custom_op(
+    "qpass::fbgemm_qlinear",
+    mutates_args=(),
+    schema="(Tensor x_int, int x_zp, int handle) -> Tensor",
+)
+def fbgemm_qlinear(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
+    """``x_int @ (w_int8 * w_scales[:, None]).T`` in float32 by FBGEMM, for decode-sized inputs.
+
+    ``x_int``: float32 ``(..., K)`` holding integers in ``[-x_zp, 255 - x_zp]`` (already quantized,
+    zero point not added; on CPUs without VNNI keep ``x_int + x_zp <= 127``); ``handle`` from
+    :func:`pack_fbgemm_dynamic`. The integer product is exact (int32 accumulation).
+    """
+    entry = fbgemm_packed(handle)
+    k, n = entry.in_features, entry.out_features
+    if x_int.shape[-1] != k:
+        raise ValueError(f"activation has K={x_int.shape[-1]}, packed weight has K={k}")
+    lead = x_int.shape[:-1]
+    x2 = x_int.reshape(-1, k).to(torch.float32).contiguous()
+    if x2.shape[0] == 0:
+        return x2.new_zeros((*lead, n))
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, 1.0, int(x_zp), entry.packed)
+    return y.reshape(*lead, n)
+
+
+@fbgemm_qlinear.register_fake
+def _fbgemm_qlinear_fake(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
+    if not isinstance(handle, int):
+        raise TypeError("qpass::fbgemm_qlinear needs a constant integer handle")
+    n = fbgemm_packed(handle).out_features
+    return x_int.new_empty((*x_int.shape[:-1], n), dtype=torch.float32)
