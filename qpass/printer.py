@@ -64,6 +64,8 @@ def _is_focus(node: fx.Node, names: dict[fx.Node, str]) -> bool:
         return node.name in names and names[node].startswith("param ")
     if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "qpass":
         return True
+    if node.op == "call_function" and getattr(node.target, "__module__", "").startswith("qpass."):
+        return True  # qpass's kernel wrappers (``int8_scaled_mm``, ...)
     if node.op == "call_function" and node.target in _LINEARS:
         return True
     return any(a.op == "get_attr" or names.get(a, "").startswith("param ") for a in node.all_input_nodes)
@@ -97,6 +99,7 @@ def format_graph(gm: fx.GraphModule, *, focus: bool = True, param_names: dict[st
         if focus and not _is_focus(node, names):
             continue
         args = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(names[n]))
+        args = (_hide_handles(node, args[0]), args[1])
         if node.op == "placeholder":
             lines.append(f"{names[node]} : {_type(node)}" if names[node].startswith("param") else f"{names[node]} = input : {_type(node)}")
         elif node.op == "get_attr":
@@ -107,6 +110,15 @@ def format_graph(gm: fx.GraphModule, *, focus: bool = True, param_names: dict[st
             rendered = ", ".join([_fmt(a) for a in args[0]] + [f"{k}={_fmt(v)}" for k, v in args[1].items()])
             lines.append(f"{names[node]} = {_target(node)}({rendered}) : {_type(node)}")
     return "\n".join(lines) + "\n"
+
+
+def _hide_handles(node: fx.Node, args: tuple) -> tuple:
+    """Registry handles (an op argument named ``handle``) count up per process: print ``handle``."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return args
+    return tuple(_Ref("handle") if i < len(schema.arguments) and schema.arguments[i].name == "handle" else a
+                 for i, a in enumerate(args))
 
 
 class _Ref(str):

@@ -192,7 +192,8 @@ def fbgemm_qlinear(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
     """``x_int @ (w_int8 * w_scales[:, None]).T`` in float32 by FBGEMM, for decode-sized inputs.
 
     ``x_int``: float32 ``(..., K)`` holding integers in ``[-x_zp, 255 - x_zp]`` (already quantized,
-    zero point not added; on CPUs without VNNI keep ``x_int + x_zp <= 127``); ``handle`` from
+    zero point not added; on CPUs without VNNI keep ``x_int + x_zp <= 127`` or the weights in
+    ``[-63, 63]``, so u8 x s8 pair sums cannot saturate int16); ``handle`` from
     :func:`pack_fbgemm_dynamic`. The integer product is exact (int32 accumulation).
     """
     entry = fbgemm_packed(handle)

@@ -4,8 +4,10 @@ The op wraps ``onednn::qlinear_pointwise`` with float32 output. Constraints meas
 AVX2 CPU without VNNI (see :mod:`qpass.kernels.quant`):
 
 * activations must be uint8 with values in ``[0, 127]`` (use the 7-bit quantizers, zero point
-  64); full-range uint8 saturates int16 pair sums inside oneDNN and gives wrong results, signed
-  int8 activations are wrong too;
+  64), or full-range uint8 with weights in ``[-63, 63]`` (what the lowering pass uses: the
+  activations carry the outliers, so they keep the 8th bit); full-range uint8 with full-range int8
+  weights saturates int16 pair sums inside oneDNN and gives wrong results, signed int8
+  activations are wrong too;
 * ``qlinear_pointwise`` takes ONE activation scale / zero point. Per-token dynamic quantization
   therefore quantizes each row with its own scale but the common zero point 64, calls the op
   with ``x_scale=1.0, x_zp=64`` and multiplies the float output by the per-token scale

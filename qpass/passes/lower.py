@@ -6,10 +6,11 @@ Before (``quantize``: dynamic per-token INT8 activations, per-output-channel wei
     x_dq = qpass.dequantize(qpass.quantize(x, s, None, -128, 127, i8), s, None, 0, f32)
     y = linear(x_dq, qpass.dequantize(const(W_q), const(W_s), None, 0, f32), b)
 
-After (x86 without VNNI: 7-bit activations keep the u8 x s8 kernels exact)::
+After (x86 without VNNI: the activations keep the reference's 8-bit grid, the weights are requantized
+to 7 bits so that the u8 x s8 kernels cannot saturate)::
 
-    s = qpass.choose_qparams(x, True, True, -64, 63)[0]
-    y = qpass.onednn_qlinear(qpass.quantize(x, s, const(64), 0, 127, u8), 1.0, 64, const(packed W_q), const(W_s), None) * s + b
+    s = qpass.choose_qparams(x, True, True, -128, 127)[0]
+    y = qpass.onednn_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), 1.0, 128, const(packed W7), const(W7_s), None) * s + b
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from torch import Tensor, fx
 from qpass import kernels, ops
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import LinearSite, QGraph
-from qpass.passes.quantize import act_view
+from qpass.graph import QGraph
 from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lower", "Target", "Grid", "QLinear", "match", "choose", "DECODE_M"]
+__all__ = ["lower", "Target", "Grid", "QLinear", "match", "choose", "narrow_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -65,26 +65,34 @@ class Target:
 
 @dataclass(frozen=True)
 class Grid:
-    """The integer grid the kernel multiplies: activations ``[-act_qmax - 1, act_qmax]`` stored as
-    uint8 with zero point ``act_zp``, weights as the reference quantized them."""
+    """The integer grid a CPU kernel multiplies: activations on the reference's 8-bit grid, stored
+    as uint8 with zero point 128; weights in ``[-w_qmax, w_qmax]``."""
 
-    act_qmax: int
-    act_zp: int
+    w_qmax: int
     note: str  # shown in the report's kernel column
 
-    @property
-    def act_range(self) -> tuple[int, int]:
-        return -self.act_qmax - 1, self.act_qmax
+    act_zp = 128
 
 
-#: Full 8-bit activations: exact only where u8 x s8 products do not saturate int16 (VNNI / AMX).
-GRID_8BIT = Grid(127, 128, "")
-#: 7-bit activations, u8 in [0, 127]: 2 * 127 * 128 < 2**15, exact with ``vpmaddubsw`` (AVX2).
-GRID_7BIT = Grid(63, 64, "7-bit act")
+#: Full 8-bit weights: exact only where u8 x s8 products do not saturate int16 (VNNI / AMX).
+GRID_8BIT = Grid(127, "")
+#: 7-bit weights: u8 (<= 255) x s8 (|w| <= 63) pair sums stay below 2**15, exact with AVX2's
+#: saturating ``vpmaddubsw``. Activations keep all 8 bits: they carry the outliers, weights do not.
+GRID_W7 = Grid(63, "7-bit weights")
 
 
 def cpu_grid(target: Target) -> Grid:
-    return GRID_8BIT if target.int8_dot else GRID_7BIT
+    return GRID_8BIT if target.int8_dot else GRID_W7
+
+
+def narrow_weight(w_q: Tensor, w_scale: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Requantize symmetric int8 weights ``w_q * w_scale`` (scale per row or per tensor) onto
+    ``[-qmax, qmax]``: ``(w_q', scale')`` with ``scale' = scale * 127 / qmax``."""
+    if qmax == 127:
+        return w_q, w_scale
+    ratio = 127.0 / qmax
+    w = torch.clamp(torch.round(w_q.float() / ratio), -qmax, qmax).to(torch.int8)
+    return w, (w_scale.double() * ratio).float()
 
 
 @dataclass
@@ -195,12 +203,10 @@ def choose(q: QLinear, target: Target) -> tuple[str, str]:
 class _Emit:
     """Graph-building helpers shared by the kernels of one pass run (one graph)."""
 
-    def __init__(self, qg: QGraph, calibration: Calibration | None):
+    def __init__(self, qg: QGraph):
         self.qg = qg
-        self.calibration = calibration
-        self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, grid) -> (x_u8 / x_int, scale)
+        self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, as_float) -> (x_u8 / x_int, scale)
         self.zps: dict[int, fx.Node] = {}
-        self.linears = {qg.module_of(n): n for n in qg.smoothing}  # path -> erased linear (smoothing lookup)
 
     def call(self, target, args, before: fx.Node, kwargs=None) -> fx.Node:
         return self.qg.call(target, tuple(args), kwargs, before=before)
@@ -210,45 +216,21 @@ class _Emit:
             self.zps[zp] = self.qg.constant(f"act_zero_point_{zp}", torch.tensor(float(zp)))
         return self.zps[zp]
 
-    def act_scale(self, q: QLinear, grid: Grid, before: fx.Node) -> fx.Node | float:
-        """The activation scale on ``grid``: a node (dynamic) or a float (static)."""
+    def quantized_act(self, q: QLinear, before: fx.Node, *, as_float: bool = False) -> tuple[fx.Node, fx.Node | float]:
+        """``(x_u8, scale)``: the reference's own activation quantization stored as uint8 with zero
+        point 128 (one per input, shared by q / k / v); ``scale`` is the reference's scale node
+        (dynamic) or its value (static).
+
+        ``as_float=True`` gives the integers as float32 without the zero point (FBGEMM's input)."""
         a = q.act
-        if a.dynamic:
-            if grid is GRID_8BIT:
-                return a.scale
-            qmin, qmax = grid.act_range
-            pair = self.call(ops.choose_qparams, (a.x, a.per_token, True, float(qmin), float(qmax)), before)
-            return self.call(operator.getitem, (pair, 0), before)
-        ref = self.qg.value(a.scale)
-        if grid is GRID_8BIT:
-            return float(ref)
-        return float(self.static_scale(q, grid, ref))
-
-    def static_scale(self, q: QLinear, grid: Grid, ref: Tensor) -> Tensor:
-        """Static per-tensor scale on ``grid``, from calibration exactly as ``quantize`` computes it."""
-        stats = self.calibration.get(q.path) if self.calibration is not None else None
-        node = self.linears.get(q.path)
-        view = act_view(self.qg, LinearSite(node, q.path), stats) if stats is not None else None
-        qmin, qmax = grid.act_range
-        if view is None:  # no statistics under this path: rescale the reference scale
-            return ref.double() * (127.0 / qmax)
-        return ops.qparams_from_range(view[0].min().reshape(1), view[1].max().reshape(1), True, qmin, qmax)[0]
-
-    def quantized_act(self, q: QLinear, grid: Grid, before: fx.Node, *, as_float: bool = False):
-        """``(x_u8, scale)`` on ``grid`` (uint8 with the zero point added), shared by q / k / v.
-
-        ``as_float=True`` gives the integer values as float32 without the zero point (FBGEMM's input)."""
-        key = (q.act.x_dq, grid, as_float)
+        key = (a.x_dq, as_float)
         if key not in self.acts:
-            scale = self.act_scale(q, grid, before)
-            s = scale if isinstance(scale, fx.Node) else self.qg.constant(f"{q.path}.input_scale_k", torch.tensor([scale]))
-            qmin, qmax = grid.act_range
+            scale = a.scale if a.dynamic else float(self.qg.value(a.scale))
+            zp = GRID_8BIT.act_zp
             if as_float:
-                xq = self.call(ops.quantize, (q.act.x, s, None, float(qmin), float(qmax), torch.float32), before)
+                xq = self.call(ops.quantize, (a.x, a.scale, None, -128.0, 127.0, torch.float32), before)
             else:
-                zp = self.zero_point(grid.act_zp)
-                xq = self.call(ops.quantize, (q.act.x, s, zp, float(qmin + grid.act_zp), float(qmax + grid.act_zp),
-                                              torch.uint8), before)
+                xq = self.call(ops.quantize, (a.x, a.scale, self.zero_point(zp), 0.0, 255.0, torch.uint8), before)
             self.acts[key] = (xq, scale)
         return self.acts[key]
 
@@ -262,39 +244,39 @@ class _Emit:
             y = self.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
         return y
 
-    def w_scales_1d(self, q: QLinear) -> Tensor:
-        n = self.qg.value(q.w_q).shape[0]
-        return self.qg.value(q.w_scale).float().reshape(-1).expand(n).contiguous()
+    def weight(self, q: QLinear, grid: Grid) -> tuple[Tensor, Tensor]:
+        """The int8 ``(N, K)`` weight on ``grid`` and its ``(N,)`` float32 scales."""
+        w_q = self.qg.value(q.w_q)
+        w_s = self.qg.value(q.w_scale).float().reshape(-1).expand(w_q.shape[0]).contiguous()
+        return narrow_weight(w_q, w_s, grid.w_qmax)
 
 
 def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
-    grid = cpu_grid(target)
     before = q.out
-    w_q = e.qg.value(q.w_q)
-    packed = kernels.pack_onednn_int8(w_q, e.w_scales_1d(q))
+    packed = kernels.pack_onednn_int8(*e.weight(q, cpu_grid(target)))
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
     ws = e.qg.constant(f"{q.path}.weight_scale_onednn", packed.scales)
-    x_u8, scale = e.quantized_act(q, grid, before)
+    x_u8, scale = e.quantized_act(q, before)
+    zp = GRID_8BIT.act_zp
     if isinstance(scale, fx.Node):  # dynamic: op at unit scale, then per-token (or per-tensor) rescale + bias
-        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, grid.act_zp, pw, ws, None), before)
+        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, zp, pw, ws, None), before)
         return e.finish(q, y, scale, q.bias, before)
-    y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, scale, grid.act_zp, pw, ws, q.bias), before)
+    y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, scale, zp, pw, ws, q.bias), before)
     return e.finish(q, y, None, None, before)
 
 
 def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
-    grid = cpu_grid(target)
     before = q.out
     # Packed at unit scales (FBGEMM returns the integer dot products); the weight scales are a graph
     # constant applied with the activation scale, and the process-wide registry entry is freed when
     # that constant is.
-    w_q = e.qg.value(q.w_q)
+    w_q, w_s = e.weight(q, cpu_grid(target))
     handle = kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0]))
-    x_int, scale = e.quantized_act(q, grid, before, as_float=True)
+    x_int, scale = e.quantized_act(q, before, as_float=True)
     static = not isinstance(scale, fx.Node)
-    ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", e.w_scales_1d(q) * (scale if static else 1.0))
+    ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
     weakref.finalize(e.qg.root._buffers[ws.target], kernels.release_fbgemm, handle)
-    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, grid.act_zp, handle), before)
+    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, GRID_8BIT.act_zp, handle), before)
     y = e.call(torch.mul, (y, ws), before)
     return e.finish(q, y, None if static else scale, q.bias, before)
 
@@ -370,7 +352,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         )
     if not config.lower or config.weight is None:
         return 0
-    emit = _Emit(qg, calibration)
+    emit = _Emit(qg)
     targets: dict[torch.device, Target] = {}
     done, grid_logged = 0, False
     for out, path in list(qg.quantized.items()):
@@ -389,10 +371,10 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         qg.quantized[y] = path
         row.kernel = kernel_label(name, t)
         done += 1
-        if t.device == "cpu" and cpu_grid(t) is GRID_7BIT and not grid_logged:
+        if t.device == "cpu" and cpu_grid(t) is GRID_W7 and not grid_logged:
             grid_logged = True
             logger.info(
-                "qpass lower: this CPU has no VNNI: int8 kernels use 7-bit activations [-64, 63] (uint8, zero point 64) "
-                "instead of the reference's 8-bit grid, so that u8 x s8 products cannot saturate"
+                "qpass lower: this CPU has no VNNI: int8 kernels use 7-bit weights [-63, 63] (requantized from "
+                "the reference's int8 weights) so that u8 x s8 products cannot saturate; activations keep 8 bits"
             )
     return done

@@ -1,0 +1,297 @@
+"""The lowering pass through the backend: lowered kernels against the integer reference,
+the kernel chosen per preset and device, fallbacks, and snapshots of lowered graphs.
+
+The integer checks recover the kernel's integer dot products from its float output and compare
+them, element by element, with an int64 matmul of the quantized operands computed here from the
+module's weights and inputs: an off-by-one anywhere (a saturated int16 pair sum, a wrong zero
+point, a wrong rounding) fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass import kernels
+from qpass.passes import lower as lowering
+from tests.models import tiny_model, token_batches
+
+CPU = lowering.Target.detect(torch.device("cpu"))
+GRID = lowering.cpu_grid(CPU)
+KERNEL_PRESETS = ("w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic")
+
+needs_onednn = pytest.mark.skipif(not CPU.onednn, reason="oneDNN int8 kernels not available")
+
+
+class Proj(nn.Module):
+    def __init__(self, k: int, n: int, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(k, n, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _compile(model, config, calib, x, *, inductor=True):
+    torch._dynamo.reset()
+    backend = qpass.backend(config, calibration=calib, inductor=inductor)
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend, dynamic=False)(x)
+    return y, backend
+
+
+def _inputs(m: int, k: int, seed: int, worst_case: bool) -> torch.Tensor:
+    """``(1, m, k)`` activations with outlier channels, a zero row, and (``worst_case``) rows at
+    the ends of the grid with the weights' signs, so that u8 x s8 pair sums are as large as they get."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, m, k, generator=g)
+    x[..., :3] *= 30.0
+    if worst_case:
+        x[0, :, :] = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0) * 5.0
+    if m > 2:
+        x[0, 1] = 0.0  # an all-zero token: its scale is clamped, its output is the bias
+    return x
+
+
+def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(acc, unit)``: the exact int64 dot products on the kernel's grid and the float value of one
+    integer unit per element (activation scale x weight scale), written out from the definitions."""
+    w = model.proj.weight.detach().double()
+    s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float().double()
+    w8 = torch.clamp(torch.round(w / s8[:, None]), -127, 127)
+    qmax = GRID.w_qmax
+    w_k = torch.clamp(torch.round(w8 * qmax / 127), -qmax, qmax)  # requantized from the int8 weights
+    s_k = s8 * 127 / qmax
+    xf = x.reshape(-1, x.shape[-1]).double()
+    act = config.activation
+    if not act.dynamic:
+        st = calib["proj"]
+        sx = torch.maximum(-st.min.min(), st.max.max()).clamp(min=0).float().double().reshape(1, 1) / 127
+    elif isinstance(act.granularity, qpass.PerToken):
+        sx = (xf.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12).double()
+    else:
+        sx = (xf.float().abs().amax() / 127).clamp(min=1e-12).double().reshape(1, 1)
+    x_q = torch.clamp(torch.round((xf.float() / sx.float()).double()), -128, 127)
+    acc = x_q.long() @ w_k.long().T
+    return acc, sx * s_k[None, :]
+
+
+@needs_onednn
+@pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("k,n", [(37, 23), (100, 70)])
+@pytest.mark.parametrize("m", [1, 3, 17, 513])
+@pytest.mark.parametrize("name", KERNEL_PRESETS)
+def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case):
+    torch.manual_seed(m * 1000 + k)
+    model = Proj(k, n, bias).eval()
+    if worst_case:
+        with torch.no_grad():  # every weight at +-absmax with the sign pattern of the inputs
+            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    config = qpass.preset(name, smoothing=None)
+    y, backend = _compile(model, config, calib, x)
+    row = backend.report.rows["proj"]
+    kernel = "fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"
+    assert row.kernel == lowering.kernel_label(kernel, CPU), row
+
+    acc, unit = _int_reference(model, x, config, calib)
+    b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)
+    acc_hat = (y.reshape(-1, n).double() - b) / unit
+    if m > 2:  # the all-zero token's output is exactly the bias
+        assert torch.equal(y[0, 1], b.float())
+    err = (acc_hat - acc.double()).abs().max().item()
+    assert err < 0.25, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", KERNEL_PRESETS)
+def test_lowered_model_close_to_reference_path(name):
+    """A 2-layer Llama: the lowered model (7-bit weights on AVX2) is within twice the reference
+    (fake-quant) path's error of fp32."""
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(4))
+    ids = token_batches(1, batch=1, seq=48, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    outs = {}
+    for lower in (False, True):
+        backend = qpass.backend(qpass.preset(name, lower=lower), calibration=calib)
+        with torch.no_grad():
+            outs[lower] = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        kernels_used = {r.kernel for p, r in backend.report.rows.items() if p != "lm_head"}
+        assert kernels_used == ({lowering.kernel_label("onednn", CPU)} if lower else {""}), kernels_used
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert 0 < rel(outs[False], ref) < 0.12
+    assert rel(outs[True], ref) < 2.0 * rel(outs[False], ref)
+
+
+# ----------------------------------------------------------------------------- which kernel, per device
+
+FAKE_CPU = lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=False)
+FAKE_CPU_VNNI = lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=True)
+FAKE_H100 = lowering.Target("cuda", capability=(9, 0))
+FAKE_A100 = lowering.Target("cuda", capability=(8, 0))
+
+# preset -> kernel label per (target, tokens); "reference (...)" names the fallback's reason.
+EXPECTED = {
+    "w8a8_dynamic": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
+    "w8a8_static": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
+    "w8a8_tensor_dynamic": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)",
+                            "cuda int8 (_int_mm)"),
+    "fp8_dynamic": ("reference (fp8 on CPU)", "reference (fp8 on CPU)", "cuda fp8 (_scaled_mm)",
+                    "reference (fp8 needs CUDA compute capability 8.9+)"),
+    "fp8_static": ("reference (fp8 on CPU)", "reference (fp8 on CPU)", "cuda fp8 (_scaled_mm)",
+                   "reference (fp8 needs CUDA compute capability 8.9+)"),
+    "w8a16": ("reference (weight-only)",) * 4,
+    "w4a16": ("reference (weight-only)",) * 4,
+    # Linears with no calibrated channel above the threshold have no split and get the int8 kernel.
+    "llm_int8": ("reference (outlier split)",) * 4,
+}
+
+
+def _with_target(monkeypatch, target: lowering.Target) -> None:
+    monkeypatch.setattr(lowering.Target, "detect", staticmethod(lambda device: target))
+
+
+def _lowered_llama(monkeypatch, target, config, seq):
+    """A 1-layer Llama lowered for ``target`` and run eagerly (``inductor=False``) on CPU tensors:
+    the CUDA kernels' ops (``_int_mm``, ``_scaled_mm``) have CPU reference implementations."""
+    _with_target(monkeypatch, target)
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, batch=1, seq=seq, seed=3)[0]
+    torch._dynamo.reset()
+    backend = qpass.backend(config, calibration=calib, inductor=False)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+    return backend, out, (model, calib, ids)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_kernel_choice_per_preset_and_device(monkeypatch, name, caplog):
+    """Every preset on a (fake) AVX2 CPU at decode (8 tokens) and prefill (32), on a fake H100 and
+    A100: the kernel each decoder linear gets, or the reference fallback with its reason, logged
+    once per layer with the layer's path."""
+    cases = ((FAKE_CPU, 8), (FAKE_CPU, 32), (FAKE_H100, 32), (FAKE_A100, 32))
+    for (target, seq), expected in zip(cases, EXPECTED[name]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qpass.passes.lower"):
+            backend, _, _ = _lowered_llama(monkeypatch, target, qpass.preset(name), seq)
+        rows = {p: r for p, r in backend.report.rows.items() if p != "lm_head"}
+        assert len(rows) == 7
+        got = {p: r.kernel for p, r in rows.items()}
+        if name == "llm_int8":
+            unsplit = EXPECTED["w8a8_dynamic"][cases.index((target, seq))]
+            assert expected in got.values() and set(got.values()) <= {expected, unsplit}, got
+        else:
+            assert set(got.values()) == {expected}, (target, seq, got)
+        fallbacks = [r.getMessage() for r in caplog.records if "reference quant/dequant path" in r.getMessage()]
+        reason = expected.removeprefix("reference (").removesuffix(")")
+        assert sorted(fallbacks) == sorted(f"{p}: kept on the reference quant/dequant path: {reason}"
+                                           for p, k in got.items() if k == expected and k.startswith("reference"))
+
+
+@needs_onednn
+def test_vnni_cpu_keeps_8bit_weights(monkeypatch):
+    backend, _, _ = _lowered_llama(monkeypatch, FAKE_CPU_VNNI, qpass.preset("w8a8_dynamic"), 32)
+    assert backend.report.rows["model.layers.0.mlp.down_proj"].kernel == "onednn"
+
+
+@pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static", "fp8_dynamic", "fp8_static"])
+def test_cuda_lowering_runs_exactly_on_cpu_tensors(monkeypatch, name):
+    """The CUDA lowering (``_int_mm`` / ``_scaled_mm`` on the reference's own grid) emitted for a fake
+    H100 but run on CPU tensors, where both ops have slow reference kernels: the logits equal the
+    reference quant/dequant path's up to float summation order."""
+    config = qpass.preset(name)
+    backend, out, (model, calib, ids) = _lowered_llama(monkeypatch, FAKE_H100, config, 32)
+    assert all(r.kernel.startswith("cuda") for p, r in backend.report.rows.items() if p != "lm_head")
+    torch._dynamo.reset()
+    ref_backend = qpass.backend(config.replace(lower=False), calibration=calib, inductor=False)
+    with torch.no_grad():
+        ref = torch.compile(model, backend=ref_backend, dynamic=False)(ids, use_cache=False).logits
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-3, err  # the same integers / fp8 values; a rounding flip of one activation at most
+
+
+def test_narrow_weight_is_exact_requantization():
+    w_q = torch.arange(-127, 128, dtype=torch.int8).reshape(5, 51)
+    s = torch.rand(5, 1) + 0.5
+    w7, s7 = lowering.narrow_weight(w_q, s, 63)
+    assert w7.dtype == torch.int8 and int(w7.abs().max()) == 63
+    assert torch.allclose(s7, s * 127 / 63)
+    # within half a 7-bit step of the int8 weights
+    assert ((w7.float() * s7 - w_q.float() * s).abs() <= 0.5 * s7 + 1e-6).all()
+    same, s_same = lowering.narrow_weight(w_q, s, 127)
+    assert same is w_q and s_same is s
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+@pytest.mark.parametrize("name,target,seq", [
+    ("w8a8_static", "cpu", 32),
+    ("w8a8_dynamic", "cpu", 32),
+    ("w8a8_dynamic", "cpu", 8),
+    ("w8a8_dynamic", "h100", 32),
+    ("fp8_dynamic", "h100", 32),
+])
+def test_lowered_graph_snapshot(monkeypatch, name, target, seq):
+    """The lowered 1-layer Llama for a fixed target (tests/snapshots/lowered_*.txt); its numerical
+    twins are the tests above. EXPECTTEST_ACCEPT=1 rewrites them."""
+    t = {"cpu": FAKE_CPU, "h100": FAKE_H100}[target]
+    if target == "cpu" and not CPU.onednn:
+        pytest.skip("oneDNN not available: the lowered graph cannot run here")
+    backend, _, _ = _lowered_llama(monkeypatch, t, qpass.preset(name), seq)
+    text = qpass.format_graph(backend.graphs[0])
+    path = SNAPSHOTS / f"lowered_llama_{name}_{target}_{seq}.txt"
+    if os.environ.get("EXPECTTEST_ACCEPT") == "1":
+        path.write_text(text)
+    assert path.exists(), f"no snapshot {path.name}; run with EXPECTTEST_ACCEPT=1"
+    assert text == path.read_text(), f"{path.name} changed; run with EXPECTTEST_ACCEPT=1 and read the diff"
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+
+@needs_onednn
+def test_odd_weight_dtype_falls_back_with_layer_name(caplog):
+    """Per-group int8 weights have no kernel: the reference path, one log line naming the layer."""
+    model = Proj(64, 16, True).eval()
+    x = torch.randn(1, 32, 64)
+    config = qpass.preset("w8a8_dynamic", smoothing=None, weight=qpass.QuantSpec("int8", qpass.PerGroup(16)))
+    with caplog.at_level(logging.WARNING, logger="qpass.passes.lower"):
+        y, backend = _compile(model, config, None, x)
+    assert backend.report.rows["proj"].kernel == "reference (per-group weights)"
+    assert [r.getMessage() for r in caplog.records] == [
+        "proj: kept on the reference quant/dequant path: per-group weights"]
+    with torch.no_grad():
+        assert ((y - model(x)).norm() / model(x).norm()) < 0.05
+
+
+@needs_onednn
+def test_lowering_leaves_user_weights_untouched():
+    model = Proj(37, 23, True).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _compile(model, qpass.preset("w8a8_dynamic"), qpass.calibrate(model, [torch.randn(1, 8, 37)]), torch.randn(1, 20, 37))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_kernels_registry_keys_match_report_labels():
+    assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cuda_int8", "cuda_fp8"}
+    assert kernels.kernel_available("onednn") == CPU.onednn
