@@ -171,7 +171,8 @@ class QuantConfig:
     SmoothQuant scales (the model computes the same function). ``skip`` holds module
     paths or glob patterns (``"lm_head"``, ``"*.mlp.down_proj"``) left untouched.
     ``lower=True`` replaces quantized linears by low-precision kernels where one fits.
-    ``release_weights=True`` lets the compiled model hold only the low-precision weights.
+    To keep only the low-precision weights resident, call ``QPassBackend.release_weights(model)``
+    after compiling (a backend never sees the module itself, and a recompile needs the fp32 weights).
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", PerOutputChannel()))
@@ -180,7 +181,6 @@ class QuantConfig:
     outliers: OutlierSplit | None = None
     skip: tuple[str, ...] = ("lm_head",)
     lower: bool = True
-    release_weights: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -209,8 +209,6 @@ class QuantConfig:
                 raise ValueError("QuantConfig: int4 weights are weight-only (activation=None)")
         if self.outliers is not None and a is None:
             raise ValueError("QuantConfig.outliers needs activation quantization")
-        if self.release_weights and w is None:
-            raise ValueError("QuantConfig.release_weights needs weight quantization")
 
     def skips(self, path: str) -> bool:
         """True if the module at ``path`` is excluded by ``skip``."""

@@ -87,6 +87,11 @@ class QGraph:
         for node, value in zip(self.placeholders, example_inputs):
             if isinstance(value, nn.Parameter):
                 self.params[node] = (self._param_path(node), value)
+                if value.numel() > 0 and value.untyped_storage().nbytes() == 0:
+                    raise RuntimeError(
+                        f"qpass: {self.params[node][0]} was released by QPassBackend.release_weights() and this "
+                        "recompile needs it: compile every input shape before releasing the fp32 weights"
+                    )
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
 
     @staticmethod

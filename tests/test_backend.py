@@ -1,5 +1,6 @@
 """The backend's contract: entry points, no global side effects, user model untouched."""
 
+import pytest
 import torch
 
 import qpass
@@ -109,3 +110,31 @@ def test_pattern_examples_fold_exactly():
             torch.testing.assert_close(out, example(x), rtol=1e-5, atol=1e-5)
         name = module.__name__.rsplit(".", 1)[1]
         assert backend.report.counts()[kinds[name]] >= 1, (name, backend.report.counts())
+
+
+def test_release_weights_keeps_compiled_model_and_guards_the_rest():
+    """``release_weights`` frees the fp32 weights the compiled graph no longer reads; the compiled
+    model still computes the same logits, the module itself and a recompile raise naming the layer."""
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    ids = token_batches(1, batch=1, seq=24, seed=3)[0]
+    down = model.model.layers[0].mlp.down_proj.weight
+    embed = model.model.embed_tokens.weight
+    with torch.no_grad():
+        before = compiled(ids, use_cache=False).logits
+        freed = backend.release_weights(model)
+        after = compiled(ids, use_cache=False).logits
+    quantized = [n for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    assert len(quantized) == 14 and set(quantized) <= set(model.qpass_released)
+    assert "model.embed_tokens.weight" not in model.qpass_released  # still read (and tied to lm_head)
+    assert freed >= sum(p.numel() * 4 for n, p in model.named_parameters() if n in quantized)
+    assert down.untyped_storage().nbytes() == 0 and embed.untyped_storage().nbytes() > 0
+    assert torch.equal(before, after) and backend.report.graphs == 1
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.\S+ were released"):
+        model(ids, use_cache=False)
+    with pytest.raises(Exception, match="released by QPassBackend.release_weights"):
+        with torch.no_grad():
+            compiled(token_batches(1, batch=1, seq=9)[0], use_cache=False)
+    assert backend.release_weights(model) == 0  # nothing left to release

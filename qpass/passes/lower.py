@@ -344,12 +344,6 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
 
     ``target`` overrides what is detected from each linear's device (tests use it for CUDA).
     """
-    if config.release_weights:
-        raise NotImplementedError(
-            "qpass: QuantConfig.release_weights is not implemented: Dynamo passes the model's fp32 "
-            "parameters to the compiled graph on every call and guards on their metadata, so freeing "
-            "their storage cannot be done safely from a backend; keep release_weights=False"
-        )
     if not config.lower or config.weight is None:
         return 0
     emit = _Emit(qg)
