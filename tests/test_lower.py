@@ -23,7 +23,15 @@ from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
 
 CPU = lowering.Target.detect(torch.device("cpu"))
-GRID = lowering.cpu_grid(CPU)
+GRIDS = {g.note: g for g in (lowering.GRID_8BIT, lowering.GRID_W7, lowering.GRID_A7)}
+
+
+def _split(label: str) -> tuple[str, lowering.Grid | None]:
+    """``"onednn (7-bit act)"`` -> ``("onednn", GRID_A7)``; reference and CUDA labels stay whole."""
+    for note, grid in GRIDS.items():
+        if note and label.endswith(f" ({note})"):
+            return label[: -len(note) - 3], grid
+    return label, (lowering.GRID_8BIT if label in ("onednn", "fbgemm") else None)
 KERNEL_PRESETS = ("w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic")
 
 needs_onednn = pytest.mark.skipif(not CPU.onednn, reason="oneDNN int8 kernels not available")
@@ -59,27 +67,29 @@ def _inputs(m: int, k: int, seed: int, worst_case: bool) -> torch.Tensor:
     return x
 
 
-def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(acc, unit)``: the exact int64 dot products on the kernel's grid and the float value of one
-    integer unit per element (activation scale x weight scale), written out from the definitions."""
+def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib,
+                   grid: lowering.Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(acc, unit)``: the exact int64 dot products on ``grid`` and the float value of one integer
+    unit per element (activation scale x weight scale), written out from the definitions."""
     w = model.proj.weight.detach().double()
     s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float().double()
     w8 = torch.clamp(torch.round(w / s8[:, None]), -127, 127)
-    qmax = GRID.w_qmax
-    w_k = torch.clamp(torch.round(w8 * qmax / 127), -qmax, qmax)  # requantized from the int8 weights
-    s_k = s8 * 127 / qmax
-    xf = x.reshape(-1, x.shape[-1]).double()
+    qw, qa = grid.w_qmax, grid.act_qmax
+    w_k = torch.clamp(torch.round(w8 * qw / 127), -qw, qw)  # requantized from the int8 weights
+    s_k = s8 * 127 / qw
+    xf = x.reshape(-1, x.shape[-1]).float()
     act = config.activation
-    if not act.dynamic:
+    if not act.dynamic:  # the reference's static scale, rescaled to the grid
         st = calib["proj"]
-        sx = torch.maximum(-st.min.min(), st.max.max()).clamp(min=0).float().double().reshape(1, 1) / 127
+        ref = (torch.maximum(-st.min.min(), st.max.max()).clamp(min=0) / 127).clamp(min=1e-12).reshape(1, 1)
+        sx = (ref.double() * (127.0 / qa)).float()
     elif isinstance(act.granularity, qpass.PerToken):
-        sx = (xf.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12).double()
+        sx = (xf.abs().amax(dim=1, keepdim=True) / qa).clamp(min=1e-12)
     else:
-        sx = (xf.float().abs().amax() / 127).clamp(min=1e-12).double().reshape(1, 1)
-    x_q = torch.clamp(torch.round((xf.float() / sx.float()).double()), -128, 127)
+        sx = (xf.abs().amax() / qa).clamp(min=1e-12).reshape(1, 1)
+    x_q = torch.clamp(torch.round(xf / sx), -qa - 1, qa)
     acc = x_q.long() @ w_k.long().T
-    return acc, sx * s_k[None, :]
+    return acc, sx.double() * s_k[None, :]
 
 
 @needs_onednn
@@ -99,10 +109,11 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
     config = qpass.preset(name, smoothing=None)
     y, backend = _compile(model, config, calib, x)
     row = backend.report.rows["proj"]
-    kernel = "fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"
-    assert row.kernel == lowering.kernel_label(kernel, CPU), row
+    kernel, grid = _split(row.kernel)
+    assert kernel == ("fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"), row
+    assert grid in lowering.cpu_grids(CPU), row
 
-    acc, unit = _int_reference(model, x, config, calib)
+    acc, unit = _int_reference(model, x, config, calib, grid)
     b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)
     acc_hat = (y.reshape(-1, n).double() - b) / unit
     if m > 2:  # the all-zero token's output is exactly the bias
@@ -128,8 +139,8 @@ def test_lowered_model_close_to_reference_path(name):
         with torch.no_grad():
             outs[lower] = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
         torch._dynamo.reset()
-        kernels_used = {r.kernel for p, r in backend.report.rows.items() if p != "lm_head"}
-        assert kernels_used == ({lowering.kernel_label("onednn", CPU)} if lower else {""}), kernels_used
+        kernels_used = {_split(r.kernel)[0] for p, r in backend.report.rows.items() if p != "lm_head"}
+        assert kernels_used == ({"onednn"} if lower else {""}), kernels_used
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -146,11 +157,11 @@ FAKE_H100 = lowering.Target("cuda", capability=(9, 0))
 FAKE_A100 = lowering.Target("cuda", capability=(8, 0))
 
 # preset -> kernel label per (target, tokens); "reference (...)" names the fallback's reason.
+# CPU kernels are shown without their grid note.
 EXPECTED = {
-    "w8a8_dynamic": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
-    "w8a8_static": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
-    "w8a8_tensor_dynamic": ("fbgemm (7-bit weights)", "onednn (7-bit weights)", "cuda int8 (_int_mm)",
-                            "cuda int8 (_int_mm)"),
+    "w8a8_dynamic": ("fbgemm", "onednn", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
+    "w8a8_static": ("fbgemm", "onednn", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
+    "w8a8_tensor_dynamic": ("fbgemm", "onednn", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)"),
     "fp8_dynamic": ("reference (fp8 on CPU)", "reference (fp8 on CPU)", "cuda fp8 (_scaled_mm)",
                     "reference (fp8 needs CUDA compute capability 8.9+)"),
     "fp8_static": ("reference (fp8 on CPU)", "reference (fp8 on CPU)", "cuda fp8 (_scaled_mm)",
@@ -192,7 +203,12 @@ def test_kernel_choice_per_preset_and_device(monkeypatch, name, caplog):
             backend, _, _ = _lowered_llama(monkeypatch, target, qpass.preset(name), seq)
         rows = {p: r for p, r in backend.report.rows.items() if p != "lm_head"}
         assert len(rows) == 7
-        got = {p: r.kernel for p, r in rows.items()}
+        got = {p: _split(r.kernel)[0] for p, r in rows.items()}
+        if target is FAKE_CPU:  # each layer on one of the two exact grids, chosen by calibration error
+            assert {_split(r.kernel)[1] for r in rows.values() if not r.kernel.startswith("reference")} <= {
+                lowering.GRID_W7, lowering.GRID_A7}
+            assert all("kernel grid by calibration error" in r.reason for r in rows.values()
+                       if not r.kernel.startswith("reference")), rows
         if name == "llm_int8":
             unsplit = EXPECTED["w8a8_dynamic"][cases.index((target, seq))]
             assert expected in got.values() and set(got.values()) <= {expected, unsplit}, got

@@ -6,8 +6,8 @@ Before (``quantize``: dynamic per-token INT8 activations, per-output-channel wei
     x_dq = qpass.dequantize(qpass.quantize(x, s, None, -128, 127, i8), s, None, 0, f32)
     y = linear(x_dq, qpass.dequantize(const(W_q), const(W_s), None, 0, f32), b)
 
-After (x86 without VNNI: the activations keep the reference's 8-bit grid, the weights are requantized
-to 7 bits so that the u8 x s8 kernels cannot saturate)::
+After (x86 without VNNI, where u8 x s8 products saturate unless one operand has 7 bits; this layer's
+calibration samples were reproduced better with 8-bit activations and weights requantized to 7 bits)::
 
     s = qpass.choose_qparams(x, True, True, -128, 127)[0]
     y = qpass.onednn_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), 1.0, 128, const(packed W7), const(W7_s), None) * s + b
@@ -33,7 +33,7 @@ from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lower", "Target", "Grid", "QLinear", "match", "choose", "narrow_weight", "DECODE_M"]
+__all__ = ["lower", "Target", "Grid", "QLinear", "match", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -65,24 +65,53 @@ class Target:
 
 @dataclass(frozen=True)
 class Grid:
-    """The integer grid a CPU kernel multiplies: activations on the reference's 8-bit grid, stored
-    as uint8 with zero point 128; weights in ``[-w_qmax, w_qmax]``."""
+    """The integer grid a CPU kernel multiplies: activations in ``[-act_qmax - 1, act_qmax]``, stored
+    as uint8 with zero point ``act_qmax + 1``; weights in ``[-w_qmax, w_qmax]``."""
 
+    act_qmax: int
     w_qmax: int
     note: str  # shown in the report's kernel column
 
-    act_zp = 128
+    @property
+    def act_zp(self) -> int:
+        return self.act_qmax + 1
+
+    @property
+    def act_range(self) -> tuple[float, float]:
+        return float(-self.act_qmax - 1), float(self.act_qmax)
 
 
-#: Full 8-bit weights: exact only where u8 x s8 products do not saturate int16 (VNNI / AMX).
-GRID_8BIT = Grid(127, "")
-#: 7-bit weights: u8 (<= 255) x s8 (|w| <= 63) pair sums stay below 2**15, exact with AVX2's
-#: saturating ``vpmaddubsw``. Activations keep all 8 bits: they carry the outliers, weights do not.
-GRID_W7 = Grid(63, "7-bit weights")
+#: The reference's grid: exact only where u8 x s8 products do not saturate int16 (VNNI / AMX).
+GRID_8BIT = Grid(127, 127, "")
+# Without VNNI, AVX2's ``vpmaddubsw`` sums pairs of u8 x s8 products in saturating int16, so one
+# operand gives up a bit; both choices are exact (2 * 255 * 63 and 2 * 127 * 127 are < 2**15).
+#: 7-bit weights, 8-bit activations (the activations carry the outliers).
+GRID_W7 = Grid(127, 63, "7-bit weights")
+#: 7-bit activations, 8-bit weights (better where smoothing moved the outliers into the weights).
+GRID_A7 = Grid(63, 127, "7-bit act")
 
 
-def cpu_grid(target: Target) -> Grid:
-    return GRID_8BIT if target.int8_dot else GRID_W7
+def cpu_grids(target: Target) -> tuple[Grid, ...]:
+    """The exact grids of ``target``'s int8 kernels, the default first."""
+    return (GRID_8BIT,) if target.int8_dot else (GRID_W7, GRID_A7)
+
+
+def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token: bool,
+               static_scale: float | None) -> float:
+    """Relative error on ``grid`` of the linear's output on samples ``x`` (S, K), against the
+    unquantized input times the reference's int8 weights ``w_q * w_scale`` (N, K)."""
+    w = w_q.float() * w_scale.reshape(-1, 1)
+    target = x @ w.T
+    if static_scale is not None:
+        sx = torch.tensor(static_scale * 127.0 / grid.act_qmax)
+    else:
+        absmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+        sx = (absmax / grid.act_qmax).clamp(min=1e-12)
+    lo, hi = grid.act_range
+    xq = torch.clamp(torch.round(x / sx), lo, hi) * sx
+    wq, ws = narrow_weight(w_q, w_scale.reshape(-1, 1), grid.w_qmax)
+    y = xq @ (wq.float() * ws).T
+    return ((y - target).norm() / target.norm().clamp(min=1e-30)).item()
 
 
 def narrow_weight(w_q: Tensor, w_scale: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
@@ -203,10 +232,34 @@ def choose(q: QLinear, target: Target) -> tuple[str, str]:
 class _Emit:
     """Graph-building helpers shared by the kernels of one pass run (one graph)."""
 
-    def __init__(self, qg: QGraph):
+    def __init__(self, qg: QGraph, calibration: Calibration | None):
         self.qg = qg
-        self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, as_float) -> (x_u8 / x_int, scale)
+        self.calibration = calibration
+        self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, act_qmax, as_float) -> (x_q, scale)
         self.zps: dict[int, fx.Node] = {}
+        self.smoothing = {qg.module_of(n): s for n, s in qg.smoothing.items()}  # path -> s (input divided by)
+        self.grids: dict[str, tuple[Grid, str]] = {}  # path -> (grid, why)
+
+    def grid(self, q: QLinear, target: Target) -> Grid:
+        """The exact grid for ``q`` on ``target`` with the smallest output error on the calibration
+        samples (the default grid without samples)."""
+        if q.path in self.grids:
+            return self.grids[q.path][0]
+        grids = cpu_grids(target)
+        stats = self.calibration.get(q.path) if self.calibration is not None else None
+        if len(grids) == 1 or stats is None or stats.samples is None:
+            self.grids[q.path] = (grids[0], "")
+            return grids[0]
+        s = self.smoothing.get(q.path)
+        x = stats.samples.float() / (s if s is not None else 1.0)
+        static = None if q.act.dynamic else float(self.qg.value(q.act.scale))
+        w_q, w_s = self.qg.value(q.w_q), self.qg.value(q.w_scale).float()
+        errors = [grid_error(x, w_q, w_s, g, per_token=q.act.per_token, static_scale=static) for g in grids]
+        best = min(range(len(grids)), key=errors.__getitem__)
+        why = "kernel grid by calibration error: " + ", ".join(
+            f"{g.note} {100 * e:.2f}%" for g, e in zip(grids, errors))
+        self.grids[q.path] = (grids[best], why)
+        return grids[best]
 
     def call(self, target, args, before: fx.Node, kwargs=None) -> fx.Node:
         return self.qg.call(target, tuple(args), kwargs, before=before)
@@ -216,21 +269,31 @@ class _Emit:
             self.zps[zp] = self.qg.constant(f"act_zero_point_{zp}", torch.tensor(float(zp)))
         return self.zps[zp]
 
-    def quantized_act(self, q: QLinear, before: fx.Node, *, as_float: bool = False) -> tuple[fx.Node, fx.Node | float]:
-        """``(x_u8, scale)``: the reference's own activation quantization stored as uint8 with zero
-        point 128 (one per input, shared by q / k / v); ``scale`` is the reference's scale node
-        (dynamic) or its value (static).
+    def quantized_act(self, q: QLinear, grid: Grid, before: fx.Node, *,
+                      as_float: bool = False) -> tuple[fx.Node, fx.Node | float]:
+        """``(x_u8, scale)``: the activation on ``grid`` stored as uint8 with the grid's zero point
+        (one per input and grid, shared by q / k / v); ``scale`` is a node (dynamic) or a float
+        (static). On the 8-bit grid this is the reference's own quantization.
 
         ``as_float=True`` gives the integers as float32 without the zero point (FBGEMM's input)."""
         a = q.act
-        key = (a.x_dq, as_float)
+        key = (a.x_dq, grid.act_qmax, as_float)
         if key not in self.acts:
-            scale = a.scale if a.dynamic else float(self.qg.value(a.scale))
-            zp = GRID_8BIT.act_zp
-            if as_float:
-                xq = self.call(ops.quantize, (a.x, a.scale, None, -128.0, 127.0, torch.float32), before)
+            lo, hi = grid.act_range
+            if a.dynamic and grid.act_qmax == 127:
+                scale = s_node = a.scale
+            elif a.dynamic:
+                pair = self.call(ops.choose_qparams, (a.x, a.per_token, True, lo, hi), before)
+                scale = s_node = self.call(operator.getitem, (pair, 0), before)
             else:
-                xq = self.call(ops.quantize, (a.x, a.scale, self.zero_point(zp), 0.0, 255.0, torch.uint8), before)
+                scale = float(self.qg.value(a.scale).double() * (127.0 / grid.act_qmax))
+                s_node = a.scale if grid.act_qmax == 127 else self.qg.constant(
+                    f"{q.path}.input_scale_{grid.act_qmax}", torch.tensor([scale], dtype=torch.float32))
+            if as_float:
+                xq = self.call(ops.quantize, (a.x, s_node, None, lo, hi, torch.float32), before)
+            else:
+                zp = self.zero_point(grid.act_zp)
+                xq = self.call(ops.quantize, (a.x, s_node, zp, lo + grid.act_zp, hi + grid.act_zp, torch.uint8), before)
             self.acts[key] = (xq, scale)
         return self.acts[key]
 
@@ -253,30 +316,31 @@ class _Emit:
 
 def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
-    packed = kernels.pack_onednn_int8(*e.weight(q, cpu_grid(target)))
+    grid = e.grid(q, target)
+    packed = kernels.pack_onednn_int8(*e.weight(q, grid))
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
     ws = e.qg.constant(f"{q.path}.weight_scale_onednn", packed.scales)
-    x_u8, scale = e.quantized_act(q, before)
-    zp = GRID_8BIT.act_zp
+    x_u8, scale = e.quantized_act(q, grid, before)
     if isinstance(scale, fx.Node):  # dynamic: op at unit scale, then per-token (or per-tensor) rescale + bias
-        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, zp, pw, ws, None), before)
+        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, grid.act_zp, pw, ws, None), before)
         return e.finish(q, y, scale, q.bias, before)
-    y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, scale, zp, pw, ws, q.bias), before)
+    y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, scale, grid.act_zp, pw, ws, q.bias), before)
     return e.finish(q, y, None, None, before)
 
 
 def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
+    grid = e.grid(q, target)
     # Packed at unit scales (FBGEMM returns the integer dot products); the weight scales are a graph
     # constant applied with the activation scale, and the process-wide registry entry is freed when
     # that constant is.
-    w_q, w_s = e.weight(q, cpu_grid(target))
+    w_q, w_s = e.weight(q, grid)
     handle = kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0]))
-    x_int, scale = e.quantized_act(q, before, as_float=True)
+    x_int, scale = e.quantized_act(q, grid, before, as_float=True)
     static = not isinstance(scale, fx.Node)
     ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
     weakref.finalize(e.qg.root._buffers[ws.target], kernels.release_fbgemm, handle)
-    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, GRID_8BIT.act_zp, handle), before)
+    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, grid.act_zp, handle), before)
     y = e.call(torch.mul, (y, ws), before)
     return e.finish(q, y, None if static else scale, q.bias, before)
 
@@ -329,10 +393,9 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def kernel_label(name: str, target: Target) -> str:
+def kernel_label(name: str, grid: Grid | None = None) -> str:
     label = KERNELS[name].label
-    note = cpu_grid(target).note if target.device == "cpu" else ""
-    return f"{label} ({note})" if note else label
+    return f"{label} ({grid.note})" if grid is not None and grid.note else label
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -346,7 +409,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
     """
     if not config.lower or config.weight is None:
         return 0
-    emit = _Emit(qg)
+    emit = _Emit(qg, calibration)
     targets: dict[torch.device, Target] = {}
     done, grid_logged = 0, False
     for out, path in list(qg.quantized.items()):
@@ -363,12 +426,15 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         qg.graph.erase_node(out)
         del qg.quantized[out]
         qg.quantized[y] = path
-        row.kernel = kernel_label(name, t)
+        grid, why = emit.grids.get(path, (None, ""))
+        row.kernel = kernel_label(name, grid)
+        if why:
+            row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
-        if t.device == "cpu" and cpu_grid(t) is GRID_W7 and not grid_logged:
+        if t.device == "cpu" and len(cpu_grids(t)) > 1 and not grid_logged:
             grid_logged = True
             logger.info(
-                "qpass lower: this CPU has no VNNI: int8 kernels use 7-bit weights [-63, 63] (requantized from "
-                "the reference's int8 weights) so that u8 x s8 products cannot saturate; activations keep 8 bits"
+                "qpass lower: this CPU has no VNNI: so that u8 x s8 products cannot saturate, each int8 kernel "
+                "uses 7-bit weights or 7-bit activations, whichever reproduces the calibration outputs better"
             )
     return done
