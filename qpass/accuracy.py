@@ -153,16 +153,18 @@ def evaluate(
     fp32: bool = True,
     compile_fp32: bool = False,
     on_error: Literal["raise", "record"] = "raise",
+    lower: bool = False,
 ) -> list[Result]:
     """Perplexity on ``windows`` of fp32 (if ``fp32``) and of ``model`` compiled with each preset.
 
     ``presets`` holds preset names or ``(label, QuantConfig)`` pairs. Each runs as
-    ``torch.compile(model, backend=qpass.backend(config.replace(lower=False),
+    ``torch.compile(model, backend=qpass.backend(config.replace(lower=lower),
     calibration=calibration), dynamic=False)`` after ``torch._dynamo.reset()``,
     called as ``compiled(ids, use_cache=False)`` under ``no_grad``. The fp32
     reference runs eagerly, or through Inductor with ``compile_fp32=True``.
     ``on_error="record"`` turns a failing preset into a row with ``error`` set
-    and NaN perplexity instead of raising.
+    and NaN perplexity instead of raising. ``lower=True`` measures the lowered kernels
+    (their integer grid) instead of the reference fake-quant path.
     """
     resolved = [_resolve(p) for p in presets]
     results: list[Result] = []
@@ -179,7 +181,7 @@ def evaluate(
         torch._dynamo.reset()
 
     for name, config in resolved:
-        config = config.replace(lower=False)
+        config = config.replace(lower=lower)
         be = make_backend(config, calibration=calibration)
         torch._dynamo.reset()
         try:
