@@ -201,7 +201,7 @@ class QGraph:
     def build(self) -> fx.GraphModule:
         """The rewritten GraphModule. It keeps every input of Dynamo's graph (those
         now unused included), so it is called exactly as Dynamo's graph is."""
-        self.graph.eliminate_dead_code()
+        self.graph.eliminate_dead_code(is_impure_node=_mutates)
         self.graph.lint()
         used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
         for attr in [a for a, _ in self.root.named_buffers() if a not in used]:
@@ -210,6 +210,21 @@ class QGraph:
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Nodes dead-code elimination must keep: side effects, and in-place ops whose result is unused
+    but whose input is read later (a KV cache's ``index_copy_``, ``add_``); FX sees neither as impure
+    when Dynamo records them as methods."""
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _graph_fake_mode(graph: fx.Graph):

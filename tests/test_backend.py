@@ -138,3 +138,29 @@ def test_release_weights_keeps_compiled_model_and_guards_the_rest():
         with torch.no_grad():
             compiled(token_batches(1, batch=1, seq=9)[0], use_cache=False)
     assert backend.release_weights(model) == 0  # nothing left to release
+
+
+def test_static_cache_decode_keeps_cache_writes():
+    """A decode step with transformers' StaticCache writes the new K/V into the cache in place
+    (``index_copy_``, result unused): the rewritten graph must keep those writes. Smoothing only,
+    so the logits and the cache must equal eager's."""
+    import transformers
+
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    prompt, token = token_batches(1, batch=1, seq=12, seed=4)[0], token_batches(1, batch=1, seq=1, seed=5)[0]
+
+    def step(fn):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(12))
+            logits = fn(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([12])).logits
+        return logits, [layer.keys.clone() for layer in cache.layers] + [layer.values.clone() for layer in cache.layers]
+
+    ref, ref_cache = step(model)
+    backend = qpass.backend(qpass.QuantConfig(weight=None, activation=None), calibration=calib)
+    out, out_cache = step(torch.compile(model, backend=backend, dynamic=False))
+    assert sum(backend.report.counts().values()) > 0  # something was folded
+    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    for a, b in zip(out_cache, ref_cache):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
