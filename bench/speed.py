@@ -1,0 +1,359 @@
+"""Prefill and decode speed of qpass against fp32 and torchao, in one run.
+
+    python bench/speed.py [--models smollm2 llama2048] [--layers 4] [--presets w8a8_static w8a8_dynamic]
+                          [--prefill 512] [--context 512] [--reps 10] [--warmup 3] [--threads N]
+                          [--device cpu|cuda] [--json bench/results/speed_cpu.json]
+
+Workloads (batch 1):
+  prefill  ``model(ids[1 x 512], use_cache=False, logits_to_keep=1)``: the prompt, keeping the last
+           position's logits as generation does (the lm_head over every position would otherwise be a
+           fixed fp32 cost that no contender quantizes);
+  decode   one new token against a ``StaticCache`` holding ``--context`` tokens (filled once by the
+           fp32 model); every repetition writes the same cache slot, so each step does the same work.
+Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them):
+  fp32 eager; fp32 ``torch.compile`` (Inductor, default settings); torchao
+  ``Int8DynamicActivationInt8WeightConfig`` on a copy of the model, compiled with Inductor freezing
+  (scoped with ``config.patch`` around its compiles; without freezing it runs ATen's reference
+  ``_int_mm``); each qpass preset on a copy of the model, calibrated on real text (SmolLM2) or random
+  tokens (the random Llama), with ``release_weights`` after both workloads have compiled.
+Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
+(first call of each workload), resident weight MB (parameters with storage plus the compiled graphs'
+constants; torchao: its quantized tensors), process RSS, and the relative error and cosine of the
+logits against fp32 eager on the same inputs. A markdown table per model is printed, everything is
+written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from torch import nn
+
+import qpass
+from qpass import realdata
+
+logger = logging.getLogger("bench.speed")
+
+MODELS = ("smollm2", "llama2048")
+
+
+@dataclass
+class Row:
+    name: str
+    prefill_ms: float = float("nan")
+    decode_ms: float = float("nan")
+    prefill_speedup: float = float("nan")  # fp32 torch.compile time / this time
+    decode_speedup: float = float("nan")
+    compile_s: float = float("nan")  # first prefill call + first decode call
+    weight_mb: float = float("nan")
+    rss_mb: float = float("nan")
+    prefill_err: float = float("nan")  # relative L2 error of the logits vs fp32 eager
+    prefill_cos: float = float("nan")
+    decode_err: float = float("nan")
+    kernels: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+
+
+# ----------------------------------------------------------------------------- models and inputs
+
+
+def load(name: str, layers: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str, Callable]:
+    """``(model, description, calibration batches factory)``."""
+    if name == "smollm2":
+        model, tok = realdata.load_smollm2()
+        batches = lambda: realdata.calibration_batches(tok, 8, 512)  # noqa: E731
+        desc = "SmolLM2-135M (real weights, 30 layers, hidden 576)"
+    elif name == "llama2048":
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+            num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
+        )
+        model = transformers.LlamaForCausalLM(config).eval()
+        g = torch.Generator().manual_seed(1)
+        batches = lambda: [torch.randint(0, 32000, (1, 256), generator=g) for _ in range(4)]  # noqa: E731
+        desc = f"random Llama, hidden 2048, FFN 5632, 32 heads / 4 KV heads, {layers} layers"
+    else:
+        raise ValueError(name)
+    return model.to(device=device, dtype=dtype).eval(), desc, batches
+
+
+def _logits(out) -> torch.Tensor:
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+class Workloads:
+    """The prompt, the decode token and a filled static cache, shared by every contender."""
+
+    def __init__(self, model: nn.Module, prefill: int, context: int, device: torch.device):
+        g = torch.Generator().manual_seed(2)
+        vocab = model.config.vocab_size
+        self.ids = torch.randint(0, vocab, (1, prefill), generator=g).to(device)
+        self.context = context
+        self.prompt = torch.randint(0, vocab, (1, context), generator=g).to(device)
+        self.token = torch.randint(0, vocab, (1, 1), generator=g).to(device)
+        self.position = torch.tensor([context], device=device)
+
+    def new_cache(self, model: nn.Module) -> transformers.StaticCache:
+        """A static cache holding the context, filled by ``model`` (eager)."""
+        cache = transformers.StaticCache(config=model.config, max_cache_len=self.context + 16)
+        with torch.no_grad():
+            model(self.prompt, past_key_values=cache, use_cache=True,
+                  cache_position=torch.arange(self.context, device=self.prompt.device))
+        return cache
+
+    def prefill(self, fn) -> torch.Tensor:
+        return _logits(fn(self.ids, use_cache=False, logits_to_keep=1))
+
+    def decode(self, fn, cache) -> torch.Tensor:
+        return _logits(fn(self.token, past_key_values=cache, cache_position=self.position, use_cache=True))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(call: Callable[[], Any], reps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _timed_first(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+    _sync(device)
+    start = time.perf_counter()
+    out = call()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def _bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: inner tensors of a subclass (torchao), mkldnn-packed tensors by numel."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_bytes(getattr(t, n)) for n in names)
+    if t.is_mkldnn:
+        return t.numel() * t.element_size()
+    return t.untyped_storage().nbytes()
+
+
+def _storage_key(t: torch.Tensor):
+    if t.is_mkldnn or (hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter)):
+        return id(t)
+    return t.untyped_storage().data_ptr()
+
+
+def weight_bytes(model: nn.Module, graphs: list[torch.fx.GraphModule] = ()) -> int:
+    """Parameters and buffers that still hold storage plus the constants of ``graphs``, each storage once."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for gm in graphs:
+        tensors += list(gm.buffers())
+    for t in tensors:
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += _bytes(t)
+    return total
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module  # what runs (a copy for torchao / qpass)
+    fn: Callable  # the compiled (or eager) callable
+    scope: Callable[[], Any] = lambda: _null()  # context for the first calls (torchao: freezing)
+    backend: Any = None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool):
+    yield "fp32 eager", lambda: Contender("fp32 eager", model, model)
+    yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
+    if torchao:
+        def make_torchao():
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            copy_ = copy.deepcopy(model)
+            quantize_(copy_, Int8DynamicActivationInt8WeightConfig(), filter_fn=_not_lm_head)
+            return Contender("torchao int8 dynamic (freezing)", copy_, torch.compile(copy_, dynamic=False),
+                             scope=lambda: torch._inductor.config.patch(freezing=True))
+        yield "torchao int8 dynamic (freezing)", make_torchao
+    calib = None
+    for name in presets:
+        def make_qpass(name=name):
+            nonlocal calib
+            if calib is None:
+                calib = qpass.calibrate(model, calib_batches(), progress=False)
+            copy_ = copy.deepcopy(model)
+            backend = qpass.backend(qpass.preset(name), calibration=calib)
+            return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
+                             backend=backend)
+        yield f"qpass {name}", make_qpass
+
+
+def _not_lm_head(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")  # qpass skips lm_head too
+
+
+def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, device) -> Row:
+    row = Row(c.name)
+    with torch.no_grad():
+        cache = w.new_cache(ref["model"])
+        with c.scope():
+            pre, t1 = _timed_first(lambda: w.prefill(c.fn), device)
+            dec, t2 = _timed_first(lambda: w.decode(c.fn, cache), device)
+        row.compile_s = t1 + t2
+        if c.backend is not None:
+            c.backend.release_weights(c.model)
+            row.kernels = dict(collections.Counter(r.kernel or "fp32" for r in c.backend.report.rows.values()))
+        row.prefill_err, row.prefill_cos = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"])
+        row.decode_err = _rel(dec, ref["decode"])
+        row.prefill_ms = _median_ms(lambda: w.prefill(c.fn), args.reps, args.warmup, device)
+        row.decode_ms = _median_ms(lambda: w.decode(c.fn, cache), args.decode_reps, args.warmup, device)
+    graphs = c.backend.graphs if c.backend is not None else []
+    row.weight_mb = weight_bytes(c.model, graphs) / 2**20
+    row.rss_mb = rss_mb()
+    return row
+
+
+def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    model, desc, calib_batches = load(name, args.layers, device, dtype)
+    logger.info("%s: %s", name, desc)
+    w = Workloads(model, args.prefill, args.context, device)
+    with torch.no_grad():
+        cache = w.new_cache(model)
+        ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
+    rows: list[Row] = []
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+        torch._dynamo.reset()
+        try:
+            c = make()
+            rows.append(measure(c, w, ref, args, device))
+        except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
+            logger.exception("contender failed")
+            rows.append(Row(label, error=f"{type(e).__name__}: {e}"[:300]))
+        finally:
+            torch._dynamo.reset()
+        logger.info("%s", rows[-1])
+    base = next((r for r in rows if r.name == "fp32 torch.compile"), None)
+    for r in rows:
+        if base is not None:
+            r.prefill_speedup = base.prefill_ms / r.prefill_ms
+            r.decode_speedup = base.decode_ms / r.decode_ms
+    return {"model": name, "description": desc, "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict[str, Any], args) -> str:
+    head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
+            f"{args.context}; median of {args.reps} / {args.decode_reps} runs\n\n")
+    cols = ("contender", "prefill ms", "prefill vs fp32 compile", "decode ms", "decode vs fp32 compile",
+            "compile s", "weights MB", "logits rel. err (prefill / decode)")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " |" * (len(cols) - 2))
+            continue
+        lines.append(
+            f"| {r['name']} | {r['prefill_ms']:.1f} | {r['prefill_speedup']:.2f}x | {r['decode_ms']:.2f} | "
+            f"{r['decode_speedup']:.2f}x | {r['compile_s']:.0f} | {r['weight_mb']:.0f} | "
+            f"{r['prefill_err']:.3f} / {r['decode_err']:.3f} |"
+        )
+    return head + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random hidden-2048 Llama")
+    parser.add_argument("--presets", nargs="+", default=["w8a8_static", "w8a8_dynamic"], choices=sorted(qpass.PRESETS))
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens")
+    parser.add_argument("--context", type=int, default=512, help="tokens in the KV cache before the decode step")
+    parser.add_argument("--reps", type=int, default=10, help="timed prefill runs")
+    parser.add_argument("--decode-reps", type=int, default=50, help="timed decode steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cuda" and not any(p.startswith("fp8") for p in args.presets):
+        args.presets += ["fp8_dynamic", "fp8_static"]
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
+        "threads": torch.get_num_threads(), "dtype": str(dtype), "torch": torch.__version__,
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    results = [bench_model(name, args, device, dtype) for name in args.models]
+    print(f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}, baseline {dtype}\n")
+    for result in results:
+        print(format_table(result, args) + "\n")
+    path = args.json or Path(__file__).parent / "results" / f"speed_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    logger.info("wrote %s", path)
+    return 0 if all(not r["error"] for res in results for r in res["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
