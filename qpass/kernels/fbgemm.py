@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._lib import cpu_op
 from .quant import quantize_weight_int8_per_channel
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class FbgemmPacked:
 
 
 _REGISTRY: dict[int, FbgemmPacked] = {}
+_Q_DQ_LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 _HANDLES = itertools.count(1)
 _LOCK = threading.Lock()
 
@@ -144,11 +146,14 @@ def release_fbgemm(handle: int) -> None:
 
 
 # "int handle" (not SymInt): Dynamo specializes on it, so the fake impl can look the entry up.
-@torch.library.custom_op(
-    "qpass::fbgemm_dynamic_linear",
-    mutates_args=(),
-    schema="(Tensor x, int handle, Tensor? bias) -> Tensor",
-)
+def _fbgemm_dynamic_linear_fake(x: Tensor, handle: int, bias: Optional[Tensor]) -> Tensor:
+    if not isinstance(handle, int):
+        raise TypeError("qpass::fbgemm_dynamic_linear needs a constant integer handle")
+    n = fbgemm_packed(handle).out_features
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+@cpu_op("fbgemm_dynamic_linear", "(Tensor x, int handle, Tensor? bias) -> Tensor", fake=_fbgemm_dynamic_linear_fake)
 def fbgemm_dynamic_linear(x: Tensor, handle: int, bias: Optional[Tensor]) -> Tensor:
     """Dynamic W8A8 linear by FBGEMM: float ``x (..., K)`` -> float32 ``(..., N)``.
 
@@ -170,24 +175,19 @@ def fbgemm_dynamic_linear(x: Tensor, handle: int, bias: Optional[Tensor]) -> Ten
     return y.reshape(*lead, n)
 
 
-@fbgemm_dynamic_linear.register_fake
-def _fbgemm_dynamic_linear_fake(x: Tensor, handle: int, bias: Optional[Tensor]) -> Tensor:
-    if not isinstance(handle, int):
-        raise TypeError("qpass::fbgemm_dynamic_linear needs a constant integer handle")
-    n = fbgemm_packed(handle).out_features
-    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
-
-
 # FBGEMM with the activation grid chosen by the caller (static per-tensor scale and zero point):
 # ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` quantizes x as
 # ``clamp(round(x / x_scale) + x_zp, 0, 255)``. Given x already rounded (integers as float32)
 # and ``x_scale = 1`` that is exactly ``x + x_zp``: the caller's symmetric per-token grid, with
 # the per-token scale applied afterwards, as in the oneDNN path.
-@torch.library.custom_op(
-    "qpass::fbgemm_qlinear",
-    mutates_args=(),
-    schema="(Tensor x_int, int x_zp, int handle) -> Tensor",
-)
+def _fbgemm_qlinear_fake(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
+    if not isinstance(handle, int):
+        raise TypeError("qpass::fbgemm_qlinear needs a constant integer handle")
+    n = fbgemm_packed(handle).out_features
+    return x_int.new_empty((*x_int.shape[:-1], n), dtype=torch.float32)
+
+
+@cpu_op("fbgemm_qlinear", "(Tensor x_int, int x_zp, int handle) -> Tensor", fake=_fbgemm_qlinear_fake)
 def fbgemm_qlinear(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
     """``x_int @ (w_int8 * w_scales[:, None]).T`` in float32 by FBGEMM, for decode-sized inputs.
 
@@ -196,21 +196,15 @@ def fbgemm_qlinear(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
     ``[-63, 63]``, so u8 x s8 pair sums cannot saturate int16); ``handle`` from
     :func:`pack_fbgemm_dynamic`. The integer product is exact (int32 accumulation).
     """
-    entry = fbgemm_packed(handle)
-    k, n = entry.in_features, entry.out_features
+    # Decode calls this ~200 times per token: keep the Python around the GEMM minimal.
+    entry = _REGISTRY.get(handle) or fbgemm_packed(handle)
+    k = entry.in_features
     if x_int.shape[-1] != k:
         raise ValueError(f"activation has K={x_int.shape[-1]}, packed weight has K={k}")
-    lead = x_int.shape[:-1]
-    x2 = x_int.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x_int if x_int.dim() == 2 else x_int.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
     if x2.shape[0] == 0:
-        return x2.new_zeros((*lead, n))
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, 1.0, int(x_zp), entry.packed)
-    return y.reshape(*lead, n)
-
-
-@fbgemm_qlinear.register_fake
-def _fbgemm_qlinear_fake(x_int: Tensor, x_zp: int, handle: int) -> Tensor:
-    if not isinstance(handle, int):
-        raise TypeError("qpass::fbgemm_qlinear needs a constant integer handle")
-    n = fbgemm_packed(handle).out_features
-    return x_int.new_empty((*x_int.shape[:-1], n), dtype=torch.float32)
+        return x2.new_zeros((*x_int.shape[:-1], entry.out_features))
+    y = _Q_DQ_LINEAR(x2, 1.0, x_zp, entry.packed)
+    return y if x_int.dim() == 2 else y.reshape(*x_int.shape[:-1], entry.out_features)

@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._lib import cpu_op
 from .quant import U7_ZERO_POINT, quantize_act_u7_per_tensor, quantize_act_u7_per_token
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,31 @@ def pack_onednn_int8(w_int8: Tensor, w_scales: Tensor | float) -> OnednnInt8Weig
     return OnednnInt8Weight(packed, scales.contiguous().clone())
 
 
-@torch.library.custom_op(
-    "qpass::onednn_qlinear",
-    mutates_args=(),
+_QLINEAR = torch.ops.onednn.qlinear_pointwise.default
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _onednn_qlinear_fake(
+    x_u8: Tensor,
+    x_scale: float,
+    x_zp: int,
+    packed_w: Tensor,
+    w_scales: Tensor,
+    bias: Optional[Tensor],
+) -> Tensor:
+    n = w_scales.shape[0]
+    return x_u8.new_empty((*x_u8.shape[:-1], n), dtype=torch.float32)
+
+
+@cpu_op(
+    "onednn_qlinear",
+    "(Tensor x_u8, float x_scale, int x_zp, Tensor packed_w, Tensor w_scales, Tensor? bias) -> Tensor",
+    fake=_onednn_qlinear_fake,
     tags=(torch.Tag.flexible_layout,),
-    schema="(Tensor x_u8, float x_scale, int x_zp, Tensor packed_w, Tensor w_scales, Tensor? bias)"
-    " -> Tensor",
+    keys=("CPU", "MkldnnCPU"),  # the packed weight dispatches as MkldnnCPU
 )
 def onednn_qlinear(
     x_u8: Tensor,
@@ -101,13 +121,13 @@ def onednn_qlinear(
     x2 = x_u8.reshape(-1, k).contiguous()
     if x2.shape[0] == 0:
         return x_u8.new_zeros((*lead, n), dtype=torch.float32)
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    out = torch.ops.onednn.qlinear_pointwise.default(
+    b = None if bias is None else _f32(bias)
+    out = _QLINEAR(
         x2,
         float(x_scale),
         int(x_zp),
         packed_w,
-        w_scales.to(torch.float32).contiguous(),
+        _f32(w_scales),
         None,  # weight zero points: symmetric
         b,
         1.0,  # output scale
@@ -118,19 +138,6 @@ def onednn_qlinear(
         "",
     )
     return out.reshape(*lead, n)
-
-
-@onednn_qlinear.register_fake
-def _onednn_qlinear_fake(
-    x_u8: Tensor,
-    x_scale: float,
-    x_zp: int,
-    packed_w: Tensor,
-    w_scales: Tensor,
-    bias: Optional[Tensor],
-) -> Tensor:
-    n = w_scales.shape[0]
-    return x_u8.new_empty((*x_u8.shape[:-1], n), dtype=torch.float32)
 
 
 def onednn_dynamic_linear(
@@ -145,7 +152,7 @@ def onednn_dynamic_linear(
     Output dtype is ``out_dtype`` or ``x.dtype``.
     """
     x_u8, scale = quantize_act_u7_per_token(x)
-    y = torch.ops.qpass.onednn_qlinear(x_u8, 1.0, U7_ZERO_POINT, packed_w, w_scales, None)
+    y = onednn_qlinear(x_u8, 1.0, U7_ZERO_POINT, packed_w, w_scales, None)
     y = y * scale
     if bias is not None:
         y = y + bias
@@ -162,7 +169,7 @@ def onednn_static_linear(
 ) -> Tensor:
     """W8A8 linear with a static per-tensor 7-bit activation scale (bias added inside oneDNN)."""
     x_u8 = quantize_act_u7_per_tensor(x, x_scale)
-    y = torch.ops.qpass.onednn_qlinear(
+    y = onednn_qlinear(
         x_u8, float(x_scale), U7_ZERO_POINT, packed_w, w_scales, bias
     )
     return y.to(out_dtype or x.dtype)
