@@ -118,7 +118,14 @@ class Workloads:
     def prefill(self, fn) -> torch.Tensor:
         return _logits(fn(self.ids, use_cache=False, logits_to_keep=1))
 
+    def rewind(self, cache: transformers.StaticCache) -> None:
+        """Back to ``context`` tokens: the next step writes the same slot again (the cache layers
+        count their length in a tensor that each step advances in place)."""
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(self.context)
+
     def decode(self, fn, cache) -> torch.Tensor:
+        self.rewind(cache)
         return _logits(fn(self.token, past_key_values=cache, cache_position=self.position, use_cache=True))
 
 
@@ -130,11 +137,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(call: Callable[[], Any], reps: int, warmup: int, device: torch.device) -> float:
+def _median_ms(call: Callable[[], Any], reps: int, warmup: int, device: torch.device,
+               before: Callable[[], Any] = lambda: None) -> float:
+    """Median wall time of ``call`` in ms; ``before`` runs untimed ahead of each call."""
     for _ in range(warmup):
+        before()
         call()
     times = []
     for _ in range(reps):
+        before()
         _sync(device)
         start = time.perf_counter()
         call()
@@ -261,7 +272,8 @@ def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, devi
         row.prefill_err, row.prefill_cos = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"])
         row.decode_err = _rel(dec, ref["decode"])
         row.prefill_ms = _median_ms(lambda: w.prefill(c.fn), args.reps, args.warmup, device)
-        row.decode_ms = _median_ms(lambda: w.decode(c.fn, cache), args.decode_reps, args.warmup, device)
+        step = lambda: _logits(c.fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True))  # noqa: E731
+        row.decode_ms = _median_ms(step, args.decode_reps, args.warmup, device, before=lambda: w.rewind(cache))
     graphs = c.backend.graphs if c.backend is not None else []
     row.weight_mb = weight_bytes(c.model, graphs) / 2**20
     row.rss_mb = rss_mb()
