@@ -95,7 +95,9 @@ class QuantSpec:
 
     ``QuantSpec("int8", PerToken())`` quantizes each token of an activation with its
     own symmetric scale computed at run time; ``QuantSpec("int8", PerTensor(),
-    dynamic=False)`` uses one scale taken from calibration.
+    dynamic=False)`` uses one scale taken from calibration. For weights,
+    ``QuantSpec("int4", PerGroup(32), symmetric=False)`` gives each group of 32 a
+    scale and a zero point, mapping its [min, max] onto the 16 levels (weight-only).
     """
 
     dtype: Literal["int8", "uint8", "int4", "fp8_e4m3"]
@@ -189,8 +191,11 @@ class QuantConfig:
         if w is not None:
             if not isinstance(w.granularity, WEIGHT_GRANULARITIES):
                 raise ValueError(f"QuantConfig.weight: {type(w.granularity).__name__} is not a weight granularity")
-            if not w.symmetric:
-                raise ValueError("QuantConfig.weight: weights are quantized symmetrically; use symmetric=True")
+            if not w.symmetric and a is not None:
+                raise ValueError(
+                    "QuantConfig.weight: asymmetric weights (symmetric=False) are weight-only (activation=None); "
+                    "the W8A8 kernels take symmetric weights"
+                )
             if w.dtype == "uint8":
                 raise ValueError("QuantConfig.weight: uint8 weights are not supported; use int8")
         if a is not None:

@@ -24,8 +24,8 @@ PRESETS: dict[str, QuantConfig] = {
     ),
     # INT8 per-channel weights, fp32 activations (weight-only).
     "w8a16": QuantConfig(_INT8_W, None, None),
-    # INT4 weights in groups of 32 input channels, fp32 activations (weight-only).
-    "w4a16": QuantConfig(QuantSpec("int4", PerGroup(32)), None, None),
+    # INT4 weights in groups of 32 input channels with a scale and zero point each (asymmetric), fp32 activations.
+    "w4a16": QuantConfig(QuantSpec("int4", PerGroup(32), symmetric=False), None, None),
     # LLM.int8(): input channels with calibrated absmax > 6 stay fp32, the rest INT8 per-token.
     "llm_int8": QuantConfig(_INT8_W, QuantSpec("int8", PerToken()), None, outliers=OutlierSplit(6.0)),
 }

@@ -34,22 +34,31 @@ class QuantizedWeight:
     q: Tensor  # (N, K) in the storage dtype
     scale: Tensor  # broadcastable to (N, K); (N, K // g) for groups
     group_size: int  # 0 unless grouped
+    zero_point: Tensor | None = None  # like scale; float32, None when symmetric
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return ops.dequantize(self.q, self.scale, None, self.group_size, dtype)
+        return ops.dequantize(self.q, self.scale, self.zero_point, self.group_size, dtype)
 
 
-# Granularity -> absmax of each quantization block, shaped like the scale. One rule each.
-_WEIGHT_ABSMAX: dict[type, Callable[[Tensor, Granularity], Tensor]] = {
-    PerTensor: lambda w, g: w.abs().amax().reshape(1, 1),
-    PerOutputChannel: lambda w, g: w.abs().amax(dim=1, keepdim=True),
-    PerInputChannel: lambda w, g: w.abs().amax(dim=0, keepdim=True),
-    PerGroup: lambda w, g: w.abs().reshape(w.shape[0], -1, g.group_size).amax(dim=-1),
+# Granularity -> (w viewed as blocks, dim(s) to reduce over for one block's range), so that
+# ``amax(view, dims, keepdim=True)`` has one entry per scale. One rule each.
+_WEIGHT_BLOCKS: dict[type, Callable[[Tensor, Granularity], tuple[Tensor, tuple[int, ...]]]] = {
+    PerTensor: lambda w, g: (w, (0, 1)),
+    PerOutputChannel: lambda w, g: (w, (1,)),
+    PerInputChannel: lambda w, g: (w, (0,)),
+    PerGroup: lambda w, g: (w.reshape(w.shape[0], -1, g.group_size), (2,)),
 }
 
 
 def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None = None) -> QuantizedWeight:
-    """Symmetric quantization of ``w`` (N, K) at ``granularity`` (default: the spec's)."""
+    """Quantize ``w`` (N, K) at ``granularity`` (default: the spec's).
+
+    Symmetric: ``scale = absmax / qmax`` per block, no zero point. Asymmetric
+    (``spec.symmetric=False``): ``scale = (max - min) / (qmax - qmin)`` and a float zero
+    point ``zp = qmin - min / scale`` per block, so ``(q - zp) * scale`` puts both the
+    block's minimum and maximum exactly on the grid (GGUF Q4_1's ``d * q + m``; torchao's
+    float zero-point domain). Dequantize: ``(q - zp) * scale``.
+    """
     g = granularity or spec.granularity
     if isinstance(g, AdaDim):
         raise ValueError("quantize_weight: resolve AdaDim with choose_adadim first")
@@ -57,14 +66,22 @@ def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None 
         raise ValueError(f"group size {g.group_size} does not divide {w.shape[1]} input channels")
     qmin, qmax = spec.qrange
     w = w.detach().float()
-    scale = (_WEIGHT_ABSMAX[type(g)](w, g) / qmax).clamp(min=1e-12)
+    blocks, dims = _WEIGHT_BLOCKS[type(g)](w, g)
     group = g.group_size if isinstance(g, PerGroup) else 0
-    if group:
-        q = ops.quantize(w.reshape(w.shape[0], -1, group), scale.unsqueeze(-1), None, qmin, qmax, spec.storage_dtype)
-        q = q.reshape(w.shape)
+    if spec.symmetric:
+        scale = (blocks.abs().amax(dim=dims, keepdim=True) / qmax).clamp(min=1e-12)
+        q = ops.quantize(blocks, scale, None, qmin, qmax, spec.storage_dtype)
+        zero_point = None
     else:
-        q = ops.quantize(w, scale, None, qmin, qmax, spec.storage_dtype)
-    return QuantizedWeight(q, scale, group)
+        lo, hi = blocks.amin(dim=dims, keepdim=True), blocks.amax(dim=dims, keepdim=True)
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)
+        q = (torch.round((blocks - lo) / scale) + qmin).clamp(qmin, qmax).to(spec.storage_dtype)
+        zero_point = qmin - lo / scale
+    q = q.reshape(w.shape)
+    if group:  # scales (N, K // g, 1) -> (N, K // g)
+        scale = scale.squeeze(-1)
+        zero_point = None if zero_point is None else zero_point.squeeze(-1)
+    return QuantizedWeight(q, scale, group, zero_point)
 
 
 def fake_quant_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None = None) -> Tensor:

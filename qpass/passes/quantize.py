@@ -12,6 +12,8 @@ After (dynamic per-token activations, per-output-channel weights)::
     w_dq = qpass.dequantize(const(W_q), const(W_scale), None, 0, f32)
     y = linear(x_dq, w_dq, b)
 
+Asymmetric weights add a float zero point per block:
+``qpass.dequantize(const(W_q), const(W_scale), const(W_zero_point), group, f32)``.
 GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 ``OutlierSplit`` the outlier input channels bypass quantization::
 
@@ -107,7 +109,8 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
     qw = qmath.quantize_weight(w_main, wspec, granularity)
     wq = qg.constant(f"{site.path}.weight_q", qw.q)
     ws = qg.constant(f"{site.path}.weight_scale", qw.scale)
-    w_dq = qg.call(ops.dequantize, (wq, ws, None, qw.group_size, dtype), before=before)
+    wz = None if qw.zero_point is None else qg.constant(f"{site.path}.weight_zero_point", qw.zero_point)
+    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qw.group_size, dtype), before=before)
 
     x_main = x
     if keep_mask is not None:
@@ -125,7 +128,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
     qg.graph.erase_node(site.node)
     qg.quantized[y] = site.path
 
-    row.weight = f"{wspec.dtype} {qmath.describe(granularity)}"
+    row.weight = f"{wspec.dtype} {qmath.describe(granularity)}{'' if wspec.symmetric else ' asym'}"
     row.activation = "fp32" if aspec is None else _describe_act(aspec)
     if outliers is not None:
         row.activation += f" + {outliers.numel()} fp32 outlier channels"
