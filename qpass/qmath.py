@@ -25,7 +25,7 @@ from qpass.config import (
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "fake_quant_weight", "fake_quant_act", "static_act_qparams",
-    "layer_error", "choose_adadim", "describe",
+    "layer_error", "token_error", "choose_adadim", "describe",
 ]
 
 
@@ -118,6 +118,17 @@ def layer_error(
     xq = x if activation is None else fake_quant_act(x, activation, *(act_qparams or (None, None)))
     wq = w if weight is None else fake_quant_weight(w, weight, granularity)
     return float((xq @ wq.T - ref).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+
+
+def token_error(y: Tensor, ref: Tensor) -> float:
+    """Relative squared error averaged over tokens (rows): ``mean_i |y_i - ref_i|^2 / |ref_i|^2``.
+
+    Every token counts the same, as in perplexity. Pooled over tokens (``sum |y - ref|^2 /
+    sum |ref|^2``), the few tokens with massive activations (an LLM's first position, hundreds
+    of times the median row norm) hold nearly all the energy and decide alone.
+    """
+    energy = ref.pow(2).sum(dim=-1).clamp(min=1e-30)
+    return float(((y - ref).pow(2).sum(dim=-1) / energy).mean())
 
 
 def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: QuantSpec | None) -> tuple[Granularity, str]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qpass import kernels, ops
+from qpass import kernels, ops, qmath
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph
@@ -98,8 +98,9 @@ def cpu_grids(target: Target) -> tuple[Grid, ...]:
 
 def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token: bool,
                static_scale: float | None) -> float:
-    """Relative error on ``grid`` of the linear's output on samples ``x`` (S, K), against the
-    unquantized input times the reference's int8 weights ``w_q * w_scale`` (N, K)."""
+    """Relative squared error on ``grid`` of the linear's output on samples ``x`` (S, K), averaged
+    over tokens (``qmath.token_error``), against the unquantized input times the reference's
+    int8 weights ``w_q * w_scale`` (N, K)."""
     w = w_q.float() * w_scale.reshape(-1, 1)
     target = x @ w.T
     if static_scale is not None:
@@ -111,7 +112,7 @@ def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token
     xq = torch.clamp(torch.round(x / sx), lo, hi) * sx
     wq, ws = narrow_weight(w_q, w_scale.reshape(-1, 1), grid.w_qmax)
     y = xq @ (wq.float() * ws).T
-    return ((y - target).norm() / target.norm().clamp(min=1e-30)).item()
+    return qmath.token_error(y, target)
 
 
 def narrow_weight(w_q: Tensor, w_scale: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
