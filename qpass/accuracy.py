@@ -99,7 +99,14 @@ def _describe(config: QuantConfig) -> str:
     parts = [f"W {spec(config.weight, False)}", f"A {spec(config.activation, True)}", f"smooth {smoothing}"]
     if config.outliers is not None:
         o = config.outliers
-        parts.append(f"outliers >{o.threshold}" if o.threshold is not None else f"outliers top{o.top_k}")
+        if o.threshold is not None:
+            parts.append(f"outliers >{o.threshold:g}")
+        elif o.ratio is not None:
+            parts.append(f"outliers >{o.ratio:g}x median")
+        else:
+            parts.append(f"outliers top{o.top_k}")
+    if config.dynamic_fallback is not None:
+        parts.append(f"per-token where static loses >{config.dynamic_fallback:g}x")
     if config.skip != ("lm_head",):
         parts.append(f"skip {','.join(config.skip)}")
     return "; ".join(parts)

@@ -149,18 +149,30 @@ class Smoothing:
 
 @dataclass(frozen=True)
 class OutlierSplit:
-    """LLM.int8()-style decomposition: input channels whose calibrated absmax exceeds
-    ``threshold`` (or the ``top_k`` largest) stay in high precision; the rest are
-    quantized; the two partial products are summed."""
+    """LLM.int8()-style decomposition: some input channels stay in high precision, the
+    rest are quantized, and the two partial products are summed. Give exactly one rule:
+
+    - ``threshold``: channels whose calibrated absmax exceeds ``threshold`` (LLM.int8()'s 6.0);
+    - ``ratio``: channels whose calibrated absmax exceeds ``ratio`` times the layer's median
+      channel absmax (the same test, scale-free: ``OutlierSplit(ratio=3.0)``);
+    - ``top_k``: the ``top_k`` channels with the largest calibrated absmax.
+    """
 
     threshold: float | None = 6.0
     top_k: int | None = None
+    ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.top_k is None):
-            raise ValueError("OutlierSplit: give exactly one of threshold and top_k")
+        given = [name for name in ("threshold", "top_k", "ratio") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"OutlierSplit: give exactly one of threshold, top_k and ratio (got {', '.join(given) or 'none'}; "
+                "pass threshold=None with top_k or ratio)"
+            )
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"OutlierSplit.threshold must be > 0, got {self.threshold!r}")
+        if self.ratio is not None and not self.ratio > 1:
+            raise ValueError(f"OutlierSplit.ratio must be > 1 (a multiple of the median channel absmax), got {self.ratio!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
             raise ValueError(f"OutlierSplit.top_k must be a positive int, got {self.top_k!r}")
 
@@ -173,6 +185,11 @@ class QuantConfig:
     SmoothQuant scales (the model computes the same function). ``skip`` holds module
     paths or glob patterns (``"lm_head"``, ``"*.mlp.down_proj"``) left untouched.
     ``lower=True`` replaces quantized linears by low-precision kernels where one fits.
+    ``dynamic_fallback`` (static activations only): a linear whose calibration samples lose
+    more than this many times as much output accuracy through the static per-tensor scale
+    as through per-token dynamic scales runs per-token dynamic instead; each such layer is
+    logged and named in the report (the massive activations some LLMs put on one token make
+    any single static scale useless for a few layers, e.g. SmolLM2's down_proj in layers 11 and 28).
     To keep only the low-precision weights resident, call ``QPassBackend.release_weights(model)``
     after compiling (a backend never sees the module itself, and a recompile needs the fp32 weights).
     """
@@ -183,6 +200,7 @@ class QuantConfig:
     outliers: OutlierSplit | None = None
     skip: tuple[str, ...] = ("lm_head",)
     lower: bool = True
+    dynamic_fallback: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -214,6 +232,11 @@ class QuantConfig:
                 raise ValueError("QuantConfig: int4 weights are weight-only (activation=None)")
         if self.outliers is not None and a is None:
             raise ValueError("QuantConfig.outliers needs activation quantization")
+        if self.dynamic_fallback is not None:
+            if a is None or a.dynamic:
+                raise ValueError("QuantConfig.dynamic_fallback applies to static activations only (activation.dynamic=False)")
+            if not self.dynamic_fallback >= 1:
+                raise ValueError(f"QuantConfig.dynamic_fallback must be >= 1 (an error ratio), got {self.dynamic_fallback!r}")
 
     def skips(self, path: str) -> bool:
         """True if the module at ``path`` is excluded by ``skip``."""

@@ -23,6 +23,7 @@ GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -82,7 +83,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
     granularity = wspec.granularity
     if isinstance(granularity, AdaDim):
         granularity, why = qmath.choose_adadim(samples, w, wspec, aspec)
-        row.reason = f"adadim: {why}"
+        row.reason = f"{row.reason}; adadim: {why}" if row.reason else f"adadim: {why}"
     if isinstance(granularity, PerGroup) and w.shape[1] % granularity.group_size:
         raise ValueError(
             f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
@@ -101,12 +102,14 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
         w_main = w * keep_mask
     else:
         w_main = w
+    qw = qmath.quantize_weight(w_main, wspec, granularity)
+    if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
+        aspec = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(), site.path, row)
 
     x = site.input
     dtype = _dtype(x)
     before = site.node
     bias = site.bias_node
-    qw = qmath.quantize_weight(w_main, wspec, granularity)
     wq = qg.constant(f"{site.path}.weight_q", qw.q)
     ws = qg.constant(f"{site.path}.weight_scale", qw.scale)
     wz = None if qw.zero_point is None else qg.constant(f"{site.path}.weight_zero_point", qw.zero_point)
@@ -158,6 +161,27 @@ def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype
     return shared[key]
 
 
+def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: torch.Tensor, path: str, row) -> QuantSpec:
+    """``spec`` (static per-tensor), or per-token dynamic where the static scale's output error
+    on the calibration samples is more than ``factor`` times the dynamic one's."""
+    lo, hi, _, samples = view
+    if samples is None:
+        return spec
+    if keep_mask is not None:
+        lo, hi, samples = lo[keep_mask], hi[keep_mask], samples * keep_mask
+    ref = samples @ w_dq.T
+    dynamic = dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
+    static_err = qmath.token_error(qmath.fake_quant_act(samples, spec, *qmath.static_act_qparams(lo, hi, spec)) @ w_dq.T, ref)
+    dynamic_err = qmath.token_error(qmath.fake_quant_act(samples, dynamic) @ w_dq.T, ref)
+    if static_err <= factor * dynamic_err:
+        return spec
+    why = (f"per-token dynamic activations: the static scale's error on calibration samples "
+           f"{static_err:.2e} is over {factor:g}x per-token's {dynamic_err:.2e}")
+    row.reason = f"{row.reason}; {why}" if row.reason else why
+    logger.warning("%s: %s", path, why)
+    return dynamic
+
+
 def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
     import operator
 
@@ -174,7 +198,8 @@ def _outlier_channels(config: QuantConfig, view, path: str) -> torch.Tensor | No
     if split.top_k is not None:
         idx = absmax.topk(min(split.top_k, absmax.numel())).indices
     else:
-        idx = (absmax > split.threshold).nonzero().flatten()
+        threshold = split.threshold if split.ratio is None else split.ratio * float(absmax.median())
+        idx = (absmax > threshold).nonzero().flatten()
     return idx.sort().values if idx.numel() else None
 
 
