@@ -28,9 +28,11 @@ SEQLEN = 512
 N_WINDOWS = 2
 
 # Relative perplexity change vs fp32 allowed on these 2 windows of 512 tokens with the small
-# calibration above. Measured 2026-11-22: w8a8_dynamic +1.99%; w8a8_static (auto alpha) +18.5%
-# (a fixed alpha=0.8 gave +15.1%; without smoothing static per-tensor roughly doubles perplexity).
-# Static per-tensor on this 135M model is far from the 3% target; the bound guards against regressions.
+# calibration above. Measured 2026-11-22 (fp32 26.08): w8a8_dynamic +1.67% (through the lowered
+# kernels +1.34%); w8a8_static +19.3% (without its per-token fallback +18.7%, at a fixed alpha=0.8
+# with the fallback +12.8%), far from the full measurement (bench/accuracy.py: 20 x 1024 tokens,
+# 16 x 512 calibration tokens; see the README), which is the accuracy claim. These bounds guard
+# against regressions.
 BOUNDS = {"w8a8_dynamic": 0.04, "w8a8_static": 0.25}
 
 
@@ -74,7 +76,7 @@ def test_smoothing_only_keeps_logits(smollm2) -> None:
 
 def test_lowered_kernels_perplexity(smollm2) -> None:
     """The same check through the real kernels (oneDNN / FBGEMM on their exact grids) instead of the
-    reference fake-quant path (w8a8_dynamic on 4 windows x 1024: lowered +1.83%, reference +1.97%)."""
+    reference fake-quant path."""
     model, windows, calib = smollm2
     results = evaluate(model, calib, windows, ["w8a8_dynamic"], lower=True)
     table = format_table(results)
