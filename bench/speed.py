@@ -246,7 +246,8 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
         def make_qpass(name=name):
             nonlocal calib
             if calib is None:
-                calib = qpass.calibrate(model, calib_batches(), progress=False)
+                device = next(model.parameters()).device
+                calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
             backend = qpass.backend(qpass.preset(name), calibration=calib)
             return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
@@ -264,16 +265,21 @@ def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, devi
         cache = w.new_cache(ref["model"])
         with c.scope():
             pre, t1 = _timed_first(lambda: w.prefill(c.fn), device)
-            dec, t2 = _timed_first(lambda: w.decode(c.fn, cache), device)
+            try:
+                dec, t2 = _timed_first(lambda: w.decode(c.fn, cache), device)
+            except Exception as e:  # noqa: BLE001 - a contender without a decode path still has prefill numbers
+                logger.exception("%s: decode failed", c.name)
+                dec, t2, row.error = None, 0.0, f"decode: {type(e).__name__}: {e}"[:300]
         row.compile_s = t1 + t2
         if c.backend is not None:
             c.backend.release_weights(c.model)
             row.kernels = dict(collections.Counter(r.kernel or "fp32" for r in c.backend.report.rows.values()))
         row.prefill_err, row.prefill_cos = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"])
-        row.decode_err = _rel(dec, ref["decode"])
         row.prefill_ms = _median_ms(lambda: w.prefill(c.fn), args.reps, args.warmup, device)
-        step = lambda: _logits(c.fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True))  # noqa: E731
-        row.decode_ms = _median_ms(step, args.decode_reps, args.warmup, device, before=lambda: w.rewind(cache))
+        if dec is not None:
+            row.decode_err = _rel(dec, ref["decode"])
+            step = lambda: _logits(c.fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True))  # noqa: E731
+            row.decode_ms = _median_ms(step, args.decode_reps, args.warmup, device, before=lambda: w.rewind(cache))
     graphs = c.backend.graphs if c.backend is not None else []
     row.weight_mb = weight_bytes(c.model, graphs) / 2**20
     row.rss_mb = rss_mb()
@@ -314,13 +320,13 @@ def format_table(result: dict[str, Any], args) -> str:
             "compile s", "weights MB", "logits rel. err (prefill / decode)")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
-        if r["error"]:
+        if r["error"] and r["prefill_ms"] != r["prefill_ms"]:  # nothing measured
             lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " |" * (len(cols) - 2))
             continue
         lines.append(
             f"| {r['name']} | {r['prefill_ms']:.1f} | {r['prefill_speedup']:.2f}x | {r['decode_ms']:.2f} | "
             f"{r['decode_speedup']:.2f}x | {r['compile_s']:.0f} | {r['weight_mb']:.0f} | "
-            f"{r['prefill_err']:.3f} / {r['decode_err']:.3f} |"
+            f"{r['prefill_err']:.3f} / {r['decode_err']:.3f}" + (f" ({r['error'][:100]})" if r["error"] else "") + " |"
         )
     return head + "\n".join(lines)
 

@@ -41,10 +41,11 @@ class ChannelStats:
 
 
 class Calibration(Mapping[str, ChannelStats]):
-    """Read-only mapping from module path (``model.layers.0.mlp.down_proj``) to stats."""
+    """Read-only mapping from module path (``model.layers.0.mlp.down_proj``) to stats, held on
+    CPU whatever device the model was calibrated on (the passes do their offline math there)."""
 
     def __init__(self, stats: dict[str, ChannelStats]):
-        self._stats = dict(stats)
+        self._stats = {p: _on_cpu(st) for p, st in stats.items()}
 
     def __getitem__(self, path: str) -> ChannelStats:
         return self._stats[path]
@@ -68,6 +69,11 @@ class Calibration(Mapping[str, ChannelStats]):
         if payload.get("version") != _FORMAT_VERSION:
             raise ValueError(f"{path}: calibration format {payload.get('version')!r}, expected {_FORMAT_VERSION}")
         return cls({k: ChannelStats(**v) for k, v in payload["stats"].items()})
+
+
+def _on_cpu(stats: ChannelStats) -> ChannelStats:
+    moved = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in stats.to_dict().items()}
+    return ChannelStats(**moved)
 
 
 def is_linear_module(module: nn.Module) -> bool:

@@ -27,8 +27,9 @@ _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
 
 def normalize_path(source: str) -> str:
     """``L['self']._modules['model']._modules['layers']._modules['0']`` or
-    ``L['self'].model.layers[0]`` -> ``model.layers.0``."""
-    source = re.sub(r"^L\[['\"]self['\"]\]", "", source)
+    ``L['self'].model.layers[0]`` -> ``model.layers.0``. The root is the compiled function's
+    module argument, whatever its name (``forward(this, x)``, ``f(model, x)``)."""
+    source = re.sub(r"^L\[['\"]\w+['\"]\]", "", source)
     parts = [a or b for a, b in _SOURCE_KEY.findall(source)]
     return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
 
@@ -68,7 +69,12 @@ def _arg(node: fx.Node, i: int, name: str):
 
 
 class QGraph:
-    """A rewritable copy of a Dynamo graph plus the real values of its parameters."""
+    """A rewritable copy of a Dynamo graph plus the real values of its parameters.
+
+    Offline math (scales, searches, packing) runs on CPU, where the calibration statistics live:
+    ``value`` gives CPU tensors. Constants written into the graph go to the graph's ``device``
+    (that of its parameters), so a model on CUDA gets CUDA constants.
+    """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list):
         self.graph = fx.Graph()
@@ -92,6 +98,7 @@ class QGraph:
                         f"qpass: {self.params[node][0]} was released by QPassBackend.release_weights() and this "
                         "recompile needs it: compile every input shape before releasing the fp32 weights"
                     )
+        self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
 
     @staticmethod
@@ -112,9 +119,9 @@ class QGraph:
             return self._const_cache[node]
         result = None
         if node in self.params:
-            result = self.params[node][1].detach()
+            result = self.params[node][1].detach().cpu()
         elif node.op == "get_attr":
-            result = getattr(self.root, node.target)
+            result = getattr(self.root, node.target).detach().cpu()
         elif node.op in ("call_function", "call_method"):
             tensor_args = [a for a in node.all_input_nodes]
             if tensor_args and all(self.value(a) is not None for a in tensor_args):
@@ -164,18 +171,20 @@ class QGraph:
 
     # -- writing ---------------------------------------------------------------
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """A ``get_attr`` node reading ``tensor`` as a buffer of the new root module."""
+        """A ``get_attr`` node reading ``tensor`` as a buffer of the new root module, on the
+        graph's device (``value`` of the node stays the CPU tensor given here)."""
         base = re.sub(r"\W", "_", name)
         attr, i = base, 1
         while hasattr(self.root, attr):
             attr, i = f"{base}_{i}", i + 1
-        self.root.register_buffer(attr, tensor.detach().contiguous())
+        placed = tensor.detach().to(self.device).contiguous()
+        self.root.register_buffer(attr, placed)
         self.names[attr] = name
         first = next(n for n in self.graph.nodes if n.op not in ("placeholder", "get_attr"))
         with self.graph.inserting_before(first):
             node = self.graph.get_attr(attr)
-        node.meta["val"] = node.meta["example_value"] = self.fake(tensor)
-        self._const_cache[node] = getattr(self.root, attr)
+        node.meta["val"] = node.meta["example_value"] = self.fake(placed)
+        self._const_cache[node] = tensor.detach() if tensor.device.type == "cpu" else placed.cpu()
         return node
 
     def call(self, target, args: tuple, kwargs: dict | None = None, *, before: fx.Node) -> fx.Node:

@@ -69,6 +69,28 @@ def test_report_prints_a_row_per_linear():
     assert len(backend.report.rows) == 7
 
 
+class _Renamed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 8)
+
+    def forward(this, x):  # noqa: N805 - the root argument's name must not matter
+        return this.proj(x)
+
+
+def test_module_paths_do_not_depend_on_the_root_argument_name():
+    """Dynamo names the root ``L['this']`` here; the calibration calls the layer ``proj``."""
+    torch.manual_seed(0)
+    model = _Renamed().eval()
+    x = torch.randn(2, 5, 16)
+    calib = qpass.calibrate(model, [x])
+    backend = qpass.backend(qpass.preset("w8a8_static", smoothing=None), calibration=calib, inductor=False)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(x)
+    assert list(backend.report.rows) == ["proj"]
+    assert backend.report.rows["proj"].activation.startswith("int8 per-tensor static")
+
+
 def test_graph_break_compiles_each_graph():
     class Broken(torch.nn.Module):
         def __init__(self):

@@ -1,0 +1,118 @@
+"""On a real CUDA device (skipped without one): every preset compiles and runs there, the reference
+quant/dequant path gives what it gives on CPU, the lowered kernels (``_int_mm``, ``_scaled_mm``)
+reproduce it, and the INT8 kernel's integer dot products are exact.
+
+CI has no GPU; these run wherever one is present (``python -m pytest tests/test_cuda.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpass
+from qpass.passes import lower as lowering
+from tests.models import tiny_model, token_batches
+from tests.test_lower import EXPECTED, KERNEL_PRESETS, Proj, _inputs, _int_reference
+from tests.test_quantize import BOUNDS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+
+
+def _column() -> int:
+    """Index of this GPU's column in ``test_lower.EXPECTED`` (fake H100 = 8.9+, fake A100 = older)."""
+    return 2 if torch.cuda.get_device_capability() >= (8, 9) else 3
+
+
+def _run(model, config, calib, ids, *, inductor=True):
+    torch._dynamo.reset()
+    backend = qpass.backend(config, calibration=calib, inductor=inductor)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    return out, backend
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
+
+
+@pytest.mark.parametrize("name", sorted(qpass.PRESETS))
+def test_preset_on_cuda_matches_cpu_reference_and_lowers(name):
+    """A 2-layer Llama on CUDA through Inductor: the reference path's logits equal the same config's
+    on CPU (plain aten ops on either device), the lowered model gets this GPU's kernel for every
+    decoder linear, and its logits equal the reference path's (same integers / fp8 values)."""
+    model = tiny_model("llama")
+    batches = token_batches(4)
+    ids = token_batches(1, batch=1, seq=48, seed=7)[0]
+    with torch.no_grad():
+        fp32 = model(ids, use_cache=False).logits
+    config = qpass.preset(name)
+    cpu_ref, _ = _run(model, config.replace(lower=False), qpass.calibrate(model, batches), ids)
+
+    model_cuda = tiny_model("llama").to(CUDA)
+    calib = qpass.calibrate(model_cuda, [b.to(CUDA) for b in batches])
+    ids_cuda = ids.to(CUDA)
+    cuda_ref, _ = _run(model_cuda, config.replace(lower=False), calib, ids_cuda)
+    lowered, backend = _run(model_cuda, config, calib, ids_cuda)
+
+    assert _rel(cuda_ref, cpu_ref) < 1e-3, _rel(cuda_ref, cpu_ref)
+    assert 0 < _rel(cuda_ref, fp32) <= 1.25 * BOUNDS[name]  # the CPU tests' bounds; a longer input here
+    kernels = {r.kernel for p, r in backend.report.rows.items() if p != "lm_head"}
+    expected = EXPECTED[name][_column()]
+    if name == "llm_int8":  # linears without an outlier channel have no split and get the int8 kernel
+        assert expected in kernels and kernels <= {expected, EXPECTED["w8a8_dynamic"][_column()]}, kernels
+    else:
+        assert kernels == {expected}, kernels
+    if name not in FP8_PRESETS:  # see test_fp8_lowered_model_matches_reference
+        assert _rel(lowered, cuda_ref) < 2e-3, _rel(lowered, cuda_ref)
+
+
+FP8_PRESETS = ("fp8_dynamic", "fp8_static")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on an H100 (torch 2.11): the lowered 2-layer Llama differs from the reference path by "
+    "2.6% (fp8_dynamic) / 4.0% (fp8_static) relative, while every single lowered linear, the same "
+    "graph on CPU tensors and subnormal inputs match within 2e-4; cause not found yet"))
+@pytest.mark.parametrize("name", FP8_PRESETS)
+def test_fp8_lowered_model_matches_reference(name):
+    model = tiny_model("llama").to(CUDA)
+    calib = qpass.calibrate(model, [b.to(CUDA) for b in token_batches(4)])
+    ids = token_batches(1, batch=1, seq=48, seed=7)[0].to(CUDA)
+    ref, _ = _run(model, qpass.preset(name, lower=False), calib, ids, inductor=False)
+    lowered, _ = _run(model, qpass.preset(name), calib, ids, inductor=False)
+    assert _rel(lowered, ref) < 2e-3, _rel(lowered, ref)
+
+
+@pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
+@pytest.mark.parametrize("m,k,n", [(1, 37, 23), (17, 100, 70), (513, 100, 70)])
+@pytest.mark.parametrize("name", KERNEL_PRESETS)
+def test_int_mm_dot_products_are_exact(name, m, k, n, worst_case):
+    """``_int_mm`` on CUDA (padded to the shapes it takes): the integer dot products recovered from
+    the lowered output equal an int64 matmul of the quantized operands, element by element."""
+    torch.manual_seed(m * 1000 + k)
+    model = Proj(k, n, bias=True).eval()
+    if worst_case:
+        with torch.no_grad():
+            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
+    calib_x = _inputs(64, k, seed=99, worst_case=worst_case)
+    config = qpass.preset(name, smoothing=None)
+    acc, unit = _int_reference(model, x, config, qpass.calibrate(model, [calib_x]), lowering.GRID_8BIT)
+
+    model_cuda = Proj(k, n, bias=True).eval()
+    model_cuda.load_state_dict(model.state_dict())
+    model_cuda.to(CUDA)
+    calib = qpass.calibrate(model_cuda, [calib_x.to(CUDA)])
+    torch._dynamo.reset()
+    backend = qpass.backend(config, calibration=calib)
+    with torch.no_grad():
+        y = torch.compile(model_cuda, backend=backend, dynamic=False)(x.to(CUDA))
+    assert backend.report.rows["proj"].kernel == "cuda int8 (_int_mm)"
+    b = model.proj.bias.detach().double()
+    acc_hat = (y.reshape(-1, n).double().cpu() - b) / unit
+    err = (acc_hat - acc.double()).abs().max().item()
+    assert err < 0.25, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
