@@ -1,6 +1,7 @@
 """On a real CUDA device (skipped without one): every preset compiles and runs there, the reference
 quant/dequant path gives what it gives on CPU, the lowered kernels (``_int_mm``, ``_scaled_mm``)
-reproduce it, and the INT8 kernel's integer dot products are exact.
+reproduce it (INT8: the same integers, so the same logits; FP8: each linear equal up to the tensor
+cores' accumulation order), and the INT8 kernel's integer dot products are exact.
 
 CI has no GPU; these run wherever one is present (``python -m pytest tests/test_cuda.py``).
 """
@@ -66,25 +67,36 @@ def test_preset_on_cuda_matches_cpu_reference_and_lowers(name):
         assert expected in kernels and kernels <= {expected, EXPECTED["w8a8_dynamic"][_column()]}, kernels
     else:
         assert kernels == {expected}, kernels
-    if name not in FP8_PRESETS:  # see test_fp8_lowered_model_matches_reference
+    if name in FP8_PRESETS:
+        # fp8 tensor cores accumulate in another order than the reference's fp32 matmul (per linear
+        # 1.5e-4..2.2e-4 relative, test_fp8_lowered_linear_matches_reference); in this random model a
+        # change that small flips fp8 roundings downstream and moves the logits by about 2% (1e-5
+        # weight noise does the same on CPU), so the model-level check is the error bound.
+        assert _rel(lowered, fp32) <= 1.25 * BOUNDS[name], _rel(lowered, fp32)
+    else:  # _int_mm's integer dot products are exact: the same logits as the reference path
         assert _rel(lowered, cuda_ref) < 2e-3, _rel(lowered, cuda_ref)
 
 
 FP8_PRESETS = ("fp8_dynamic", "fp8_static")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured on an H100 (torch 2.11): the lowered 2-layer Llama differs from the reference path by "
-    "2.6% (fp8_dynamic) / 4.0% (fp8_static) relative, while every single lowered linear, the same "
-    "graph on CPU tensors and subnormal inputs match within 2e-4; cause not found yet"))
+@pytest.mark.parametrize("k,n", [(64, 64), (64, 32), (96, 64), (64, 96), (100, 70)])
 @pytest.mark.parametrize("name", FP8_PRESETS)
-def test_fp8_lowered_model_matches_reference(name):
-    model = tiny_model("llama").to(CUDA)
-    calib = qpass.calibrate(model, [b.to(CUDA) for b in token_batches(4)])
-    ids = token_batches(1, batch=1, seq=48, seed=7)[0].to(CUDA)
-    ref, _ = _run(model, qpass.preset(name, lower=False), calib, ids, inductor=False)
-    lowered, _ = _run(model, qpass.preset(name), calib, ids, inductor=False)
-    assert _rel(lowered, ref) < 2e-3, _rel(lowered, ref)
+def test_fp8_lowered_linear_matches_reference(name, k, n):
+    """One linear through ``_scaled_mm`` (padded where K or N is not a multiple of 16) against the
+    reference quant/dequant path on the same fp8 values: equal up to accumulation order."""
+    torch.manual_seed(0)
+    model = Proj(k, n, bias=True).eval().to(CUDA)
+    x = _inputs(48, k, seed=1, worst_case=False).to(CUDA)
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=False).to(CUDA)])
+    outs = {}
+    for lower in (False, True):
+        torch._dynamo.reset()
+        backend = qpass.backend(qpass.preset(name, smoothing=None, lower=lower), calibration=calib)
+        with torch.no_grad():
+            outs[lower] = torch.compile(model, backend=backend, dynamic=False)(x)
+    assert backend.report.rows["proj"].kernel == "cuda fp8 (_scaled_mm)"
+    assert _rel(outs[True], outs[False]) < 1e-3, _rel(outs[True], outs[False])
 
 
 @pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
