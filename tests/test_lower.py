@@ -33,6 +33,14 @@ def _split(label: str) -> tuple[str, lowering.Grid | None]:
             return label[: -len(note) - 3], grid
     return label, (lowering.GRID_8BIT if label in ("onednn", "fbgemm") else None)
 KERNEL_PRESETS = ("w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic")
+#: The int8 kernel configs: the presets plus dynamic activations with zero points (subtracted after
+#: the integer product), per token and per tensor.
+KERNEL_CONFIGS = {
+    **{name: qpass.preset(name) for name in KERNEL_PRESETS},
+    "asym per-token": qpass.preset("w8a8_dynamic", activation=qpass.QuantSpec("int8", qpass.PerToken(), symmetric=False)),
+    "asym per-tensor": qpass.preset(
+        "w8a8_tensor_dynamic", activation=qpass.QuantSpec("int8", qpass.PerTensor(), symmetric=False)),
+}
 
 needs_onednn = pytest.mark.skipif(not CPU.onednn, reason="oneDNN int8 kernels not available")
 
@@ -79,6 +87,15 @@ def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, cali
     s_k = s8 * 127 / qw
     xf = x.reshape(-1, x.shape[-1]).float()
     act = config.activation
+    if not act.symmetric:  # integers in [0, 2 * qa + 1] with a zero point per token (or tensor)
+        per_token = isinstance(act.granularity, qpass.PerToken)
+        lo = (xf.amin(dim=1, keepdim=True) if per_token else xf.amin().reshape(1, 1)).clamp(max=0)
+        hi = (xf.amax(dim=1, keepdim=True) if per_token else xf.amax().reshape(1, 1)).clamp(min=0)
+        qmax = 2 * qa + 1
+        sx = ((hi - lo) / qmax).clamp(min=1e-12)
+        zp = torch.clamp(-torch.round(lo / sx), 0, qmax)
+        x_q = torch.clamp(torch.round(xf / sx) + zp, 0, qmax) - zp
+        return x_q.long() @ w_k.long().T, sx.double() * s_k[None, :]
     if not act.dynamic:  # the reference's static scale, rescaled to the grid
         st = calib["proj"]
         ref = (torch.maximum(-st.min.min(), st.max.max()).clamp(min=0) / 127).clamp(min=1e-12).reshape(1, 1)
@@ -97,7 +114,7 @@ def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, cali
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("k,n", [(37, 23), (100, 70)])
 @pytest.mark.parametrize("m", [1, 3, 17, 513])
-@pytest.mark.parametrize("name", KERNEL_PRESETS)
+@pytest.mark.parametrize("name", KERNEL_CONFIGS)
 def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case):
     torch.manual_seed(m * 1000 + k)
     model = Proj(k, n, bias).eval()
@@ -106,7 +123,7 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
             model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
     x = _inputs(m, k, seed=m + k, worst_case=worst_case)
     calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
-    config = qpass.preset(name, smoothing=None)
+    config = KERNEL_CONFIGS[name].replace(smoothing=None)
     y, backend = _compile(model, config, calib, x)
     row = backend.report.rows["proj"]
     kernel, grid = _split(row.kernel)
@@ -116,14 +133,22 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
     acc, unit = _int_reference(model, x, config, calib, grid)
     b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)
     acc_hat = (y.reshape(-1, n).double() - b) / unit
-    if m > 2:  # the all-zero token's output is exactly the bias
+    per_tensor_zp = not config.activation.symmetric and isinstance(config.activation.granularity, qpass.PerTensor)
+    if m > 2 and not per_tensor_zp:  # the all-zero token's output is exactly the bias (its zero point is 0)
         assert torch.equal(y[0, 1], b.float())
     err = (acc_hat - acc.double()).abs().max().item()
-    assert err < 0.25, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
+    # Symmetric: one float32 rounding of the result. Asymmetric: the zero point's term is subtracted
+    # in float32 after the kernel, so add the rounding of the uncorrected sum (well below one unit:
+    # a zero point or an activation off by one moves the sum by |w| >= 1 unit, or by sum |w|).
+    tol = 0.25
+    if not config.activation.symmetric:
+        qmax = 2 * grid.act_qmax + 1
+        tol += 4 * 2.0**-24 * qmax * (grid.w_qmax * k)
+    assert err < tol, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
 
 
 @needs_onednn
-@pytest.mark.parametrize("name", KERNEL_PRESETS)
+@pytest.mark.parametrize("name", KERNEL_CONFIGS)
 def test_lowered_model_close_to_reference_path(name):
     """A 2-layer Llama: the lowered model (7-bit weights on AVX2) is within twice the reference
     (fake-quant) path's error of fp32."""
@@ -135,7 +160,7 @@ def test_lowered_model_close_to_reference_path(name):
     torch._dynamo.reset()
     outs = {}
     for lower in (False, True):
-        backend = qpass.backend(qpass.preset(name, lower=lower), calibration=calib)
+        backend = qpass.backend(KERNEL_CONFIGS[name].replace(lower=lower), calibration=calib)
         with torch.no_grad():
             outs[lower] = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
         torch._dynamo.reset()
@@ -226,12 +251,13 @@ def test_vnni_cpu_keeps_8bit_weights(monkeypatch):
     assert backend.report.rows["model.layers.0.mlp.down_proj"].kernel == "onednn"
 
 
-@pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static", "fp8_dynamic", "fp8_static"])
+@pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static", "fp8_dynamic", "fp8_static", "asym per-token",
+                                  "asym per-tensor"])
 def test_cuda_lowering_runs_exactly_on_cpu_tensors(monkeypatch, name):
     """The CUDA lowering (``_int_mm`` / ``_scaled_mm`` on the reference's own grid) emitted for a fake
     H100 but run on CPU tensors, where both ops have slow reference kernels: the logits equal the
     reference quant/dequant path's up to float summation order."""
-    config = qpass.preset(name)
+    config = KERNEL_CONFIGS[name] if name in KERNEL_CONFIGS else qpass.preset(name)
     backend, out, (model, calib, ids) = _lowered_llama(monkeypatch, FAKE_H100, config, 32)
     assert all(r.kernel.startswith("cuda") for p, r in backend.report.rows.items() if p != "lm_head")
     torch._dynamo.reset()

@@ -97,19 +97,26 @@ def cpu_grids(target: Target) -> tuple[Grid, ...]:
 
 
 def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token: bool,
-               static_scale: float | None) -> float:
+               static_scale: float | None, symmetric: bool = True) -> float:
     """Relative squared error on ``grid`` of the linear's output on samples ``x`` (S, K), averaged
     over tokens (``qmath.token_error``), against the unquantized input times the reference's
-    int8 weights ``w_q * w_scale`` (N, K)."""
+    int8 weights ``w_q * w_scale`` (N, K). ``symmetric=False``: dynamic activations with a zero
+    point, on ``[0, 2 * act_qmax + 1]``."""
     w = w_q.float() * w_scale.reshape(-1, 1)
     target = x @ w.T
-    if static_scale is not None:
+    if not symmetric:
+        qmax = float(2 * grid.act_qmax + 1)
+        sx, zp = ops.qparams_from_range(*(x.aminmax(dim=-1, keepdim=True) if per_token else x.aminmax()),
+                                        False, 0.0, qmax)
+        xq = (torch.clamp(torch.round(x / sx) + zp, 0.0, qmax) - zp) * sx
+    elif static_scale is not None:
         sx = torch.tensor(static_scale * 127.0 / grid.act_qmax)
     else:
         absmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
         sx = (absmax / grid.act_qmax).clamp(min=1e-12)
-    lo, hi = grid.act_range
-    xq = torch.clamp(torch.round(x / sx), lo, hi) * sx
+    if symmetric:
+        lo, hi = grid.act_range
+        xq = torch.clamp(torch.round(x / sx), lo, hi) * sx
     wq, ws = narrow_weight(w_q, w_scale.reshape(-1, 1), grid.w_qmax)
     y = xq @ (wq.float() * ws).T
     return qmath.token_error(y, target)
@@ -133,6 +140,7 @@ class ActQuant:
     x_q: fx.Node  # qpass.quantize(x, scale, zp, qmin, qmax, dtype)
     x_dq: fx.Node  # qpass.dequantize(x_q, ...), shared by every linear reading x
     scale: fx.Node  # getitem(choose_qparams(...), 0) or a constant
+    zero_point: fx.Node | None  # getitem(choose_qparams(...), 1) or a constant; None when symmetric
     dynamic: bool
     per_token: bool
     symmetric: bool
@@ -176,8 +184,9 @@ _REFERENCE_RULES: tuple[tuple[str, Callable[[QLinear, Target], bool]], ...] = (
     # A scale per block of K (or per column of W) cannot be applied after the integer dot product.
     ("per-group weights", lambda q, t: q.group_size > 0),
     ("per-input-channel weights", lambda q, t: not (q.per_channel or q.per_tensor)),
-    # The kernels take one zero point per tensor; asymmetric per-token has one per row.
-    ("asymmetric activations", lambda q, t: not q.act.symmetric),
+    # Dynamic asymmetric activations run with the zero points subtracted after the integer product
+    # (``zp * sum_k W[n, k]``); a static zero point has no 7-bit counterpart yet.
+    ("asymmetric static activations", lambda q, t: not q.act.symmetric and not q.act.dynamic),
     # _scaled_mm on CPU is an emulation, 2-30x slower than fp32 (FACTS.md).
     ("fp8 on CPU", lambda q, t: q.act.dtype != torch.int8 and t.device == "cpu"),
     ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn),
@@ -202,7 +211,7 @@ def match(qg: QGraph, out: fx.Node, path: str, config: QuantConfig) -> QLinear:
         src = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
         dynamic = src is not None and src.target is ops.choose_qparams
         act = ActQuant(
-            x=x, x_q=x_q, x_dq=x_dq, scale=scale, dynamic=dynamic,
+            x=x, x_q=x_q, x_dq=x_dq, scale=scale, zero_point=zp, dynamic=dynamic,
             per_token=dynamic and bool(src.args[1]), symmetric=zp is None, dtype=dtype,
         )
     x_val = _val(act.x if act else x_dq)
@@ -255,7 +264,8 @@ class _Emit:
         x = stats.samples.float() / (s if s is not None else 1.0)
         static = None if q.act.dynamic else float(self.qg.value(q.act.scale))
         w_q, w_s = self.qg.value(q.w_q), self.qg.value(q.w_scale).float()
-        errors = [grid_error(x, w_q, w_s, g, per_token=q.act.per_token, static_scale=static) for g in grids]
+        errors = [grid_error(x, w_q, w_s, g, per_token=q.act.per_token, static_scale=static,
+                             symmetric=q.act.symmetric) for g in grids]
         best = min(range(len(grids)), key=errors.__getitem__)
         why = "kernel grid by calibration error: " + ", ".join(
             f"{g.note} {100 * e:.2f}%" for g, e in zip(grids, errors))
@@ -271,15 +281,23 @@ class _Emit:
         return self.zps[zp]
 
     def quantized_act(self, q: QLinear, grid: Grid, before: fx.Node, *,
-                      as_float: bool = False) -> tuple[fx.Node, fx.Node | float]:
-        """``(x_u8, scale)``: the activation on ``grid`` stored as uint8 with the grid's zero point
-        (one per input and grid, shared by q / k / v); ``scale`` is a node (dynamic) or a float
-        (static). On the 8-bit grid this is the reference's own quantization.
+                      as_float: bool = False) -> tuple[fx.Node, fx.Node | float, fx.Node | None]:
+        """``(x_u8, scale, zp)``: the activation on ``grid`` stored as uint8 (one per input and grid,
+        shared by q / k / v); ``scale`` is a node (dynamic) or a float (static). On the 8-bit grid
+        this is the reference's own quantization.
 
-        ``as_float=True`` gives the integers as float32 without the zero point (FBGEMM's input)."""
+        Symmetric: the integers carry the grid's fixed zero point (``grid.act_zp``) and ``zp`` is
+        None. Asymmetric (dynamic): the integers lie in ``[0, 2 * act_qmax + 1]`` with the zero
+        point ``zp`` of each row (or of the tensor) added, a node the caller subtracts after the
+        integer product (``zp * sum_k W[n, k]``), as the kernels take one zero point per tensor.
+
+        ``as_float=True`` gives the integers as float32, without the grid's zero point (FBGEMM's input)."""
         a = q.act
         key = (a.x_dq, grid.act_qmax, as_float)
         if key not in self.acts:
+            if not a.symmetric:
+                self.acts[key] = self._asymmetric_act(q, grid, before, as_float)
+                return self.acts[key]
             lo, hi = grid.act_range
             if a.dynamic and grid.act_qmax == 127:
                 scale = s_node = a.scale
@@ -295,8 +313,31 @@ class _Emit:
             else:
                 zp = self.zero_point(grid.act_zp)
                 xq = self.call(ops.quantize, (a.x, s_node, zp, lo + grid.act_zp, hi + grid.act_zp, torch.uint8), before)
-            self.acts[key] = (xq, scale)
+            self.acts[key] = (xq, scale, None)
         return self.acts[key]
+
+    def _asymmetric_act(self, q: QLinear, grid: Grid, before: fx.Node, as_float: bool):
+        a = q.act
+        qmax = float(2 * grid.act_qmax + 1)  # 255 on the 8-bit grid, 127 on the 7-bit one
+        if grid.act_qmax == 127:
+            # The reference's int8 grid [-128, 127] shifted by 128: the same integers.
+            scale, zp = a.scale, self.call(torch.add, (a.zero_point, 128.0), before)
+        else:
+            pair = self.call(ops.choose_qparams, (a.x, a.per_token, False, 0.0, qmax), before)
+            scale = self.call(operator.getitem, (pair, 0), before)
+            zp = self.call(operator.getitem, (pair, 1), before)
+        dtype = torch.float32 if as_float else torch.uint8
+        xq = self.call(ops.quantize, (a.x, scale, zp, 0.0, qmax, dtype), before)
+        return xq, scale, zp
+
+    def zero_point_correction(self, q: QLinear, y: fx.Node, zp: fx.Node | None, w_q: Tensor,
+                              w_s: Tensor, name: str, before: fx.Node) -> fx.Node:
+        """``y - zp * (w_s * sum_k w_q[:, k])``: removes an asymmetric activation's zero point from
+        ``y = x_u8 @ (w_q * w_s).T`` (``zp`` of shape (..., 1) per token, or (1,) per tensor)."""
+        if zp is None:
+            return y
+        colsum = self.qg.constant(f"{q.path}.{name}", (w_q.double().sum(dim=1) * w_s.double()).float())
+        return self.call(torch.sub, (y, self.call(torch.mul, (zp, colsum), before)), before)
 
     def finish(self, q: QLinear, y: fx.Node, scale: fx.Node | None, bias: fx.Node | None, before: fx.Node) -> fx.Node:
         """``y * scale + bias`` as aten ops (Inductor fuses them with what follows), in the output dtype."""
@@ -318,12 +359,15 @@ class _Emit:
 def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
     grid = e.grid(q, target)
-    packed = kernels.pack_onednn_int8(*e.weight(q, grid))
+    w_q, w_s = e.weight(q, grid)
+    packed = kernels.pack_onednn_int8(w_q, w_s)
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
     ws = e.qg.constant(f"{q.path}.weight_scale_onednn", packed.scales)
-    x_u8, scale = e.quantized_act(q, grid, before)
+    x_u8, scale, zp = e.quantized_act(q, grid, before)
     if isinstance(scale, fx.Node):  # dynamic: op at unit scale, then per-token (or per-tensor) rescale + bias
-        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, grid.act_zp, pw, ws, None), before)
+        kernel_zp = grid.act_zp if zp is None else 0
+        y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, kernel_zp, pw, ws, None), before)
+        y = e.zero_point_correction(q, y, zp, w_q, packed.scales, "weight_colsum_onednn", before)
         return e.finish(q, y, scale, q.bias, before)
     y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, scale, grid.act_zp, pw, ws, q.bias), before)
     return e.finish(q, y, None, None, before)
@@ -337,11 +381,14 @@ def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     # that constant is.
     w_q, w_s = e.weight(q, grid)
     handle = kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0]))
-    x_int, scale = e.quantized_act(q, grid, before, as_float=True)
+    x_int, scale, zp = e.quantized_act(q, grid, before, as_float=True)
     static = not isinstance(scale, fx.Node)
     ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
     weakref.finalize(e.qg.root._buffers[ws.target], kernels.release_fbgemm, handle)
-    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, grid.act_zp, handle), before)
+    # Symmetric: integers in [-act_zp, act_zp - 1], stored by FBGEMM with the grid's zero point;
+    # asymmetric: integers in [0, 2 * act_qmax + 1] with their own zero points, stored as they are.
+    y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, grid.act_zp if zp is None else 0, handle), before)
+    y = e.zero_point_correction(q, y, zp, w_q, torch.ones(w_q.shape[0]), "weight_colsum_fbgemm", before)
     y = e.call(torch.mul, (y, ws), before)
     return e.finish(q, y, None if static else scale, q.bias, before)
 
@@ -374,6 +421,11 @@ def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
         y2 = e.call(torch.mul, (e.call(torch.mul, (y2, sx), before), sw), before)
     else:
         y2 = e.call(mm, (x2, w_t, sx, sw, None, torch.float32), before)
+    if q.act.zero_point is not None:  # asymmetric int8: subtract sx * zp * sw * sum_k W[n, k]
+        zp = e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
+        w_q = e.qg.value(q.w_q)
+        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), w_q,
+                                     e.qg.value(q.w_scale).float().reshape(-1).expand(n), "weight_colsum", before)
     y = e.call(torch.reshape, (y2, (*x_val.shape[:-1], n)), before)
     return e.finish(q, y, None, q.bias, before)
 
