@@ -129,7 +129,8 @@ class Smoothing:
     """SmoothQuant: ``s_j = a_j**alpha / w_j**(1 - alpha)`` per input channel.
 
     ``alpha="auto"`` searches ``alpha_grid`` per pattern for the smallest error of the
-    quantized layer outputs on calibration samples. Where no preceding op can absorb
+    quantized layer outputs on calibration samples (with ``QuantConfig.dynamic_fallback``,
+    each layer scored static or per-token as it will run at that alpha). Where no preceding op can absorb
     ``1/s``, ``fallback="multiply"`` inserts ``x * (1/s)`` before the linears and
     ``"skip"`` leaves them unsmoothed.
     """

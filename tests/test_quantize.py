@@ -308,3 +308,32 @@ def test_dynamic_fallback_config_errors():
         qpass.preset("w8a8_dynamic", dynamic_fallback=8.0)
     with pytest.raises(ValueError, match="dynamic_fallback must be >= 1"):
         qpass.preset("w8a8_static", dynamic_fallback=0.5)
+
+
+def test_auto_alpha_scores_static_layers_as_the_fallback_will_run_them():
+    """With ``dynamic_fallback``, the alpha search scores a static layer with the activations the
+    quantize pass will give it at that alpha: per-token dynamic where the static scale loses by more
+    than the factor (here one token 300x the others makes every static scale useless), else static."""
+    from types import SimpleNamespace
+
+    import qpass.passes.smooth as smooth_pass
+    from qpass.calibration import ChannelStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    x[0] *= 300.0  # a massive-activation token
+    w = torch.randn(16, 32, generator=g)
+    stats = ChannelStats(x.abs().amax(0), x.amin(0), x.amax(0), tokens=64, samples=x)
+    consumer = SimpleNamespace(site=SimpleNamespace(weight_t=False), walk=None)
+    problem = smooth_pass._SmoothingProblem(consumer, w, stats)
+    s = torch.linspace(0.5, 2.0, 32)
+
+    static = qpass.preset("w8a8_static", dynamic_fallback=None)
+    dynamic = static.replace(activation=QuantSpec("int8", qpass.PerToken()))
+    err = {name: smooth_pass._smoothed_error(cfg, problem, s) for name, cfg in {
+        "static": static, "dynamic": dynamic,
+        "fallback 8": static.replace(dynamic_fallback=8.0), "fallback huge": static.replace(dynamic_fallback=1e9),
+    }.items()}
+    assert err["static"] > 8 * err["dynamic"], err
+    assert err["fallback 8"] == err["dynamic"]
+    assert err["fallback huge"] == err["static"]

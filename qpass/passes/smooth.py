@@ -16,6 +16,7 @@ fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch import fx
 
 from qpass.calibration import Calibration
 from qpass import qmath
-from qpass.config import AdaDim, PerOutputChannel, QuantConfig
+from qpass.config import AdaDim, PerOutputChannel, PerToken, QuantConfig
 from qpass.graph import LinearSite, QGraph
 from qpass.report import Match, Report
 
@@ -283,21 +284,31 @@ def _smoothed_error(config, p: _SmoothingProblem, s: torch.Tensor) -> float:
     over tokens: ``mean_i |y_i - ref_i|^2 / |ref_i|^2``. Every token counts the same, as in
     perplexity; pooled over tokens (``sum |y - ref|^2 / sum |ref|^2``), the few tokens with
     massive activations (SmolLM2's first position: 500x the median row norm at down_proj)
-    hold ~100% of the energy and decided alpha alone."""
+    hold ~100% of the energy and decided alpha alone.
+
+    With ``dynamic_fallback``, static activations are scored as the quantize pass will run
+    them at this alpha: per-token dynamic where the static scale loses by more than the factor."""
     c, stats = p.consumer, p.stats
     sc = s[c.walk.index] if c.walk is not None else s
     act, weight = config.activation, config.weight
     x = stats.samples / sc
-    if act is not None:
-        qparams = (None, None)
-        if not act.dynamic:
-            qparams = qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)
-        x = qmath.fake_quant_act(x, act, *qparams)
     w = p.w * sc
     if weight is not None:
         g = PerOutputChannel() if isinstance(weight.granularity, AdaDim) else weight.granularity
         w = qmath.fake_quant_weight(w, weight, g)
-    return float(((x @ w.T - p.ref).pow(2).sum(dim=1) / p.row_energy).mean())
+    if act is None:
+        y = x @ w.T
+    elif act.dynamic:
+        y = qmath.fake_quant_act(x, act) @ w.T
+    else:
+        y = qmath.fake_quant_act(x, act, *qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)) @ w.T
+        if config.dynamic_fallback is not None:
+            dynamic = dataclasses.replace(act, granularity=PerToken(), dynamic=True)
+            y_dyn = qmath.fake_quant_act(x, dynamic) @ w.T
+            ref_w = x @ w.T  # the fallback compares activation errors alone (quantize._static_or_dynamic)
+            if qmath.token_error(y, ref_w) > config.dynamic_fallback * qmath.token_error(y_dyn, ref_w):
+                y = y_dyn
+    return float(((y - p.ref).pow(2).sum(dim=1) / p.row_energy).mean())
 
 
 def _wpos(site: LinearSite) -> int:
