@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 import time
 from collections import Counter
@@ -51,6 +52,8 @@ class Result:
     estimates the compilation (first call minus the median later call).
     ``patterns`` counts folded smoothing patterns per kind; ``alphas`` maps each
     smoothed linear to its alpha (chosen per group when ``alpha="auto"``).
+    ``fallbacks`` and ``outlier_channels`` count what the report says ran differently from the
+    config's main path: per-token layers of a static config, fp32 input channels of an outlier split.
     """
 
     name: str
@@ -64,6 +67,8 @@ class Result:
     auto_alpha: bool = False
     linears: int = 0
     quantized: int = 0
+    fallbacks: int = 0  # linears of a static config that run per-token dynamic (``dynamic_fallback``)
+    outlier_channels: int = 0  # input channels kept fp32 by an outlier split, over every linear
     error: str | None = None
 
     def alpha_summary(self) -> str:
@@ -134,7 +139,14 @@ class _Timed:
 def _summary(report: Report, config: QuantConfig) -> dict[str, Any]:
     alphas = {path: float(r.alpha) for path, r in report.rows.items() if r.alpha is not None}
     quantized = sum(1 for r in report.rows.values() if r.weight and not r.weight.startswith("fp32"))
+    static = config.activation is not None and not config.activation.dynamic
+    fallbacks = sum(1 for r in report.rows.values() if static and (r.activation or "").startswith(
+        f"{config.activation.dtype} per-token dynamic"))
+    outliers = sum(int(m.group(1)) for r in report.rows.values()
+                   if (m := re.search(r"\+ (\d+) fp32 outlier channels", r.activation or "")))
     return {
+        "fallbacks": fallbacks,
+        "outlier_channels": outliers,
         "patterns": dict(sorted(report.counts().items())),
         "alphas": alphas,
         "auto_alpha": config.smoothing is not None and config.smoothing.alpha == "auto",
@@ -223,7 +235,13 @@ def format_table(results: Sequence[Result]) -> str:
             rel = "" if r.rel_change is None else ("" if r.name == FP32 else f"{100 * r.rel_change:+.2f}%")
             patterns = ", ".join(f"{k} {v}" for k, v in r.patterns.items())
             comp = "" if math.isnan(r.compile_seconds) else f"{r.compile_seconds:.0f}"
-            cells = (r.name, f"{r.perplexity:.3f}", rel, f"{r.seconds:.0f}", comp, patterns, r.alpha_summary(), r.config)
+            notes = [r.config]
+            if r.fallbacks:
+                notes.append(f"{r.fallbacks} of {r.quantized} linears per-token")
+            if r.outlier_channels:
+                notes.append(f"{r.outlier_channels} fp32 input channels")
+            cells = (r.name, f"{r.perplexity:.3f}", rel, f"{r.seconds:.0f}", comp, patterns, r.alpha_summary(),
+                     "; ".join(notes))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,0 +1,28 @@
+"""The accuracy harness on a tiny model: what each result row counts."""
+
+from __future__ import annotations
+
+import qpass
+from qpass.accuracy import FP32, evaluate, format_table, to_json
+from tests.models import tiny_model, token_batches
+
+
+def test_rows_count_fallbacks_and_outlier_channels():
+    model = tiny_model("llama", outliers=50.0)
+    calib = qpass.calibrate(model, token_batches(2))
+    windows = token_batches(2, batch=1, seq=32, seed=5)
+    static = qpass.preset("w8a8_static", smoothing=None)
+    results = evaluate(model, calib, windows, [
+        ("everywhere", static.replace(dynamic_fallback=1.0)),
+        ("nowhere", static.replace(dynamic_fallback=None)),
+        ("llm_int8", qpass.preset("llm_int8")),
+    ])
+    by_name = {r.name: r for r in results}
+    assert by_name[FP32].fallbacks == 0
+    assert by_name["everywhere"].fallbacks == by_name["everywhere"].quantized == 14  # 2 layers x 7 linears
+    assert by_name["nowhere"].fallbacks == 0
+    assert by_name["llm_int8"].outlier_channels > 0 and by_name["llm_int8"].fallbacks == 0
+    table = format_table(results)
+    assert "14 of 14 linears per-token" in table
+    assert f"{by_name['llm_int8'].outlier_channels} fp32 input channels" in table
+    assert to_json(results)["results"][1]["fallbacks"] == 14
