@@ -8,7 +8,8 @@ Calibration uses the start of the Wikipedia token stream, evaluation windows its
 held-out end (the two never overlap). Besides fp32 and the presets, it measures
 the reference points of the SmoothQuant paper's ablation: W8A8 per-tensor static
 without smoothing and with fixed alpha 0.5 and 0.8 (and auto alpha without the
-per-token fallback), and per-token dynamic at fixed alpha 0.5 and 0.8. Every config runs through the
+per-token fallback), and per-token dynamic at fixed alpha 0.5 and 0.8 and without zero points.
+Every config runs through the
 reference (fake-quant) path, ``lower=False``. Prints a markdown table and writes
 the same numbers as JSON.
 """
@@ -42,6 +43,8 @@ REFERENCE_POINTS: tuple[tuple[str, qpass.QuantConfig], ...] = (
     ("w8a8_static, alpha=0.8", qpass.preset("w8a8_static", smoothing=qpass.Smoothing(0.8))),
     ("per-token dynamic, alpha=0.5", qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(0.5))),
     ("per-token dynamic, alpha=0.8", qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(0.8))),
+    ("per-token dynamic symmetric, auto alpha",
+     qpass.preset("w8a8_dynamic", activation=qpass.QuantSpec("int8", qpass.PerToken()))),
 )
 
 
