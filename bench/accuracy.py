@@ -9,7 +9,7 @@ held-out end (the two never overlap). Besides fp32 and the presets, it measures
 the reference points of the SmoothQuant paper's ablation: W8A8 per-tensor static
 without smoothing and with fixed alpha 0.5 and 0.8 (and auto alpha without the
 per-token fallback); ``w8a8_static`` and ``w8a8_dynamic`` at fixed alphas 0.5, 0.8
-and 0.9 against their auto alpha; per-token dynamic without zero points. Every
+and 0.9 against their auto alpha; per-token dynamic without smoothing and without zero points. Every
 config runs through the reference (fake-quant) path, ``lower=False``. Prints a
 markdown table and writes the same numbers as JSON.
 """
@@ -43,6 +43,7 @@ REFERENCE_POINTS: tuple[tuple[str, qpass.QuantConfig], ...] = (
     ("w8a8_static, alpha=0.5", qpass.preset("w8a8_static", smoothing=qpass.Smoothing(0.5))),
     ("w8a8_static, alpha=0.8", qpass.preset("w8a8_static", smoothing=qpass.Smoothing(0.8))),
     ("w8a8_static, alpha=0.9", qpass.preset("w8a8_static", smoothing=qpass.Smoothing(0.9))),
+    ("per-token dynamic, no smoothing", qpass.preset("w8a8_dynamic", smoothing=None)),
     ("per-token dynamic, alpha=0.5", qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(0.5))),
     ("per-token dynamic, alpha=0.8", qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(0.8))),
     ("per-token dynamic, alpha=0.9", qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(0.9))),
