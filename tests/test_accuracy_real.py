@@ -28,12 +28,12 @@ SEQLEN = 512
 N_WINDOWS = 2
 
 # Relative perplexity change vs fp32 allowed on these 2 windows of 512 tokens with the small
-# calibration above. Measured 2026-11-22 (fp32 26.08): w8a8_dynamic +1.67% (through the lowered
-# kernels +1.34%); w8a8_static +19.3% (without its per-token fallback +18.7%, at a fixed alpha=0.8
-# with the fallback +12.8%), far from the full measurement (bench/accuracy.py: 20 x 1024 tokens,
-# 16 x 512 calibration tokens; see the README), which is the accuracy claim. These bounds guard
-# against regressions.
-BOUNDS = {"w8a8_dynamic": 0.04, "w8a8_static": 0.25}
+# calibration above. Measured 2026-11-29 (fp32 26.08): w8a8_dynamic +0.79% (through the lowered
+# kernels +0.84%); w8a8_static +6.12% with 43 of 210 linears per-token (without its per-token
+# fallback +18.4%, at a fixed alpha=0.8 with the fallback +12.0%), far from the full measurement
+# (bench/accuracy.py: 20 x 1024 tokens, 16 x 512 calibration tokens; see the README), which is the
+# accuracy claim. These bounds guard against regressions.
+BOUNDS = {"w8a8_dynamic": 0.02, "w8a8_static": 0.10}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_w8a8_perplexity_close_to_fp32(smollm2) -> None:
         assert r.quantized == 210, table  # every decoder linear; lm_head stays fp32
         assert 0 <= r.rel_change < bound, table
     assert by_name["w8a8_static"].auto_alpha and by_name["w8a8_static"].alphas, table
+    assert 0 < by_name["w8a8_static"].fallbacks < 105, table  # most linears keep their static scale
     assert to_json(results)["fp32"] == fp32
 
 
