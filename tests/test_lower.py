@@ -148,6 +148,37 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
 
 
 @needs_onednn
+@pytest.mark.parametrize("grid", [lowering.GRID_W7, lowering.GRID_A7], ids=["7-bit-weights", "7-bit-act"])
+@pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
+@pytest.mark.parametrize("m", [1, 17, 513])
+@pytest.mark.parametrize("name", KERNEL_CONFIGS)
+def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, grid):
+    """Each 7-bit grid that CPUs without VNNI use, forced on whatever CPU runs the tests (on a VNNI
+    CPU the test above only sees the 8-bit grid): the same element-by-element integer check."""
+    k, n = 100, 70
+    _with_target(monkeypatch, FAKE_CPU)
+    monkeypatch.setattr(lowering, "cpu_grids", lambda target: (grid,))
+    torch.manual_seed(m * 1000 + k)
+    model = Proj(k, n, True).eval()
+    if worst_case:
+        with torch.no_grad():
+            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    config = KERNEL_CONFIGS[name].replace(smoothing=None)
+    y, backend = _compile(model, config, calib, x)
+    kernel, used = _split(backend.report.rows["proj"].kernel)
+    assert used == grid and kernel == ("fbgemm" if m <= lowering.DECODE_M else "onednn"), kernel
+    acc, unit = _int_reference(model, x, config, calib, grid)
+    acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
+    tol = 0.25
+    if not config.activation.symmetric:
+        tol += 4 * 2.0**-24 * (2 * grid.act_qmax + 1) * (grid.w_qmax * k)
+    err = (acc_hat - acc.double()).abs().max().item()
+    assert err < tol, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
+
+
+@needs_onednn
 @pytest.mark.parametrize("name", KERNEL_CONFIGS)
 def test_lowered_model_close_to_reference_path(name):
     """A 2-layer Llama: the lowered model (7-bit weights on AVX2) is within twice the reference
