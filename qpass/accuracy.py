@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import statistics
 import time
 from collections import Counter
@@ -139,14 +138,9 @@ class _Timed:
 def _summary(report: Report, config: QuantConfig) -> dict[str, Any]:
     alphas = {path: float(r.alpha) for path, r in report.rows.items() if r.alpha is not None}
     quantized = sum(1 for r in report.rows.values() if r.weight and not r.weight.startswith("fp32"))
-    static = config.activation is not None and not config.activation.dynamic
-    fallbacks = sum(1 for r in report.rows.values() if static and (r.activation or "").startswith(
-        f"{config.activation.dtype} per-token dynamic"))
-    outliers = sum(int(m.group(1)) for r in report.rows.values()
-                   if (m := re.search(r"\+ (\d+) fp32 outlier channels", r.activation or "")))
     return {
-        "fallbacks": fallbacks,
-        "outlier_channels": outliers,
+        "fallbacks": sum(r.per_token_fallback for r in report.rows.values()),
+        "outlier_channels": sum(r.outlier_channels for r in report.rows.values()),
         "patterns": dict(sorted(report.counts().items())),
         "alphas": alphas,
         "auto_alpha": config.smoothing is not None and config.smoothing.alpha == "auto",

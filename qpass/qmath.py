@@ -5,6 +5,7 @@ Weights are ``(N, K)`` (out, in); activations ``(..., K)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from qpass.config import (
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "fake_quant_weight", "fake_quant_act", "static_act_qparams",
-    "layer_error", "token_error", "choose_adadim", "describe",
+    "layer_error", "token_error", "static_or_per_token", "choose_adadim", "describe",
 ]
 
 
@@ -129,6 +130,35 @@ def token_error(y: Tensor, ref: Tensor) -> float:
     """
     energy = ref.pow(2).sum(dim=-1).clamp(min=1e-30)
     return float(((y - ref).pow(2).sum(dim=-1) / energy).mean())
+
+
+@dataclass(frozen=True)
+class FallbackChoice:
+    """What ``static_or_per_token`` decided: the activation spec, the output ``y = x_q @ w.T``
+    it gives, and the activation errors of both candidates (``token_error`` against ``x @ w.T``)."""
+
+    spec: QuantSpec
+    y: Tensor
+    static_error: float
+    dynamic_error: float
+
+    @property
+    def per_token(self) -> bool:
+        return self.spec.dynamic
+
+
+def static_or_per_token(x: Tensor, w: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor, factor: float) -> FallbackChoice:
+    """The static per-tensor ``spec`` (scale from the calibrated ranges ``lo`` / ``hi``), or per-token
+    dynamic where the static scale's output error on the samples ``x`` is over ``factor`` times
+    per-token's. ``w`` is the quantized weight, so only the activation error counts."""
+    ref = x @ w.T
+    dynamic = dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
+    y_static = fake_quant_act(x, spec, *static_act_qparams(lo, hi, spec)) @ w.T
+    y_dynamic = fake_quant_act(x, dynamic) @ w.T
+    static_err, dynamic_err = token_error(y_static, ref), token_error(y_dynamic, ref)
+    if static_err <= factor * dynamic_err:
+        return FallbackChoice(spec, y_static, static_err, dynamic_err)
+    return FallbackChoice(dynamic, y_dynamic, static_err, dynamic_err)
 
 
 def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: QuantSpec | None) -> tuple[Granularity, str]:

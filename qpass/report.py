@@ -18,6 +18,8 @@ class LayerRow:
     reason: str = ""  # why it was not smoothed / quantized / lowered as asked
     weight: str = ""  # weight quantization actually used (AdaDim shows its choice)
     activation: str = ""
+    per_token_fallback: bool = False  # static activations asked, per-token dynamic run (dynamic_fallback)
+    outlier_channels: int = 0  # input channels kept fp32 by an outlier split
     kernel: str = ""  # lowered kernel, or "reference"
 
 

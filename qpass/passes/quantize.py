@@ -23,7 +23,6 @@ GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -135,6 +134,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
     row.activation = "fp32" if aspec is None else _describe_act(aspec)
     if outliers is not None:
         row.activation += f" + {outliers.numel()} fp32 outlier channels"
+        row.outlier_channels = outliers.numel()
 
 
 def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype, shared: dict) -> fx.Node:
@@ -169,17 +169,15 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
         return spec
     if keep_mask is not None:
         lo, hi, samples = lo[keep_mask], hi[keep_mask], samples * keep_mask
-    ref = samples @ w_dq.T
-    dynamic = dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
-    static_err = qmath.token_error(qmath.fake_quant_act(samples, spec, *qmath.static_act_qparams(lo, hi, spec)) @ w_dq.T, ref)
-    dynamic_err = qmath.token_error(qmath.fake_quant_act(samples, dynamic) @ w_dq.T, ref)
-    if static_err <= factor * dynamic_err:
+    choice = qmath.static_or_per_token(samples, w_dq, spec, lo, hi, factor)
+    if not choice.per_token:
         return spec
     why = (f"per-token dynamic activations: the static scale's error on calibration samples "
-           f"{static_err:.2e} is over {factor:g}x per-token's {dynamic_err:.2e}")
+           f"{choice.static_error:.2e} is over {factor:g}x per-token's {choice.dynamic_error:.2e}")
     row.reason = f"{row.reason}; {why}" if row.reason else why
+    row.per_token_fallback = True
     logger.warning("%s: %s", path, why)
-    return dynamic
+    return choice.spec
 
 
 def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:

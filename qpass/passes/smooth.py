@@ -16,7 +16,6 @@ fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import fx
 
 from qpass.calibration import Calibration
 from qpass import qmath
-from qpass.config import AdaDim, PerOutputChannel, PerToken, QuantConfig
+from qpass.config import AdaDim, PerOutputChannel, QuantConfig
 from qpass.graph import LinearSite, QGraph
 from qpass.report import Match, Report
 
@@ -300,14 +299,10 @@ def _smoothed_error(config, p: _SmoothingProblem, s: torch.Tensor) -> float:
         y = x @ w.T
     elif act.dynamic:
         y = qmath.fake_quant_act(x, act) @ w.T
+    elif config.dynamic_fallback is not None:  # the quantize pass's own decision at this alpha
+        y = qmath.static_or_per_token(x, w, act, stats.min / sc, stats.max / sc, config.dynamic_fallback).y
     else:
         y = qmath.fake_quant_act(x, act, *qmath.static_act_qparams(stats.min / sc, stats.max / sc, act)) @ w.T
-        if config.dynamic_fallback is not None:
-            dynamic = dataclasses.replace(act, granularity=PerToken(), dynamic=True)
-            y_dyn = qmath.fake_quant_act(x, dynamic) @ w.T
-            ref_w = x @ w.T  # the fallback compares activation errors alone (quantize._static_or_dynamic)
-            if qmath.token_error(y, ref_w) > config.dynamic_fallback * qmath.token_error(y_dyn, ref_w):
-                y = y_dyn
     return float(((y - p.ref).pow(2).sum(dim=1) / p.row_energy).mean())
 
 
