@@ -104,17 +104,16 @@ def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token
     point, on ``[0, 2 * act_qmax + 1]``."""
     w = w_q.float() * w_scale.reshape(-1, 1)
     target = x @ w.T
-    if not symmetric:
+    if not symmetric:  # the kernels' own asymmetric quantization (``_Emit._asymmetric_act``)
         qmax = float(2 * grid.act_qmax + 1)
-        sx, zp = ops.qparams_from_range(*(x.aminmax(dim=-1, keepdim=True) if per_token else x.aminmax()),
-                                        False, 0.0, qmax)
-        xq = (torch.clamp(torch.round(x / sx) + zp, 0.0, qmax) - zp) * sx
-    elif static_scale is not None:
-        sx = torch.tensor(static_scale * 127.0 / grid.act_qmax)
+        sx, zp = ops.choose_qparams(x, per_token, False, 0.0, qmax)
+        xq = ops.dequantize(ops.quantize(x, sx, zp, 0.0, qmax, torch.float32), sx, zp, 0, torch.float32)
     else:
-        absmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
-        sx = (absmax / grid.act_qmax).clamp(min=1e-12)
-    if symmetric:
+        if static_scale is not None:
+            sx = torch.tensor(static_scale * 127.0 / grid.act_qmax)
+        else:
+            absmax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+            sx = (absmax / grid.act_qmax).clamp(min=1e-12)
         lo, hi = grid.act_range
         xq = torch.clamp(torch.round(x / sx), lo, hi) * sx
     wq, ws = narrow_weight(w_q, w_scale.reshape(-1, 1), grid.w_qmax)
@@ -423,9 +422,8 @@ def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
         y2 = e.call(mm, (x2, w_t, sx, sw, None, torch.float32), before)
     if q.act.zero_point is not None:  # asymmetric int8: subtract sx * zp * sw * sum_k W[n, k]
         zp = e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
-        w_q = e.qg.value(q.w_q)
-        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), w_q,
-                                     e.qg.value(q.w_scale).float().reshape(-1).expand(n), "weight_colsum", before)
+        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), *e.weight(q, GRID_8BIT),
+                                     "weight_colsum", before)
     y = e.call(torch.reshape, (y2, (*x_val.shape[:-1], n)), before)
     return e.finish(q, y, None, q.bias, before)
 
