@@ -4,25 +4,42 @@
 pre-hooks on its linears and records, per input channel, the absmax, min and max
 over all tokens, plus a small strided sample of input rows that the searches
 (auto-alpha, AdaDim) use to measure layer-output error.
+
+``Calibration.save`` writes a safetensors file (format version 2) whose header holds the
+token counts and a sha256 checksum; ``Calibration.load`` refuses any file that is corrupt,
+truncated, foreign or of another format version with one ``CalibrationFileError`` naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChannelStats", "Calibration", "calibrate", "is_linear_module"]
+__all__ = ["ChannelStats", "Calibration", "CalibrationFileError", "calibrate", "is_linear_module"]
 
-_FORMAT_VERSION = 1
+_FORMAT = "qpass.calibration"
+_FORMAT_VERSION = 2
+_TENSORS = ("absmax", "min", "max", "samples")  # stored as "<module path>/<field>"
+_RECALIBRATE = "recalibrate and save again: qpass.calibrate(model, batches).save(path)"
+
+
+class CalibrationFileError(ValueError):
+    """A calibration file that cannot be loaded: corrupt, truncated, foreign or of another format version."""
 
 
 @dataclass
@@ -60,15 +77,108 @@ class Calibration(Mapping[str, ChannelStats]):
         return f"Calibration({len(self)} linears)"
 
     def save(self, path: str | Path) -> None:
-        payload = {"version": _FORMAT_VERSION, "stats": {k: v.to_dict() for k, v in self._stats.items()}}
-        torch.save(payload, path)
+        """Write a safetensors file: tensors ``<module path>/absmax|min|max|samples``, and in the
+        header the format name, version, per-path ``tokens`` and ``nonfinite`` counts and a sha256
+        checksum. Written to a temporary file in the same folder, then renamed over ``path``, so
+        ``path`` never holds a partial file."""
+        path = Path(path)
+        tensors, layers = {}, {}
+        for p, st in self._stats.items():
+            layers[p] = {"tokens": int(st.tokens), "nonfinite": int(st.nonfinite)}
+            for field in _TENSORS:
+                if (t := getattr(st, field)) is not None:
+                    tensors[f"{p}/{field}"] = t.detach().contiguous().clone()  # clone: no shared storage
+        table = json.dumps(layers)  # in module order, which load keeps
+        meta = {"format": _FORMAT, "version": str(_FORMAT_VERSION), "layers": table, "sha256": _checksum(table, tensors)}
+        data = safetensors.torch.save(tensors, metadata=meta)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        payload = torch.load(path, weights_only=True)
-        if payload.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: calibration format {payload.get('version')!r}, expected {_FORMAT_VERSION}")
-        return cls({k: ChannelStats(**v) for k, v in payload["stats"].items()})
+        """Read a file written by ``save``. Raises ``FileNotFoundError`` for a missing path and
+        ``CalibrationFileError`` (a ``ValueError``) naming the file for anything else wrong with it."""
+        path = Path(path)
+        layers, tensors = _read(path, path.read_bytes())
+        return cls({
+            p: ChannelStats(
+                absmax=tensors[f"{p}/absmax"], min=tensors[f"{p}/min"], max=tensors[f"{p}/max"],
+                tokens=info["tokens"], samples=tensors.get(f"{p}/samples"), nonfinite=info["nonfinite"],
+            )
+            for p, info in layers.items()
+        })
+
+
+def _checksum(table: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the format, the layer table and every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(f"{_FORMAT} {_FORMAT_VERSION}\n{table}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _read(path: Path, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Check ``data`` (the bytes of ``path``) step by step, from its first byte to its checksum;
+    return the layer table and the tensors."""
+
+    def error(what: str) -> CalibrationFileError:
+        return CalibrationFileError(f"{path}: {what}")
+
+    if not data:
+        raise error("empty file (0 bytes), not a qpass calibration file")
+    safetensors_like = data[8:9] == b"{"  # 8-byte header length, then the JSON header
+    if not safetensors_like and len(data) > 8 and data.startswith((b"PK\x03\x04", b"\x80")):  # zip, pickle
+        raise error(
+            f"a torch.save file (qpass calibration format 1, or another torch file); this qpass reads "
+            f"calibration format {_FORMAT_VERSION} (safetensors) only: {_RECALIBRATE}"
+        )
+    if len(data) <= 8:
+        raise error(f"truncated: {len(data)} bytes, too short for a safetensors header")
+    if not safetensors_like:
+        raise error(f"not a qpass calibration file (not safetensors; it starts with {data[:16]!r})")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise error(f"truncated or corrupt: its header length says {n} bytes, but only {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8 : 8 + n].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"corrupt header, not valid JSON ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        found = f"format {meta.get('format')!r}" if isinstance(meta, dict) else "no metadata"
+        raise error(f"not a qpass calibration file (a safetensors file with {found}, not format {_FORMAT!r})")
+    version = meta.get("version")
+    if version != str(_FORMAT_VERSION):
+        newer = isinstance(version, str) and version.isdigit() and int(version) > _FORMAT_VERSION
+        raise error(
+            f"calibration format version {version}, newer than this qpass reads ({_FORMAT_VERSION}): "
+            f"upgrade qpass, or {_RECALIBRATE}"
+            if newer
+            else f"calibration format version {version!r}; this qpass reads version {_FORMAT_VERSION}: {_RECALIBRATE}"
+        )
+    try:
+        end = 8 + n + max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        end = len(data)  # a malformed entry: safetensors names it below
+    if isinstance(end, int) and end > len(data):
+        raise error(f"truncated: {len(data)} bytes, its header describes {end}")
+    try:
+        tensors = safetensors.torch.load(data)
+    except safetensors.SafetensorError as e:
+        raise error(f"corrupt: {e}") from None
+    table, checksum = meta.get("layers"), meta.get("sha256")
+    if not isinstance(table, str) or _checksum(table, tensors) != checksum:
+        raise error("checksum mismatch: the file is corrupt (its contents differ from what was saved)")
+    return json.loads(table), tensors
 
 
 def _on_cpu(stats: ChannelStats) -> ChannelStats:
