@@ -3,7 +3,8 @@
 ``calibrate(model, batches)`` runs the eager model once per batch with forward
 pre-hooks on its linears and records, per input channel, the absmax, min and max
 over all tokens, plus a small strided sample of input rows that the searches
-(auto-alpha, AdaDim) use to measure layer-output error.
+(auto-alpha, AdaDim) use to measure layer-output error. Positions a batch's
+``attention_mask`` marks as padding are left out.
 
 ``Calibration.save`` writes a safetensors file (format version 2) whose header holds the
 token counts and a sha256 checksum; ``Calibration.load`` refuses any file that is corrupt,
@@ -199,10 +200,19 @@ class _Recorder:
         self.tokens = 0
         self.nonfinite = 0
         self.samples: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # the current batch's attention mask, (batch, seq) bool
+        self.unmasked = False  # saw an input without the mask's leading shape
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
+        if self.mask is not None:
+            if x.shape[:-1] == self.mask.shape:
+                x = x[self.mask.to(x.device)]  # real tokens only
+            else:
+                self.unmasked = True
         x = x.reshape(-1, x.shape[-1]).float()
+        if not x.shape[0]:
+            return
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             self.nonfinite += int((~finite).sum())
@@ -253,9 +263,12 @@ def calibrate(
     """Record input statistics of every linear of ``model`` over ``batches``.
 
     ``batches`` holds model inputs: tensors (``model(t)``), dicts (``model(**d)``)
-    or tuples (``model(*t)``). ``samples`` input rows per linear are kept for the
-    error-driven searches (auto-alpha, AdaDim); 0 keeps none. The model runs in
-    eval mode and is restored to its previous mode; its weights are not touched.
+    or tuples (``model(*t)``).
+    Where a dict batch has an ``attention_mask`` of shape (batch, seq), positions where it is 0
+    (padding) are left out of every linear input of shape (batch, seq, K); a linear whose input
+    has another leading shape keeps all rows and is named in one warning. ``samples`` input rows
+    per linear are kept for the error-driven searches (auto-alpha, AdaDim); 0 keeps none. The
+    model runs in eval mode and is restored to its previous mode; its weights are not touched.
     """
     batches = list(batches)
     if not batches:
@@ -271,14 +284,32 @@ def calibrate(
         raise ValueError(f"calibrate: {type(model).__name__} has no nn.Linear or Conv1D layers")
     was_training = model.training
     model.eval()
+    odd_masks: set[str] = set()
     try:
         show = progress if progress is not None else len(batches) > 4
         for batch in tqdm(batches, desc="qpass calibrate", disable=not show, unit="batch"):
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+                odd_masks.add(str(tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__)
+                mask = None
+            for r in recorders.values():
+                r.mask = None if mask is None else mask != 0
             _run(model, batch)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if odd_masks:
+        logger.warning(
+            "calibrate: attention_mask %s is not (batch, seq); padded positions were not excluded",
+            ", ".join(sorted(odd_masks)),
+        )
+    unmasked = [p for p, r in recorders.items() if r.unmasked]
+    if unmasked:
+        logger.warning(
+            "calibrate: %d linears see inputs without the attention mask's (batch, seq) shape; their statistics "
+            "include padded positions: %s", len(unmasked), ", ".join(unmasked),
+        )
     unseen = [p for p, r in recorders.items() if r.absmax is None]
     for p in unseen:
         logger.warning("%s: never called during calibration; it will not be smoothed", p)

@@ -88,3 +88,60 @@ def test_all_zero_channel_gets_no_scaling():
         ref = model(ids, use_cache=False).logits
         out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _padded(seqs: list[torch.Tensor], side: str, seed: int = 5) -> dict:
+    """A tokenizer-style batch: ``seqs`` padded to one length with garbage ids where the mask is 0.
+    Left padding passes position_ids from the mask (as ``generate`` does), so real tokens keep theirs."""
+    n = max(len(s) for s in seqs)
+    g = torch.Generator().manual_seed(seed)
+    ids, mask = [], []
+    for s in seqs:
+        pad = torch.randint(0, 128, (n - len(s),), generator=g)
+        real, fill = torch.ones(len(s), dtype=torch.long), torch.zeros(n - len(s), dtype=torch.long)
+        ids.append(torch.cat([s, pad] if side == "right" else [pad, s]))
+        mask.append(torch.cat([real, fill] if side == "right" else [fill, real]))
+    batch = {"input_ids": torch.stack(ids), "attention_mask": torch.stack(mask)}
+    if side == "left":
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_positions_are_left_out(side):
+    """A padded batch gives the statistics of its unpadded sequences: the same tokens, the same
+    absmax / min / max (bit for bit before attention mixes tokens, to float rounding after it, as
+    attention runs on other shapes), and samples holding exactly the real tokens' rows."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 128, (n,), generator=g) for n in (11, 7, 4)]
+    ref = qpass.calibrate(model, [s[None] for s in seqs], samples=10_000)  # samples: keep every row
+    calib = qpass.calibrate(model, [_padded(seqs, side)], samples=10_000)
+    assert list(calib) == list(ref)
+    for k in ref:
+        assert calib[k].tokens == ref[k].tokens == 22 and calib[k].samples.shape == ref[k].samples.shape
+        exact = ".layers.0.self_attn." in k and not k.endswith("o_proj")
+        for field in ("absmax", "min", "max", "samples"):
+            tol = 0 if exact else 1e-5
+            torch.testing.assert_close(getattr(calib[k], field), getattr(ref[k], field), rtol=tol, atol=tol)
+
+
+def test_layer_without_the_masks_shape_keeps_all_rows_and_is_named_once(caplog):
+    class LastToken(nn.Module):
+        """Like a classification head: ``head`` sees only the last token of every sequence."""
+
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, attention_mask):
+            return self.head(self.body(x)[:, -1])
+
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with caplog.at_level("WARNING"):
+        calib = qpass.calibrate(LastToken(), [{"x": x, "attention_mask": mask}] * 3)
+    assert calib["body"].tokens == 3 * 8 and calib["head"].tokens == 3 * 2
+    assert calib["body"].max.tolist() == x[mask.bool()].amax(0).tolist()
+    warnings = [r.getMessage() for r in caplog.records if "attention mask" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("include padded positions: head")
