@@ -246,10 +246,24 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
     elif isinstance(batch, Mapping):
         model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
     else:
-        raise TypeError(f"calibrate: a batch must be a tensor, a dict of kwargs or a tuple of args, got {type(batch)}")
+        model(*batch)
+
+
+def _check_arguments(model, batches, samples) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise TypeError(
+            f"calibrate: batches must be a list of model inputs, got a single {type(batches).__name__}; "
+            "pass [batch] to calibrate on one batch"
+        )
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)):
+        raise TypeError(f"calibrate: batches must be a list of model inputs, got {type(batches).__name__}")
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise TypeError(f"calibrate: samples must be an int >= 0, got {type(samples).__name__}")
+    if samples < 0:
+        raise ValueError(f"calibrate: samples must be an int >= 0, got {samples}")
 
 
 @torch.no_grad()
@@ -262,17 +276,23 @@ def calibrate(
 ) -> Calibration:
     """Record input statistics of every linear of ``model`` over ``batches``.
 
-    ``batches`` holds model inputs: tensors (``model(t)``), dicts (``model(**d)``)
-    or tuples (``model(*t)``).
+    ``batches`` is a list (any iterable) of model inputs: tensors (``model(t)``), dicts
+    (``model(**d)``) or tuples (``model(*t)``); a bare tensor is refused, wrap it as ``[t]``.
     Where a dict batch has an ``attention_mask`` of shape (batch, seq), positions where it is 0
     (padding) are left out of every linear input of shape (batch, seq, K); a linear whose input
     has another leading shape keeps all rows and is named in one warning. ``samples`` input rows
     per linear are kept for the error-driven searches (auto-alpha, AdaDim); 0 keeps none. The
     model runs in eval mode and is restored to its previous mode; its weights are not touched.
     """
+    _check_arguments(model, batches, samples)
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: the batch list is empty; pass at least one model input")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
+            raise TypeError(
+                f"calibrate: batch {i} must be a tensor, a dict of kwargs or a tuple of args, got {type(batch).__name__}"
+            )
     rows_per_batch = math.ceil(samples / len(batches)) if samples else 0
     recorders: dict[str, _Recorder] = {}
     handles = []

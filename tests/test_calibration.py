@@ -145,3 +145,30 @@ def test_layer_without_the_masks_shape_keeps_all_rows_and_is_named_once(caplog):
     assert calib["body"].max.tolist() == x[mask.bool()].amax(0).tolist()
     warnings = [r.getMessage() for r in caplog.records if "attention mask" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].endswith("include padded positions: head")
+
+
+@pytest.mark.parametrize(
+    "model, batches, samples, error, message",
+    [
+        (lambda x: x, [torch.ones(1, 2)], 4, TypeError, "calibrate: model must be a torch.nn.Module, got function"),
+        (None, torch.ones(3, 2), 4, TypeError,
+         r"calibrate: batches must be a list of model inputs, got a single Tensor; pass \[batch\]"),
+        (None, {"input": torch.ones(1, 2)}, 4, TypeError,
+         r"calibrate: batches must be a list of model inputs, got a single dict; pass \[batch\]"),
+        (None, 3, 4, TypeError, "calibrate: batches must be a list of model inputs, got int"),
+        (None, "text", 4, TypeError, "calibrate: batches must be a list of model inputs, got str"),
+        (None, [torch.ones(1, 2), 5], 4, TypeError,
+         "calibrate: batch 1 must be a tensor, a dict of kwargs or a tuple of args, got int"),
+        (None, [torch.ones(1, 2)], True, TypeError, "calibrate: samples must be an int >= 0, got bool"),
+        (None, [torch.ones(1, 2)], 2.0, TypeError, "calibrate: samples must be an int >= 0, got float"),
+        (None, [torch.ones(1, 2)], -1, ValueError, "calibrate: samples must be an int >= 0, got -1"),
+    ],
+)
+def test_arguments_are_checked_where_they_enter(model, batches, samples, error, message):
+    with pytest.raises(error, match=f"^{message}"):
+        qpass.calibrate(nn.Linear(2, 2) if model is None else model, batches, samples=samples)
+
+
+def test_batches_may_be_any_iterable():
+    calib = qpass.calibrate(nn.Linear(2, 2), (torch.ones(1, 2) for _ in range(3)))
+    assert calib[""].tokens == 3
