@@ -299,6 +299,39 @@ def test_cuda_lowering_runs_exactly_on_cpu_tensors(monkeypatch, name):
     assert err < 2e-3, err  # the same integers / fp8 values; a rounding flip of one activation at most
 
 
+@pytest.mark.parametrize("name", ["w8a8_dynamic", "asym per-token", "fp8_dynamic"])
+def test_cuda_lowering_runs_under_dynamic_shapes(monkeypatch, name):
+    """``torch.compile(..., dynamic=True)``: the CUDA lowering (fake H100, run on CPU tensors, padded
+    as on CUDA) reads M and the output's sizes from the graph, so one graph serves 5, 17 and 33 tokens
+    (5 padded to _int_mm's 17 rows) and 1 token gets its own; each equals the reference path's logits.
+    A 37 x 23 linear adds the padding of K and N."""
+    _with_target(monkeypatch, FAKE_H100)
+    config = KERNEL_CONFIGS[name] if name in KERNEL_CONFIGS else qpass.preset(name)
+    llama = tiny_model("llama", layers=1)
+    proj = Proj(37, 23, True).eval()
+    calibs = {"llama": qpass.calibrate(llama, token_batches(2)),
+              "proj": qpass.calibrate(proj, [_inputs(64, 37, seed=5, worst_case=False)])}
+    for label, model in (("llama", llama), ("proj", proj)):
+        torch._dynamo.reset()
+        backend = qpass.backend(config, calibration=calibs[label], inductor=False)
+        ref_backend = qpass.backend(config.replace(lower=False), calibration=calibs[label], inductor=False)
+        lowered = torch.compile(model, backend=backend, dynamic=True)
+        reference = torch.compile(model, backend=ref_backend, dynamic=True)
+        for seq in (5, 17, 33, 1):
+            if label == "llama":
+                ids = token_batches(1, batch=1, seq=seq, seed=seq)[0]
+                with torch.no_grad():
+                    out, ref = (f(ids, use_cache=False).logits for f in (lowered, reference))
+            else:
+                x = _inputs(seq, 37, seed=seq, worst_case=False)
+                with torch.no_grad():
+                    out, ref = lowered(x), reference(x)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err < 2e-3, (label, seq, err)
+        assert len(backend.graphs) == 2, f"{label}: {len(backend.graphs)} graphs for 4 lengths"
+        assert all(r.kernel.startswith("cuda") for p, r in backend.report.rows.items() if p != "lm_head")
+
+
 def test_narrow_weight_is_exact_requantization():
     w_q = torch.arange(-127, 128, dtype=torch.int8).reshape(5, 51)
     s = torch.rand(5, 1) + 0.5

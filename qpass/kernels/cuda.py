@@ -15,7 +15,10 @@ products and is sliced off the result):
   row-major ``w_t`` is made column-major. Rowwise scaling on CUDA generally wants
   ``out_dtype=torch.bfloat16`` and compute capability 9.0 (8.9 supports tensorwise).
 
-``pad=None`` pads only on CUDA; ``pad=True`` forces the CUDA padding anywhere (for tests).
+``pad=None`` pads only on CUDA; ``pad=True`` forces the CUDA padding anywhere (the lowering for a
+CUDA target, so that the same graph runs on CPU tensors in tests). Sizes are read from the operands
+at run time; a symbolic M (a graph traced with dynamic shapes) is padded by 17 rows whatever its value,
+so that the graph serves every M without a guard on it.
 """
 
 from __future__ import annotations
@@ -43,16 +46,19 @@ def _is_col_major(t: Tensor) -> bool:
 
 
 def _pad2d(t: Tensor, rows: int, cols: int) -> Tensor:
-    """Zero-pad a 2-D tensor to ``(rows, cols)``, keeping column-major inputs column-major."""
-    r, c = t.shape
-    if r == rows and c == cols:
+    """Zero-pad a 2-D tensor by ``rows`` rows and ``cols`` columns, keeping column-major inputs
+    column-major. Concatenates zeros: ``F.pad`` on a tensor of symbolic shape specializes it."""
+    if rows == cols == 0:
         return t
     if _is_col_major(t) and not t.is_contiguous():
         return _pad2d(t.t(), cols, rows).t()
-    if t.dtype.is_floating_point and t.element_size() == 1:
-        # float8: pad the raw bytes (0x00 is +0.0 in every float8 format).
-        return F.pad(t.view(torch.uint8), (0, cols - c, 0, rows - r)).view(t.dtype)
-    return F.pad(t, (0, cols - c, 0, rows - r))
+    fp8 = t.dtype.is_floating_point and t.element_size() == 1
+    raw = t.view(torch.uint8) if fp8 else t  # float8: pad the raw bytes (0x00 is +0.0 in every format)
+    if cols:
+        raw = torch.cat([raw, raw.new_zeros((raw.shape[0], cols))], dim=1)
+    if rows:
+        raw = torch.cat([raw, raw.new_zeros((rows, raw.shape[1]))])
+    return raw.view(t.dtype) if fp8 else raw
 
 
 def _scale_2d(scale: Tensor | float, shape: tuple[int, int], device: torch.device) -> Tensor:
@@ -86,11 +92,15 @@ def int8_scaled_mm(
     if pad is None:
         pad = x_i8.is_cuda
     if pad:
-        mp = max(m, INT_MM_MIN_M)
+        # A symbolic M (dynamic shapes) gets 17 zero rows whatever its value: any M-dependent amount
+        # (max(17, M) - M) makes the tracer guard on M and recompile for every M.
+        extra_m = max(INT_MM_MIN_M - m, 0) if isinstance(m, int) else INT_MM_MIN_M
         kp, np_ = _round_up(k, INT_MM_ALIGN), _round_up(n, INT_MM_ALIGN)
-        acc = torch._int_mm(_pad2d(x_i8, mp, kp), _pad2d(w_i8_t, kp, np_))
-        if (mp, np_) != (m, n):
-            acc = acc.narrow(0, 0, m).narrow(1, 0, n)
+        acc = torch._int_mm(_pad2d(x_i8, extra_m, kp - k), _pad2d(w_i8_t, kp - k, np_ - n))
+        if extra_m:
+            acc = acc.narrow(0, 0, m)
+        if np_ != n:
+            acc = acc.narrow(1, 0, n)
     else:
         acc = torch._int_mm(x_i8, w_i8_t)
     y = acc.to(torch.float32) * _scale_2d(x_scale, (m, 1), acc.device)
@@ -139,10 +149,10 @@ def fp8_scaled_mm(
     xx, ww = x_fp8, w_fp8_t
     if pad:
         kp, np_ = _round_up(k, FP8_ALIGN), _round_up(n, FP8_ALIGN)
-        xx = _pad2d(x_fp8.contiguous(), m, kp)
+        xx = _pad2d(x_fp8.contiguous(), 0, kp - k)
         if not _is_col_major(ww):
             ww = ww.t().contiguous().t()
-        ww = _pad2d(ww, kp, np_)
+        ww = _pad2d(ww, kp - k, np_ - n)
         if rowwise and np_ != n:
             sw = F.pad(sw, (0, np_ - n), value=1.0)
     y = torch._scaled_mm(xx, ww, sx, sw, out_dtype=out_dtype, use_fast_accum=use_fast_accum)

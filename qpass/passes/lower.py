@@ -348,6 +348,12 @@ class _Emit:
             y = self.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
         return y
 
+    def sizes(self, x: fx.Node, before: fx.Node) -> list[int | fx.Node]:
+        """``x``'s sizes for a new node's arguments: ints where static, ``aten.sym_size`` nodes where
+        symbolic (dynamic shapes), so that no traced size is written into the graph."""
+        return [d if isinstance(d, int) else self.call(torch.ops.aten.sym_size.int, (x, i), before)
+                for i, d in enumerate(_val(x).shape)]
+
     def weight(self, q: QLinear, grid: Grid) -> tuple[Tensor, Tensor]:
         """The int8 ``(N, K)`` weight on ``grid`` and its ``(N,)`` float32 scales."""
         w_q = self.qg.value(q.w_q)
@@ -401,11 +407,11 @@ def _emit_cuda_fp8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
 
 
 def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
-    """``mm(x_q (M, K), W_q.T, ...)`` on the reference's own integer (or fp8) grid: exact on CUDA."""
+    """``mm(x_q (M, K), W_q.T, ...)`` on the reference's own integer (or fp8) grid: exact on CUDA.
+    Padded to the shapes CUDA accepts (``pad=True``, also when the graph runs on CPU tensors); M and
+    the output's leading sizes are read from the graph, so the lowering runs under dynamic shapes."""
     before = q.out
-    x_val = _val(q.act.x)
-    k = x_val.shape[-1]
-    n = _val(q.w_q).shape[0]
+    n, k = _val(q.w_q).shape
     x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
     w_t = e.call(torch.t, (q.w_q,), before)  # a column-major view of the (N, K) constant
     tensorwise = not q.act.per_token and q.per_tensor
@@ -416,15 +422,15 @@ def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
         sw = e.call(torch.reshape, (q.w_scale, (1, -1)), before)
     if mm is kernels.fp8_scaled_mm and not tensorwise:
         # Rowwise _scaled_mm wants sm90 and bf16 output: run it unscaled in fp32, scale outside.
-        y2 = e.call(mm, (x2, w_t, 1.0, 1.0, None, torch.float32), before)
+        y2 = e.call(mm, (x2, w_t, 1.0, 1.0, None, torch.float32, True), before)
         y2 = e.call(torch.mul, (e.call(torch.mul, (y2, sx), before), sw), before)
     else:
-        y2 = e.call(mm, (x2, w_t, sx, sw, None, torch.float32), before)
+        y2 = e.call(mm, (x2, w_t, sx, sw, None, torch.float32, True), before)
     if q.act.zero_point is not None:  # asymmetric int8: subtract sx * zp * sw * sum_k W[n, k]
         zp = e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
         y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), *e.weight(q, GRID_8BIT),
                                      "weight_colsum", before)
-    y = e.call(torch.reshape, (y2, (*x_val.shape[:-1], n)), before)
+    y = e.call(torch.reshape, (y2, (*e.sizes(q.act.x, before)[:-1], n)), before)
     return e.finish(q, y, None, q.bias, before)
 
 
