@@ -213,6 +213,23 @@ def test_onednn_full_range_u8_saturates_without_vnni() -> None:
     assert float(out[0, 0]) == 32767 * (k // 2)  # every pair sum clipped to int16 max
 
 
+@needs_fbgemm
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="needs the onednn engine")
+def test_fbgemm_pack_refuses_other_engines() -> None:
+    """FBGEMM weights are packed under the 'fbgemm' / 'x86' engine only; under another one the pack is
+    refused and the process-wide engine left alone (not switched and back)."""
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        assert not K.fbgemm_packs() and not K.kernel_available("fbgemm")
+        with pytest.raises(RuntimeError, match="does not change the process-wide engine"):
+            K.pack_fbgemm_dynamic(torch.randn(4, 8))
+        assert torch.backends.quantized.engine == "onednn"
+    finally:
+        torch.backends.quantized.engine = engine
+    assert K.kernel_available("fbgemm")
+
+
 # ----------------------------------------------------------------------------- FBGEMM
 
 

@@ -401,3 +401,44 @@ def test_lowering_leaves_user_weights_untouched():
 def test_kernels_registry_keys_match_report_labels():
     assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cuda_int8", "cuda_fp8"}
     assert kernels.kernel_available("onednn") == CPU.onednn
+
+
+# ----------------------------------------------------------------------------- global state
+
+
+@needs_onednn
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines or not kernels.kernel_available("fbgemm"),
+                    reason="needs the onednn quantized engine and FBGEMM")
+def test_quantized_engine_is_never_changed(monkeypatch, caplog):
+    """Under ``torch.backends.quantized.engine = "onednn"`` FBGEMM weights cannot be packed without
+    switching the process-wide engine (every FBGEMM pack dispatches on it), so decode-sized linears
+    get oneDNN, with one log line; the engine is never set, not even for a moment, and the results
+    equal the integer reference."""
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    sets = []
+    real_set = torch._C._set_qengine
+    monkeypatch.setattr(torch._C, "_set_qengine", lambda e: (sets.append(e), real_set(e))[1])
+    lowering._log_fbgemm_refused.cache_clear()
+    try:
+        k, n = 100, 70
+        model = Proj(k, n, True).eval()
+        config = qpass.preset("w8a8_dynamic", smoothing=None)
+        for m in (3, 3):
+            x = _inputs(m, k, seed=m, worst_case=False)
+            with caplog.at_level(logging.INFO, logger="qpass.passes.lower"):
+                y, backend = _compile(model, config, None, x)
+            kernel, grid = _split(backend.report.rows["proj"].kernel)
+            assert kernel == "onednn" and torch.backends.quantized.engine == "onednn"
+            acc, unit = _int_reference(model, x, config, None, grid)
+            acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
+            tol = 0.25 + 4 * 2.0**-24 * (2 * grid.act_qmax + 1) * (grid.w_qmax * k)
+            assert (acc_hat - acc.double()).abs().max().item() < tol
+        with pytest.raises(RuntimeError, match="does not change the process-wide engine"):
+            kernels.pack_fbgemm_dynamic(torch.randn(4, 8))
+    finally:
+        monkeypatch.undo()
+        torch.backends.quantized.engine = engine
+    assert sets == []
+    refused = [r.getMessage() for r in caplog.records if "pack FBGEMM weights" in r.getMessage()]
+    assert len(refused) == 1 and "'onednn'" in refused[0], refused  # once, not once per lowering

@@ -5,7 +5,8 @@ Names understood by :func:`kernel_available`:
 ``"onednn"``
     ``onednn::qlinear_prepack`` / ``onednn::qlinear_pointwise`` (x86 CPU, oneDNN built in).
 ``"fbgemm"``
-    ``quantized::linear_dynamic`` backed by FBGEMM (x86 CPU).
+    ``quantized::linear_dynamic`` backed by FBGEMM (x86 CPU), while ``torch.backends.quantized.engine``
+    is ``"fbgemm"`` or ``"x86"`` (the only engines that pack FBGEMM weights, see :func:`fbgemm_packs`).
 ``"int_mm"``
     ``torch._int_mm`` on CPU (always present; slow reference).
 ``"fp8_cpu"``
@@ -22,6 +23,8 @@ import functools
 import logging
 
 import torch
+
+from .fbgemm import fbgemm_packs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ def kernel_available(name: str) -> bool:
     if name == "fbgemm":
         return "fbgemm" in torch.backends.quantized.supported_engines and _has_op(
             "quantized", "linear_dynamic"
-        )
+        ) and fbgemm_packs()
     if name == "int_mm":
         return hasattr(torch, "_int_mm")
     if name == "fp8_cpu":

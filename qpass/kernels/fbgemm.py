@@ -71,16 +71,24 @@ def _make_qint8_per_channel(w_int8: Tensor, scales: Tensor) -> Tensor:
         )
 
 
+#: The quantized engines under which ``quantized::linear_prepack`` packs for FBGEMM.
+FBGEMM_ENGINES = ("fbgemm", "x86")
+
+
+def fbgemm_packs() -> bool:
+    """Whether FBGEMM weights can be packed now. Every way to build them (``quantized::linear_prepack``
+    in ATen's ``qlinear_prepack.cpp``, the packed params' ``__setstate__`` in ``fbgemm_utils.cpp``)
+    dispatches on the process-wide ``torch.backends.quantized.engine``, which qpass never changes,
+    not even for a moment (other threads read it). Running packed weights does not read it."""
+    return torch.backends.quantized.engine in FBGEMM_ENGINES
+
+
 def _prepack(qweight: Tensor, bias: Optional[Tensor]) -> torch.ScriptObject:
-    engine = torch.backends.quantized.engine
-    if engine in ("fbgemm", "x86"):  # both pack linear weights with FBGEMM
-        return torch.ops.quantized.linear_prepack(qweight, bias)
-    logger.debug("quantized engine is %r; packing with 'fbgemm' temporarily", engine)
-    torch.backends.quantized.engine = "fbgemm"
-    try:
-        return torch.ops.quantized.linear_prepack(qweight, bias)
-    finally:
-        torch.backends.quantized.engine = engine
+    if not fbgemm_packs():
+        raise RuntimeError(
+            f"FBGEMM weights are packed only under torch.backends.quantized.engine 'fbgemm' or 'x86' "
+            f"(it is {torch.backends.quantized.engine!r}); qpass does not change the process-wide engine")
+    return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 def pack_fbgemm_dynamic(
@@ -96,6 +104,7 @@ def pack_fbgemm_dynamic(
     int8 in ``[-127, 127]``); an int8 ``(N, K)`` weight with ``w_scales`` ``(N,)`` or scalar; a
     qint8 quantized tensor (per tensor or per channel on axis 0), used as is. ``bias`` is fused
     into FBGEMM's epilogue. Keep ``reduce_range=True`` on CPUs without VNNI (see module doc).
+    Raises RuntimeError unless the quantized engine is ``"fbgemm"`` or ``"x86"`` (:func:`fbgemm_packs`).
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D (N, K) weight, got shape {tuple(weight.shape)}")

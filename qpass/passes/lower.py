@@ -15,6 +15,7 @@ calibration samples were reproduced better with 8-bit activations and weights re
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import weakref
@@ -54,13 +55,18 @@ class Target:
         if device.type == "cuda":
             return Target("cuda", capability=torch.cuda.get_device_capability(device))
         if device.type == "cpu":
-            return Target(
-                "cpu",
-                onednn=kernels.kernel_available("onednn"),
-                fbgemm=kernels.kernel_available("fbgemm"),
-                int8_dot=kernels.cpu_has_int8_dot(),
-            )
+            fbgemm = kernels.kernel_available("fbgemm")
+            if not fbgemm and "fbgemm" in torch.backends.quantized.supported_engines:
+                _log_fbgemm_refused(torch.backends.quantized.engine)
+            return Target("cpu", onednn=kernels.kernel_available("onednn"), fbgemm=fbgemm,
+                          int8_dot=kernels.cpu_has_int8_dot())
         return Target(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fbgemm_refused(engine: str) -> None:
+    logger.info("qpass lower: torch.backends.quantized.engine is %r and only 'fbgemm' / 'x86' pack FBGEMM weights; "
+                "qpass does not change it, so decode-sized linears use oneDNN", engine)
 
 
 @dataclass(frozen=True)
