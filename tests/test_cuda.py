@@ -14,7 +14,7 @@ import torch
 import qpass
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
-from tests.test_lower import EXPECTED, KERNEL_CONFIGS, Proj, _inputs, _int_reference
+from tests.test_lower import EXPECTED, KERNEL_CONFIGS, Proj, _inputs, _int_reference, _worst_case_weight
 from tests.test_quantize import BOUNDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -109,7 +109,7 @@ def test_int_mm_dot_products_are_exact(name, m, k, n, worst_case):
     model = Proj(k, n, bias=True).eval()
     if worst_case:
         with torch.no_grad():
-            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+            model.proj.weight.copy_(_worst_case_weight(n, k))
     x = _inputs(m, k, seed=m + k, worst_case=worst_case)
     calib_x = _inputs(64, k, seed=99, worst_case=worst_case)
     config = KERNEL_CONFIGS[name].replace(smoothing=None)

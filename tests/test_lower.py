@@ -63,16 +63,22 @@ def _compile(model, config, calib, x, *, inductor=True):
 
 
 def _inputs(m: int, k: int, seed: int, worst_case: bool) -> torch.Tensor:
-    """``(1, m, k)`` activations with outlier channels, a zero row, and (``worst_case``) rows at
-    the ends of the grid with the weights' signs, so that u8 x s8 pair sums are as large as they get."""
+    """``(1, m, k)`` activations with outlier channels, a zero row, and (``worst_case``) every
+    activation at the top of its grid (uint8 255, or 127 on the 7-bit grid): with the weights of
+    :func:`_worst_case_weight` every u8 x s8 product is as large as it gets, and so is each pair sum."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, m, k, generator=g)
     x[..., :3] *= 30.0
     if worst_case:
-        x[0, :, :] = torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0) * 5.0
+        x[0, :, :] = 5.0
     if m > 2:
         x[0, 1] = 0.0  # an all-zero token: its scale is clamped, its output is the bias
     return x
+
+
+def _worst_case_weight(n: int, k: int) -> torch.Tensor:
+    """Every weight at +-absmax (int8 +-127, or +-63 on the 7-bit grid), one sign per output row."""
+    return torch.where(torch.arange(n)[:, None] % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3
 
 
 def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib,
@@ -119,8 +125,8 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
     torch.manual_seed(m * 1000 + k)
     model = Proj(k, n, bias).eval()
     if worst_case:
-        with torch.no_grad():  # every weight at +-absmax with the sign pattern of the inputs
-            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+        with torch.no_grad():
+            model.proj.weight.copy_(_worst_case_weight(n, k))
     x = _inputs(m, k, seed=m + k, worst_case=worst_case)
     calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
@@ -162,7 +168,7 @@ def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, gr
     model = Proj(k, n, True).eval()
     if worst_case:
         with torch.no_grad():
-            model.proj.weight.copy_(torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3)
+            model.proj.weight.copy_(_worst_case_weight(n, k))
     x = _inputs(m, k, seed=m + k, worst_case=worst_case)
     calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
