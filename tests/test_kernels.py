@@ -9,7 +9,9 @@ tolerance is two float32 roundings of the final scaling (``rtol=2**-22``).
 
 from __future__ import annotations
 
+import os
 import warnings
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -29,8 +31,13 @@ def assert_rounding_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 needs_onednn = pytest.mark.skipif(not K.kernel_available("onednn"), reason="oneDNN not available")
 needs_fbgemm = pytest.mark.skipif(not K.kernel_available("fbgemm"), reason="FBGEMM not available")
-no_int8_dot = pytest.mark.skipif(
-    K.cpu_has_int8_dot(), reason="CPU has VNNI/AMX: full-range u8 does not saturate"
+onednn_saturates = pytest.mark.skipif(
+    not K.kernel_available("onednn") or K.int8_dot_exact("onednn"),
+    reason="oneDNN's u8 x s8 products are exact here (VNNI / AMX): full-range u8 does not saturate",
+)
+fbgemm_saturates = pytest.mark.skipif(
+    not K.kernel_available("fbgemm") or K.int8_dot_exact("fbgemm"),
+    reason="FBGEMM's u8 x s8 products are exact here (VNNI / AMX): full-range u8 does not saturate",
 )
 
 
@@ -201,7 +208,7 @@ def test_onednn_rejects_unpacked_weight_and_bad_inputs() -> None:
 
 
 @needs_onednn
-@no_int8_dot
+@onednn_saturates
 def test_onednn_full_range_u8_saturates_without_vnni() -> None:
     """Documents why activations are 7-bit: u8 255 x s8 127 pairs saturate int16 (AVX2)."""
     k, n = 38, 8
@@ -211,6 +218,55 @@ def test_onednn_full_range_u8_saturates_without_vnni() -> None:
     exact = 255 * 127 * k
     assert float(out[0, 0]) != exact
     assert float(out[0, 0]) == 32767 * (k // 2)  # every pair sum clipped to int16 max
+
+
+# ----------------------------------------------------------------------------- saturation probe
+
+
+def _vpmaddubsw_dot(x_u8: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x_u8 @ w.T`` as AVX2 computes it: adjacent u8 x s8 products summed in saturating int16."""
+    prod = x_u8.long()[:, None, :] * w.long()[None, :, :]
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    return pairs.clamp(-(2**15), 2**15 - 1).sum(-1)
+
+
+def test_probe_operands_catch_int16_saturation() -> None:
+    """The probe's worst case is off under an emulated ``vpmaddubsw`` (by half the result), while its
+    rows that cannot saturate are not: a kernel that saturates fails the probe, one that does not passes."""
+    x, w = K.saturation_probe_operands()
+    exact = x.long() @ w.long().T
+    saturated = _vpmaddubsw_dot(x, w)
+    assert int(exact.abs().max()) == 64 * 255 * 128
+    assert (saturated[0, :2] != exact[0, :2]).all()
+    assert (saturated[0, :2] - exact[0, :2]).abs().min() > exact[0, :2].abs().min() // 3
+    assert torch.equal(saturated[1:, :3], exact[1:, :3]), "rows without saturating pairs must agree"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(bool({"ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS"} & set(os.environ)),
+                    reason="an ISA limit is set: the CPU flags do not say what the kernels use")
+@pytest.mark.parametrize("kernel", K.PROBED_KERNELS)
+def test_probe_agrees_with_cpu_flags(kernel: str) -> None:
+    """Without ISA limits, each kernel's probe finds what the CPU flags predict: exact with VNNI or AMX
+    (the developers' AVX-512 VNNI EPYC), saturating on plain AVX2 / AVX-512F."""
+    if not K.kernel_available(kernel):
+        pytest.skip(f"{kernel} not available")
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    assert K.int8_dot_exact(kernel) == bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def test_probe_names_its_kernels() -> None:
+    with pytest.raises(ValueError, match="no saturation probe"):
+        K.int8_dot_exact("cuda_int8")
 
 
 @needs_fbgemm
@@ -322,7 +378,7 @@ def test_fbgemm_activation_is_per_tensor_asymmetric(reduce_range: bool) -> None:
 
 
 @needs_fbgemm
-@no_int8_dot
+@fbgemm_saturates
 def test_fbgemm_full_range_is_wrong_without_vnni() -> None:
     """linear_dynamic's default reduce_range=False saturates on AVX2 (why we pack with True)."""
     k, n, m = 38, 8, 2

@@ -9,8 +9,11 @@ point, a wrong rounding) fails.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,7 +137,7 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
     row = backend.report.rows["proj"]
     kernel, grid = _split(row.kernel)
     assert kernel == ("fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"), row
-    assert grid in lowering.cpu_grids(CPU), row
+    assert grid in lowering.cpu_grids(CPU, kernel), row
 
     acc, unit = _int_reference(model, x, config, calib, grid)
     b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)
@@ -163,7 +166,7 @@ def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, gr
     CPU the test above only sees the 8-bit grid): the same element-by-element integer check."""
     k, n = 100, 70
     _with_target(monkeypatch, FAKE_CPU)
-    monkeypatch.setattr(lowering, "cpu_grids", lambda target: (grid,))
+    monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
     torch.manual_seed(m * 1000 + k)
     model = Proj(k, n, True).eval()
     if worst_case:
@@ -409,7 +412,62 @@ def test_kernels_registry_keys_match_report_labels():
     assert kernels.kernel_available("onednn") == CPU.onednn
 
 
-# ----------------------------------------------------------------------------- global state
+# ----------------------------------------------------------------------------- saturation probe, global state
+
+_PROBE_SCRIPT = """
+import json, logging, sys, torch, qpass
+from qpass import kernels
+from qpass.passes import lower as lowering
+from tests.test_lower import KERNEL_CONFIGS, Proj, _inputs, _worst_case_weight
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s", stream=sys.stdout)
+cpu = lowering.Target.detect(torch.device("cpu"))
+out = {"probe": {k: kernels.int8_dot_exact(k) for k in kernels.PROBED_KERNELS},
+       "grids": {k: [g.note for g in lowering.cpu_grids(cpu, k)] for k in kernels.PROBED_KERNELS}, "runs": []}
+model = Proj(100, 70, True).eval()
+with torch.no_grad():
+    model.proj.weight.copy_(_worst_case_weight(70, 100))
+config = KERNEL_CONFIGS["w8a8_dynamic"].replace(smoothing=None)
+for m in (32, 3, 32):
+    x = _inputs(m, 100, seed=m, worst_case=True)
+    torch._dynamo.reset()
+    backend = qpass.backend(config, inductor=False)
+    ref_backend = qpass.backend(config.replace(lower=False), inductor=False)
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend, dynamic=False)(x)
+        torch._dynamo.reset()
+        ref = torch.compile(model, backend=ref_backend, dynamic=False)(x)
+    out["runs"].append([m, backend.report.rows["proj"].kernel, ((y - ref).norm() / ref.norm()).item()])
+print(json.dumps(out))
+"""
+
+
+@needs_onednn
+@pytest.mark.parametrize("limits", [
+    {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+], ids=["onednn-avx2", "onednn-and-fbgemm-avx2"])
+def test_saturation_probe_sees_a_limited_isa(limits):
+    """oneDNN and FBGEMM each choose their instructions at run time, and each can be limited to AVX2
+    (``vpmaddubsw``, saturating int16 pair sums) whatever the CPU flags say. In a fresh process so
+    limited, each kernel's probe reports what the kernel does, the lowering takes the 7-bit grids for
+    exactly the saturating kernels, logs that once per kernel, and stays right on worst-case inputs
+    (on the 8-bit grid a saturating kernel is off by half the result)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")}
+    run = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], env={**env, **limits}, capture_output=True,
+                         text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    got = json.loads(lines[-1])
+    # FBGEMM unlimited does what it does in this process (exact with VNNI, saturating without).
+    fbgemm_exact = "FBGEMM_ENABLE_INSTRUCTIONS" not in limits and kernels.int8_dot_exact("fbgemm")
+    assert got["probe"] == {"onednn": False, "fbgemm": fbgemm_exact}, got
+    assert got["grids"] == {"onednn": ["7-bit weights", "7-bit act"],
+                            "fbgemm": [""] if fbgemm_exact else ["7-bit weights", "7-bit act"]}, got
+    probe_logs = [line for line in lines if line.startswith("LOG qpass.passes.lower") and "worst-case probe" in line]
+    assert len(probe_logs) == 2 and "onednn" in probe_logs[0] + probe_logs[1], probe_logs
+    for m, kernel, err in got["runs"]:
+        assert kernel.startswith("onednn (7-bit" if m > lowering.DECODE_M else "fbgemm"), (m, kernel)
+        assert err < 0.02, (m, kernel, err)
 
 
 @needs_onednn

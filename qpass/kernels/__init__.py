@@ -4,7 +4,14 @@ Importing this package registers ``qpass::onednn_qlinear``, ``qpass::fbgemm_dyna
 ``qpass::fbgemm_qlinear``.
 """
 
-from .capability import KERNEL_NAMES, available_kernels, cpu_has_int8_dot, kernel_available
+from .capability import (
+    KERNEL_NAMES,
+    PROBED_KERNELS,
+    available_kernels,
+    int8_dot_exact,
+    kernel_available,
+    saturation_probe_operands,
+)
 from .cuda import fp8_scaled_mm, int8_scaled_mm
 from .fbgemm import (
     FbgemmPacked,
@@ -38,12 +45,12 @@ from .reference import (
 
 __all__ = [
     "KERNEL_NAMES",
+    "PROBED_KERNELS",
     "FbgemmPacked",
     "OnednnInt8Weight",
     "U7_QMAX",
     "U7_ZERO_POINT",
     "available_kernels",
-    "cpu_has_int8_dot",
     "dequantize_act_u7",
     "fbgemm_act_qparams",
     "fbgemm_dynamic_linear",
@@ -51,6 +58,7 @@ __all__ = [
     "fbgemm_packs",
     "fbgemm_qlinear",
     "fp8_scaled_mm",
+    "int8_dot_exact",
     "int8_scaled_mm",
     "kernel_available",
     "onednn_dynamic_linear",
@@ -64,4 +72,5 @@ __all__ = [
     "reference_fbgemm_dynamic_linear",
     "reference_int_linear",
     "release_fbgemm",
+    "saturation_probe_operands",
 ]

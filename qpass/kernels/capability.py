@@ -1,4 +1,5 @@
-"""Which low-level W8A8 kernels this process can run.
+"""Which low-level W8A8 kernels this process can run, and whether their u8 x s8 products are exact
+(:func:`int8_dot_exact`, measured by running them once).
 
 Names understood by :func:`kernel_available`:
 
@@ -23,8 +24,10 @@ import functools
 import logging
 
 import torch
+from torch import Tensor
 
-from .fbgemm import fbgemm_packs
+from .fbgemm import fbgemm_packs, fbgemm_qlinear, pack_fbgemm_dynamic, release_fbgemm
+from .onednn import onednn_qlinear, pack_onednn_int8
 
 logger = logging.getLogger(__name__)
 
@@ -38,28 +41,55 @@ def _has_op(namespace: str, name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags from ``/proc/cpuinfo`` (empty set where that file does not exist)."""
+#: The CPU kernels whose u8 x s8 products :func:`int8_dot_exact` probes.
+PROBED_KERNELS: tuple[str, ...] = ("onednn", "fbgemm")
+
+
+def saturation_probe_operands(k: int = 64) -> tuple[Tensor, Tensor]:
+    """``(x_u8 (3, k), w_int8 (4, k))``: every u8 x s8 product at the grids' ends with one sign per
+    row, so each sum of two adjacent products (``2 * 255 * 127``, ``2 * 255 * -128``) is twice what
+    int16 holds; a kernel that sums pairs in saturating int16 (``vpmaddubsw``: x86 without VNNI /
+    AMX, or an ISA limited by ``ONEDNN_MAX_CPU_ISA`` / ``FBGEMM_ENABLE_INSTRUCTIONS``) gets them
+    wrong. Rows that cannot saturate (alternating signs or zeros) show the rest is right."""
+    x = torch.full((3, k), 255, dtype=torch.uint8)
+    x[1, 1::2] = 0
+    x[2, ::2] = 1
+    w = torch.empty(4, k, dtype=torch.int8)
+    w[0], w[1] = 127, -128
+    w[2] = torch.where(torch.arange(k) % 2 == 0, 127, -128)
+    w[3] = torch.arange(k) % 255 - 127
+    return x, w
+
+
+def _probe_onednn(x: Tensor, w: Tensor) -> Tensor:
+    packed = pack_onednn_int8(w, 1.0)
+    return onednn_qlinear(x, 1.0, 0, packed.packed, packed.scales, None)
+
+
+def _probe_fbgemm(x: Tensor, w: Tensor) -> Tensor:
+    handle = pack_fbgemm_dynamic(w, 1.0)
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+        return fbgemm_qlinear(x.to(torch.float32), 0, handle)
+    finally:
+        release_fbgemm(handle)
 
 
-def cpu_has_int8_dot() -> bool:
-    """True when the CPU has a non-saturating u8 x s8 dot product (AVX512-VNNI, AVX-VNNI or AMX).
-
-    Without it (plain AVX2 / AVX-512F), oneDNN and FBGEMM multiply with ``vpmaddubsw``, which
-    saturates the sum of two adjacent u8*s8 products to int16: full-range (8-bit) uint8
-    activations then give wrong results, 7-bit activations (values <= 127) are exact.
-    """
-    flags = cpu_flags()
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+@functools.lru_cache(maxsize=None)
+def int8_dot_exact(kernel: str) -> bool:
+    """Whether ``kernel`` (``"onednn"``: ``qpass::onednn_qlinear``; ``"fbgemm"``:
+    ``qpass::fbgemm_qlinear``) multiplies full-range uint8 activations by full-range int8 weights
+    exactly, found once per process by running it on :func:`saturation_probe_operands` and comparing
+    with the int64 product (float32 holds every result exactly). CPU flags are not enough: oneDNN and
+    FBGEMM each pick their instruction set at run time and can be told to use less."""
+    probes = {"onednn": _probe_onednn, "fbgemm": _probe_fbgemm}
+    if kernel not in probes:
+        raise ValueError(f"no saturation probe for {kernel!r}; expected one of {PROBED_KERNELS}")
+    x, w = saturation_probe_operands()
+    exact = x.long() @ w.long().T
+    got = probes[kernel](x, w)
+    err = int((got.double() - exact.double()).abs().max())
+    logger.debug("saturation probe of %s: max error %d (products up to %d)", kernel, err, int(exact.abs().max()))
+    return err == 0
 
 
 def kernel_available(name: str) -> bool:

@@ -6,8 +6,9 @@ Before (``quantize``: dynamic per-token INT8 activations, per-output-channel wei
     x_dq = qpass.dequantize(qpass.quantize(x, s, None, -128, 127, i8), s, None, 0, f32)
     y = linear(x_dq, qpass.dequantize(const(W_q), const(W_s), None, 0, f32), b)
 
-After (x86 without VNNI, where u8 x s8 products saturate unless one operand has 7 bits; this layer's
-calibration samples were reproduced better with 8-bit activations and weights requantized to 7 bits)::
+After (an x86 kernel whose probe found u8 x s8 products saturating, as without VNNI, so one operand
+has 7 bits; this layer's calibration samples were reproduced better with 8-bit activations and
+weights requantized to 7 bits)::
 
     s = qpass.choose_qparams(x, True, True, -128, 127)[0]
     y = qpass.onednn_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), 1.0, 128, const(packed W7), const(W7_s), None) * s + b
@@ -47,7 +48,9 @@ class Target:
     device: str  # "cpu" or "cuda"
     onednn: bool = False
     fbgemm: bool = False
-    int8_dot: bool = False  # u8 x s8 dot product without int16 saturation (VNNI / AMX)
+    # Whether the CPU kernels' u8 x s8 products are exact on full-range operands (no int16
+    # saturation): None asks each kernel's probe (``kernels.int8_dot_exact``); True / False forces it.
+    int8_dot: bool | None = None
     capability: tuple[int, int] | None = None  # CUDA compute capability
 
     @staticmethod
@@ -58,8 +61,7 @@ class Target:
             fbgemm = kernels.kernel_available("fbgemm")
             if not fbgemm and "fbgemm" in torch.backends.quantized.supported_engines:
                 _log_fbgemm_refused(torch.backends.quantized.engine)
-            return Target("cpu", onednn=kernels.kernel_available("onednn"), fbgemm=fbgemm,
-                          int8_dot=kernels.cpu_has_int8_dot())
+            return Target("cpu", onednn=kernels.kernel_available("onednn"), fbgemm=fbgemm)
         return Target(device.type)
 
 
@@ -97,9 +99,21 @@ GRID_W7 = Grid(127, 63, "7-bit weights")
 GRID_A7 = Grid(63, 127, "7-bit act")
 
 
-def cpu_grids(target: Target) -> tuple[Grid, ...]:
-    """The exact grids of ``target``'s int8 kernels, the default first."""
-    return (GRID_8BIT,) if target.int8_dot else (GRID_W7, GRID_A7)
+def cpu_grids(target: Target, kernel: str) -> tuple[Grid, ...]:
+    """The exact grids of ``kernel`` (``"onednn"`` or ``"fbgemm"``) on ``target``, the default first."""
+    exact = target.int8_dot if target.int8_dot is not None else _probed_int8_dot(kernel)
+    return (GRID_8BIT,) if exact else (GRID_W7, GRID_A7)
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_int8_dot(kernel: str) -> bool:
+    exact = kernels.int8_dot_exact(kernel)
+    logger.info(
+        "qpass lower: %s: a worst-case probe of the kernel (u8 255 x s8 127 / -128) %s", kernel,
+        "is exact: int8 layers use the 8-bit grids" if exact else
+        "saturates int16 pair sums (no VNNI / AMX, or a limited ISA): so that no product can saturate, "
+        "each int8 layer uses 7-bit weights or 7-bit activations, whichever reproduces the calibration outputs better")
+    return exact
 
 
 def grid_error(x: Tensor, w_q: Tensor, w_scale: Tensor, grid: Grid, *, per_token: bool,
@@ -255,12 +269,12 @@ class _Emit:
         self.smoothing = {qg.module_of(n): s for n, s in qg.smoothing.items()}  # path -> s (input divided by)
         self.grids: dict[str, tuple[Grid, str]] = {}  # path -> (grid, why)
 
-    def grid(self, q: QLinear, target: Target) -> Grid:
-        """The exact grid for ``q`` on ``target`` with the smallest output error on the calibration
-        samples (the default grid without samples)."""
+    def grid(self, q: QLinear, target: Target, kernel: str) -> Grid:
+        """The exact grid for ``q`` on ``target``'s ``kernel`` with the smallest output error on the
+        calibration samples (the default grid without samples)."""
         if q.path in self.grids:
             return self.grids[q.path][0]
-        grids = cpu_grids(target)
+        grids = cpu_grids(target, kernel)
         stats = self.calibration.get(q.path) if self.calibration is not None else None
         if len(grids) == 1 or stats is None or stats.samples is None:
             self.grids[q.path] = (grids[0], "")
@@ -369,7 +383,7 @@ class _Emit:
 
 def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
-    grid = e.grid(q, target)
+    grid = e.grid(q, target, "onednn")
     w_q, w_s = e.weight(q, grid)
     packed = kernels.pack_onednn_int8(w_q, w_s)
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
@@ -386,7 +400,7 @@ def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
 
 def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
-    grid = e.grid(q, target)
+    grid = e.grid(q, target, "fbgemm")
     # Packed at unit scales (FBGEMM returns the integer dot products); the weight scales are a graph
     # constant applied with the activation scale, and the process-wide registry entry is freed when
     # that constant is.
@@ -474,7 +488,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         return 0
     emit = _Emit(qg, calibration)
     targets: dict[torch.device, Target] = {}
-    done, grid_logged = 0, False
+    done = 0
     for out, path in list(qg.quantized.items()):
         q = match(qg, out, path, config)
         t = target or targets.setdefault(q.device, Target.detect(q.device))
@@ -494,10 +508,4 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         if why:
             row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
-        if t.device == "cpu" and len(cpu_grids(t)) > 1 and not grid_logged:
-            grid_logged = True
-            logger.info(
-                "qpass lower: this CPU has no VNNI: so that u8 x s8 products cannot saturate, each int8 kernel "
-                "uses 7-bit weights or 7-bit activations, whichever reproduces the calibration outputs better"
-            )
     return done
