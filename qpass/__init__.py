@@ -4,8 +4,9 @@
     compiled = torch.compile(model, backend=qpass.backend(qpass.QuantConfig(), calibration=calib))
 """
 
+from qpass.api import compile
 from qpass.backend import PIPELINE, QPassBackend, backend, qpass
-from qpass.calibration import Calibration, ChannelStats, calibrate
+from qpass.calibration import Calibration, CalibrationFileError, ChannelStats, calibrate
 from qpass.config import (
     AdaDim,
     OutlierSplit,
@@ -23,7 +24,7 @@ from qpass.printer import format_graph
 from qpass.report import Report
 
 __all__ = [
-    "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "ChannelStats", "calibrate",
+    "compile", "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
     "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
     "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset",
 ]

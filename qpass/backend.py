@@ -12,9 +12,12 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
+from torch.utils.weak import WeakIdKeyDictionary
+
+from qpass import checks
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import QGraph
+from qpass.graph import QGraph, placeholder_sources
 from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
@@ -42,11 +45,29 @@ class QPassBackend:
     runs the rewritten graph eagerly (useful to debug a pass).
     """
 
-    def __init__(self, config: QuantConfig | None = None, calibration: Calibration | None = None, *, inductor: bool = True):
+    def __init__(
+        self, config: QuantConfig | str | None = None, calibration: Calibration | None = None, *, inductor: bool = True
+    ):
+        if isinstance(config, str):
+            from qpass.presets import preset
+
+            config = preset(config)
+        if config is not None and not isinstance(config, QuantConfig):
+            raise TypeError(
+                f"qpass.backend: config must be a qpass.QuantConfig or a preset name, got {type(config).__name__}"
+            )
         self.config = config if config is not None else QuantConfig()
         if calibration is not None and not isinstance(calibration, Calibration):
             raise TypeError(f"qpass.backend: calibration must be a qpass.Calibration, got {type(calibration).__name__}")
+        if not isinstance(inductor, bool):
+            raise TypeError(f"qpass.backend: inductor must be a bool, got {type(inductor).__name__}")
         self.calibration = calibration
+        # parameter -> its path from the root module, so that graphs Dynamo traced from inside a
+        # submodule (a graph break there) still name layers by their full path; see ``bind``.
+        self._names: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        if calibration is not None:
+            self._names.update(calibration.param_paths)
+        self._skips_warned: set[str] = set()
         self.inductor = inductor
         self.report = Report()
         self.graphs: list[fx.GraphModule] = []
@@ -57,13 +78,32 @@ class QPassBackend:
         if calibration is None and self.config.smoothing is not None:
             logger.warning("qpass: no calibration given; smoothing is off (pass calibration=qpass.calibrate(...))")
 
+    def bind(self, model: nn.Module) -> "QPassBackend":
+        """Learn ``model``'s module paths, so that every graph compiled from it names its layers by
+        their path from ``model`` (Dynamo names them relative to the frame it traced, which after a
+        graph break inside a decoder layer is that layer). A calibration made in this process binds
+        the model it ran on; call this when the calibration was loaded from a file. Returns self."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"QPassBackend.bind: expected an nn.Module, got {type(model).__name__}")
+        for name, p in model.named_parameters():
+            self._names[p] = name
+        return self
+
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        qg = QGraph(gm, example_inputs)
+        checks.check_grad_mode(example_inputs)
+        return _PerParameters(self, gm, example_inputs)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list, sources=None) -> Callable:
+        """Rewrite and compile ``gm`` for the parameters among ``example_inputs``."""
+        qg = QGraph(gm, example_inputs, self._names, sources)
+        known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
+        checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
+        calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
         self.report.graphs += 1
         for name, run in PIPELINE:
-            if name == "smooth" and self.calibration is None:
+            if name == "smooth" and calibration is None:
                 continue
-            n = run(qg, self.config, self.calibration, self.report)
+            n = run(qg, self.config, calibration, self.report)
             logger.info("qpass %s: %d linears rewritten", name, n)
         new_gm = qg.build()
         self.graphs.append(new_gm)
@@ -74,7 +114,6 @@ class QPassBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(new_gm, example_inputs)
-
 
     def release_weights(self, model: nn.Module) -> int:
         """Free the fp32 storage of ``model``'s parameters that no graph compiled so far reads any
@@ -100,13 +139,49 @@ class QPassBackend:
         owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in released}
         for path, module in model.named_modules():
             if path in owners:
-                module.register_forward_pre_hook(_released_hook(path))
+                _guard_released(module, path)
+            holds = sorted(o for o in owners if path == "" or o == path or o.startswith(path + "."))
+            if holds:  # an ancestor: refuse before touching anything, not half-way through its children
+                _guard_ancestor(module, holds[0])
         model.qpass_released = tuple(released)
         logger.warning(
             "qpass: released the fp32 storage of %d parameters (%.1f MB) of %s; run the compiled model, "
             "calling the module itself now raises", len(released), freed / 2**20, type(model).__name__,
         )
         return freed
+
+
+class _PerParameters:
+    """The compiled function Dynamo gets for one of its graphs, specialised on the identity of the
+    parameters it was compiled for.
+
+    qpass bakes the parameters' values into the rewritten graph (smoothed, quantized, packed), but
+    Dynamo passes parameters as inputs and guards only their shapes: after a graph break inside a
+    decoder layer it compiles that layer's frame once and runs the same graph for every layer. Each
+    new set of parameters therefore gets its own rewrite and compile (once), from the same graph.
+    """
+
+    def __init__(self, backend: QPassBackend, gm: fx.GraphModule, example_inputs: list):
+        self.backend, self.gm = backend, gm
+        self.sources = placeholder_sources(gm)
+        self.positions = [i for i, v in enumerate(example_inputs) if isinstance(v, nn.Parameter)]
+        self.variants: dict[tuple, tuple[tuple, Callable]] = {}
+        self._add(example_inputs)
+
+    def _add(self, inputs) -> Callable:
+        params = tuple(inputs[i] for i in self.positions)
+        fn = self.backend._compile(self.gm, list(inputs), self.sources)
+        self.variants[tuple(map(id, params))] = (tuple(weakref.ref(p) for p in params), fn)
+        return fn
+
+    def __call__(self, *args):
+        key = tuple(id(args[i]) for i in self.positions)
+        found = self.variants.get(key)
+        if found is not None and all(ref() is args[i] for ref, i in zip(found[0], self.positions)):
+            return found[1](*args)
+        with torch.no_grad():
+            fn = self._add(args)
+        return fn(*args)
 
 
 def _holds(refs: dict[int, weakref.ref], p: torch.Tensor) -> bool:
@@ -118,19 +193,54 @@ def _is_released(p: torch.Tensor) -> bool:
     return p.numel() > 0 and p.untyped_storage().nbytes() == 0
 
 
-def _released_hook(path: str):
-    def hook(module, args):
+def _released_error(path: str, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"qpass: the fp32 weights of {path or 'the model'} were released by QPassBackend.release_weights(); "
+        f"{what} needs them: only the compiled model can run (reload the model to get them back)"
+    )
+
+
+def _guard_released(module: nn.Module, path: str) -> None:
+    """Make every module-level way to read the freed weights raise instead of reading freed memory:
+    calling the module, ``state_dict`` (so ``torch.save(model.state_dict())`` writes nothing),
+    ``deepcopy``, pickling and ``.to()``/``.float()``. These are instance attributes and hooks, which
+    Dynamo's guards on the compiled model do not look at (a new class would make it recompile).
+    Direct tensor access to a released parameter (``layer.weight.sum()``) is not interceptable
+    without changing its class, and reads freed memory: ``model.qpass_released`` lists them."""
+
+    def forward_hook(mod, args):
         if torch.compiler.is_compiling():
             return None
-        raise RuntimeError(
-            f"qpass: the fp32 weights of {path or 'the model'} were released by QPassBackend.release_weights(); "
-            "only the compiled model can run"
-        )
-    return hook
+        raise _released_error(path, "calling the module")
+
+    module.register_forward_pre_hook(forward_hook)
+    for param in module.parameters(recurse=False):
+        _refuse_copies(param, path)
 
 
-def backend(config: QuantConfig | None = None, calibration: Calibration | None = None, **kwargs) -> QPassBackend:
-    """``torch.compile(model, backend=qpass.backend(config, calibration=calib))``."""
+def _guard_ancestor(module: nn.Module, path: str) -> None:
+    def state_dict_hook(mod, prefix, keep_vars):
+        raise _released_error(path, "state_dict()")
+
+    module.register_state_dict_pre_hook(state_dict_hook)
+    _refuse_copies(module, path)
+    module._apply = _refusal(path, "moving or casting the module (.to(), .float(), .cuda())")
+
+
+def _refuse_copies(obj, path: str) -> None:
+    obj.__deepcopy__ = _refusal(path, "deepcopy")
+    obj.__reduce_ex__ = _refusal(path, "pickling (torch.save)")
+
+
+def _refusal(path: str, what: str):
+    def refuse(*args, **kwargs):
+        raise _released_error(path, what)
+    return refuse
+
+
+def backend(config: QuantConfig | str | None = None, calibration: Calibration | None = None, **kwargs) -> QPassBackend:
+    """``torch.compile(model, backend=qpass.backend(config, calibration=calib))``; ``config`` may be a
+    preset name (``qpass.backend("w8a8_static", calibration=calib)``)."""
     return QPassBackend(config, calibration, **kwargs)
 
 

@@ -27,6 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class Calibration(Mapping[str, ChannelStats]):
 
     def __init__(self, stats: dict[str, ChannelStats]):
         self._stats = {p: _on_cpu(st) for p, st in stats.items()}
+        # parameter -> module path in the model calibrated in this process (weakly held; not saved):
+        # lets the backend name layers by their full path in graphs Dynamo traced inside a submodule.
+        self.param_paths: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def __getitem__(self, path: str) -> ChannelStats:
         return self._stats[path]
@@ -335,4 +339,7 @@ def calibrate(
         logger.warning("%s: never called during calibration; it will not be smoothed", p)
     stats = {p: r.stats() for p, r in recorders.items() if r.absmax is not None}
     logger.info("calibrated %d linears on %d batches", len(stats), len(batches))
-    return Calibration(stats)
+    calibration = Calibration(stats)
+    for name, p in model.named_parameters():
+        calibration.param_paths[p] = name
+    return calibration

@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # bools and NaN refused
+
+
 @dataclass(frozen=True)
 class PerTensor:
     """One scale for the whole tensor."""
@@ -65,7 +73,7 @@ class PerGroup:
     group_size: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size <= 0:
+        if not _is_int(self.group_size) or self.group_size <= 0:
             raise ValueError(f"PerGroup.group_size must be a positive int, got {self.group_size!r}")
 
 
@@ -108,6 +116,9 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"QuantSpec.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.granularity, (*WEIGHT_GRANULARITIES, *ACTIVATION_GRANULARITIES)):
             raise TypeError(f"QuantSpec.granularity must be a granularity, got {self.granularity!r}")
         if self.dtype == "fp8_e4m3" and not self.symmetric:
@@ -140,11 +151,13 @@ class Smoothing:
     alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 
     def __post_init__(self) -> None:
-        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+        if self.alpha != "auto" and not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"Smoothing.alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError(f"Smoothing.fallback must be 'multiply' or 'skip', got {self.fallback!r}")
-        if not self.alpha_grid or not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+        if not isinstance(self.alpha_grid, tuple) or not self.alpha_grid or not all(
+            _is_number(a) and 0.0 <= a <= 1.0 for a in self.alpha_grid
+        ):
             raise ValueError(f"Smoothing.alpha_grid must be non-empty values in [0, 1], got {self.alpha_grid!r}")
 
 
@@ -170,11 +183,11 @@ class OutlierSplit:
                 f"OutlierSplit: give exactly one of threshold, top_k and ratio (got {', '.join(given) or 'none'}; "
                 "pass threshold=None with top_k or ratio)"
             )
-        if self.threshold is not None and not self.threshold > 0:
+        if self.threshold is not None and not (_is_number(self.threshold) and self.threshold > 0):
             raise ValueError(f"OutlierSplit.threshold must be > 0, got {self.threshold!r}")
-        if self.ratio is not None and not self.ratio > 1:
+        if self.ratio is not None and not (_is_number(self.ratio) and self.ratio > 1):
             raise ValueError(f"OutlierSplit.ratio must be > 1 (a multiple of the median channel absmax), got {self.ratio!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k <= 0):
             raise ValueError(f"OutlierSplit.top_k must be a positive int, got {self.top_k!r}")
 
 
@@ -204,8 +217,16 @@ class QuantConfig:
     dynamic_fallback: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+        if isinstance(self.skip, list):
+            object.__setattr__(self, "skip", tuple(self.skip))  # stays hashable
+        if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
             raise TypeError(f"QuantConfig.skip must be a tuple of module paths, got {self.skip!r}")
+        for name, kind in (("weight", QuantSpec), ("activation", QuantSpec), ("smoothing", Smoothing), ("outliers", OutlierSplit)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"QuantConfig.{name} must be a qpass.{kind.__name__} or None, got {value!r}")
+        if not isinstance(self.lower, bool):
+            raise TypeError(f"QuantConfig.lower must be a bool, got {self.lower!r}")
         w, a = self.weight, self.activation
         if w is not None:
             if not isinstance(w.granularity, WEIGHT_GRANULARITIES):
@@ -236,12 +257,17 @@ class QuantConfig:
         if self.dynamic_fallback is not None:
             if a is None or a.dynamic:
                 raise ValueError("QuantConfig.dynamic_fallback applies to static activations only (activation.dynamic=False)")
-            if not self.dynamic_fallback >= 1:
+            if not (_is_number(self.dynamic_fallback) and self.dynamic_fallback >= 1):
                 raise ValueError(f"QuantConfig.dynamic_fallback must be >= 1 (an error ratio), got {self.dynamic_fallback!r}")
 
     def skips(self, path: str) -> bool:
         """True if the module at ``path`` is excluded by ``skip``."""
-        return any(path == s or path.endswith("." + s) or fnmatch.fnmatchcase(path, s) for s in self.skip)
+        return any(skip_matches(s, path) for s in self.skip)
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
+
+
+def skip_matches(pattern: str, path: str) -> bool:
+    """``"lm_head"`` matches ``lm_head`` and ``model.lm_head``; globs match whole paths."""
+    return path == pattern or path.endswith("." + pattern) or fnmatch.fnmatchcase(path, pattern)

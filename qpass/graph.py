@@ -11,6 +11,8 @@ Inductor, called with the same inputs as Dynamo's graph.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,20 +20,29 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._guards import detect_fake_mode
 
-__all__ = ["QGraph", "LinearSite", "normalize_path", "LINEAR_TARGETS"]
+__all__ = ["QGraph", "LinearSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS"]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
 
 
+_ROOT = re.compile(r"^L\[['\"]\w+['\"]\]")
+
+
 def normalize_path(source: str) -> str:
     """``L['self']._modules['model']._modules['layers']._modules['0']`` or
-    ``L['self'].model.layers[0]`` -> ``model.layers.0``. The root is the compiled function's
-    module argument, whatever its name (``forward(this, x)``, ``f(model, x)``)."""
-    source = re.sub(r"^L\[['\"]\w+['\"]\]", "", source)
-    parts = [a or b for a, b in _SOURCE_KEY.findall(source)]
-    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+    ``L['self'].model.layers[0]`` -> ``model.layers.0``, relative to the frame's module argument,
+    whatever its name (``forward(this, x)``, ``f(model, x)``)."""
+    return split_source(source)[1]
+
+
+def split_source(source: str) -> tuple[str, str]:
+    """A Dynamo source name -> (its root local, e.g. ``L['self']``, or ``""``; the module path below it)."""
+    root = _ROOT.match(source)
+    rest = source[root.end():] if root else source
+    parts = [a or b for a, b in _SOURCE_KEY.findall(rest)]
+    return (root.group(0) if root else ""), ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
 
 
 @dataclass
@@ -76,7 +87,13 @@ class QGraph:
     (that of its parameters), so a model on CUDA gets CUDA constants.
     """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list,
+        names: Mapping[torch.Tensor, str] | None = None,
+        sources: list[tuple[str, str]] | None = None,
+    ):
         self.graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
         out = self.graph.graph_copy(gm.graph, val_map)
@@ -90,9 +107,16 @@ class QGraph:
         self.smoothing: dict[fx.Node, torch.Tensor] = {}  # linear -> per-input-channel s its input was divided by
         self.quantized: dict[fx.Node, str] = {}  # output node of a quantized linear -> module path
         self.params: dict[fx.Node, tuple[str, torch.Tensor]] = {}
+        if sources is None:
+            sources = placeholder_sources(gm)
+        sources = {n: src for n, v, src in zip(self.placeholders, example_inputs, sources) if isinstance(v, nn.Parameter)}
+        # Dynamo names parameters relative to the frame it traced: after a graph break inside a
+        # submodule that is the submodule (``self_attn.q_proj``). ``names`` (parameter -> path from
+        # the root module the user compiled) tells what each frame-local access path stands for.
+        self._roots = _roots(sources, dict(zip(self.placeholders, example_inputs)), names)
         for node, value in zip(self.placeholders, example_inputs):
             if isinstance(value, nn.Parameter):
-                self.params[node] = (self._param_path(node), value)
+                self.params[node] = (self._resolve(*sources[node]) or node.name, value)
                 if value.numel() > 0 and value.untyped_storage().nbytes() == 0:
                     raise RuntimeError(
                         f"qpass: {self.params[node][0]} was released by QPassBackend.release_weights() and this "
@@ -101,13 +125,6 @@ class QGraph:
         self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
 
-    @staticmethod
-    def _param_path(node: fx.Node) -> str:
-        grapharg = node.meta.get("grapharg")
-        if grapharg is not None:
-            name = grapharg.source.name
-            return normalize_path(name() if callable(name) else name)
-        return node.name
 
     # -- reading ---------------------------------------------------------------
     def value(self, node) -> torch.Tensor | None:
@@ -156,11 +173,20 @@ class QGraph:
         stack = node.meta.get("nn_module_stack")
         if stack:
             source, _cls = list(stack.values())[-1]
-            return normalize_path(source)
+            return self._resolve(*split_source(source))
         site_weight = node.args[1] if node.target in LINEAR_TARGETS and len(node.args) > 1 else None
         if site_weight in self.params:
             return self.params[site_weight][0].rsplit(".", 1)[0]
         return node.name
+
+    def _resolve(self, root: str, rel: str) -> str:
+        """The full module path of ``rel`` under the frame-local ``root``."""
+        parts = rel.split(".") if rel else []
+        best = max((k for k in self._roots if k[0] == root and tuple(parts[: len(k[1])]) == k[1]),
+                   key=lambda k: len(k[1]), default=None)
+        if best is None:
+            return rel
+        return ".".join((*self._roots[best], *parts[len(best[1]):]))
 
     def fake(self, tensor: torch.Tensor):
         return self.fake_mode.from_tensor(tensor, static_shapes=True) if self.fake_mode is not None else tensor
@@ -219,6 +245,38 @@ class QGraph:
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm
+
+
+def placeholder_sources(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(root local, relative module path) of each placeholder, from Dynamo's sources; read them
+    while the backend runs (Dynamo drops them from the graph's metadata afterwards)."""
+    out = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        name = grapharg.source.name if grapharg is not None else ""
+        out.append(split_source(name() if callable(name) else name) if name else ("", ""))
+    return out
+
+
+def _roots(sources: dict, values: dict, names: Mapping[torch.Tensor, str] | None) -> dict:
+    """(frame-local root, leading access path) -> the module path it stands for, read off the
+    parameters whose full path ``names`` knows: ``L['self']``, ``self_attn.q_proj.weight`` named
+    ``model.layers.1.self_attn.q_proj.weight`` gives ``(L['self'], ()) -> model.layers.1``. A tied
+    parameter (one tensor, two paths) can disagree with the rest: the majority wins."""
+    found: dict[tuple, Counter] = {}
+    for node, (root, rel) in sources.items():
+        full = names.get(values[node]) if names is not None else None
+        if full is None or not rel:
+            continue
+        rel_parts, full_parts = rel.split("."), full.split(".")
+        common = 0
+        while common < min(len(rel_parts), len(full_parts)) and rel_parts[-1 - common] == full_parts[-1 - common]:
+            common += 1
+        if common < min(2, len(rel_parts)):  # ``weight`` alone says nothing (tied ``lm_head.weight``)
+            continue
+        key = (root, tuple(rel_parts[: len(rel_parts) - common]))
+        found.setdefault(key, Counter())[tuple(full_parts[: len(full_parts) - common])] += 1
+    return {key: votes.most_common(1)[0][0] for key, votes in found.items()}
 
 
 def _mutates(node: fx.Node) -> bool:

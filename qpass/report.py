@@ -21,6 +21,7 @@ class LayerRow:
     per_token_fallback: bool = False  # static activations asked, per-token dynamic run (dynamic_fallback)
     outlier_channels: int = 0  # input channels kept fp32 by an outlier split
     kernel: str = ""  # lowered kernel, or "reference"
+    calibration: str = ""  # why this layer's calibration statistics were not used (qpass.checks)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Report:
         for r in self.rows.values():
             ratio = f"{r.outlier_ratio[0]:.0f} -> {r.outlier_ratio[1]:.0f}" if r.outlier_ratio else ""
             alpha = f"{r.alpha:.2f}" if r.alpha is not None else ""
-            lines.append((r.path, r.smoothing, r.absorber, alpha, ratio, r.weight, r.activation, r.kernel, r.reason))
+            note = "; ".join(n for n in (f"calibration unusable: {r.calibration}" if r.calibration else "", r.reason) if n)
+            lines.append((r.path, r.smoothing, r.absorber, alpha, ratio, r.weight, r.activation, r.kernel, note))
         widths = [max([len(c)] + [len(line[i]) for line in lines]) for i, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]

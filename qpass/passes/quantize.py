@@ -56,7 +56,8 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             row.reason = f"weight dtype {w.dtype} is not floating point; left as is"
             logger.warning("%s: %s", site.path, row.reason)
             continue
-        _quantize_site(qg, site, config, calibration.get(site.path) if calibration else None, row, shared)
+        stats = calibration.get(site.path) if calibration is not None else None
+        _quantize_site(qg, site, config, stats, calibration is not None, row, shared)
         done += 1
     return done
 
@@ -72,7 +73,10 @@ def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
     return stats.min / s, stats.max / s, stats.absmax / s, samples
 
 
-def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row, shared: dict) -> None:
+def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
+    """``stats`` is None for a layer without usable statistics; ``calibrated`` says whether the
+    backend has a calibration at all (without one, static scales are a configuration error; with
+    one, such a layer falls back to what needs no statistics, and ``qpass.checks`` said why)."""
     wspec, aspec = config.weight, config.activation
     w = qg.value(site.weight_node)
     w = (w.t() if site.weight_t else w).detach().float()
@@ -88,12 +92,22 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, row
             f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
         )
     if aspec is not None and not aspec.dynamic and view is None:
-        raise ValueError(
-            f"{site.path}: static activation scales need calibration statistics for this layer "
-            "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
-        )
+        if not calibrated:
+            raise ValueError(
+                f"{site.path}: static activation scales need calibration statistics "
+                "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
+            )
+        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
+        row.per_token_fallback = True
+        _note(row, "per-token dynamic activations: no usable statistics for a static scale")
 
-    outliers = _outlier_channels(config, view, site.path)
+    if config.outliers is not None and view is None:
+        if not calibrated:
+            raise ValueError(f"{site.path}: OutlierSplit needs calibration statistics (pass calibration=qpass.calibrate(...))")
+        _note(row, "no outlier split: no usable statistics to find the outlier channels")
+        outliers = None
+    else:
+        outliers = _outlier_channels(config, view, site.path)
     keep_mask = None
     if outliers is not None:
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool)
@@ -178,6 +192,10 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
     row.per_token_fallback = True
     logger.warning("%s: %s", path, why)
     return choice.spec
+
+
+def _note(row, why: str) -> None:
+    row.reason = f"{row.reason}; {why}" if row.reason else why
 
 
 def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:

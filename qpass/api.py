@@ -1,0 +1,76 @@
+"""``qpass.compile``: one call that quantizes a model's forward, so that ``model(...)`` and
+``model.generate(...)`` both run through qpass, and says which linears never did.
+
+``torch.compile(model, backend=...)`` returns a wrapper whose ``generate`` calls the uncompiled
+forward; compiling ``model.forward`` in place reaches every caller of the module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from qpass.backend import QPassBackend
+from qpass.calibration import Calibration, is_linear_module
+from qpass.config import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["compile"]
+
+
+def compile(  # noqa: A001 - qpass.compile, like torch.compile
+    model: nn.Module,
+    config: QuantConfig | str | None = None,
+    calibration: Calibration | None = None,
+    *,
+    dynamic: bool | None = False,
+    **compile_kwargs,
+) -> QPassBackend:
+    """Compile ``model.forward`` in place with a qpass backend and return the backend (its
+    ``report``, ``graphs`` and ``release_weights``). The module keeps its identity and parameters;
+    ``model.forward`` becomes the compiled forward (``del model.forward`` undoes it).
+
+    Dynamo runs some frames eagerly: after a graph break inside a loop it skips the whole frame
+    (a decoder's layer loop), so those layers never reach qpass. After each call, the linears that
+    are in no compiled graph get one warning listing them and a report row saying so.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qpass.compile: expected an nn.Module, got {type(model).__name__}")
+    if "forward" in model.__dict__:
+        raise RuntimeError("qpass.compile: this model's forward is already replaced (compiled?); `del model.forward` first")
+    backend = QPassBackend(config, calibration).bind(model)
+    compiled = torch.compile(type(model).forward.__get__(model), backend=backend, dynamic=dynamic, **compile_kwargs)
+    linears = [path for path, module in model.named_modules() if is_linear_module(module)]
+    if calibration is not None:  # the linears known to run; others may be unused (a second head)
+        linears = [path for path in linears if path in calibration]
+    warned: set[str] = set()
+
+    @functools.wraps(type(model).forward)
+    def forward(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        _check_coverage(backend, linears, warned)
+        return out
+
+    model.forward = forward
+    return backend
+
+
+def _check_coverage(backend: QPassBackend, linears: list[str], warned: set[str]) -> None:
+    """Warn once about the linears no compiled graph holds: Dynamo ran their frames eagerly."""
+    missing = [p for p in linears if p not in backend.report.rows and p not in warned]
+    if not missing:
+        return
+    warned.update(missing)
+    for path in missing:
+        row = backend.report.row(path)
+        row.weight = row.activation = "fp32 (ran eagerly)"
+        row.reason = "in no compiled graph: Dynamo ran its frame eagerly (or it did not run)"
+    logger.warning(
+        "qpass: %d linears are in no compiled graph and run eagerly in full precision (Dynamo skipped their "
+        "frames, e.g. after a graph break inside a loop; TORCH_LOGS=graph_breaks says where): %s",
+        len(missing), ", ".join(missing),
+    )

@@ -1,0 +1,137 @@
+"""Checks at the backend's door: what qpass refuses, and what it runs differently and says so.
+
+Each check runs before any pass touches the graph, so a refusal costs no compile work, and
+each fallback is decided in one place and reported once per cause (the list in the report).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from qpass.calibration import Calibration, ChannelStats
+from qpass.config import QuantConfig, skip_matches
+from qpass.graph import QGraph
+from qpass.report import Report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_grad_mode", "vet_calibration", "warn_unmatched_skips"]
+
+
+def check_grad_mode(example_inputs: list) -> None:
+    """qpass compiles inference graphs: its rewritten weights are constants, so gradients would
+    silently miss every parameter they replace. Refuse a graph that autograd would differentiate."""
+    if not torch.is_grad_enabled():
+        return
+    if any(isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs):
+        raise RuntimeError(
+            "qpass compiles models for inference only (its quantized weights are constants, so gradients "
+            "would be wrong); run the compiled model under torch.no_grad() or torch.inference_mode()"
+        )
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    path: str
+    cause: str  # one of _CAUSES
+    detail: str
+
+
+_CAUSES = {
+    "missing": "no calibration statistics (the layer did not run during calibration)",
+    "shape": "statistics for another input width",
+    "nonfinite": "non-finite statistics (NaN/inf inputs during calibration)",
+    "empty": "statistics of all-zero or no inputs",
+}
+
+
+def _problem(stats: ChannelStats | None, k: int) -> tuple[str, str] | None:
+    if stats is None:
+        return "missing", _CAUSES["missing"]
+    if stats.absmax.numel() != k:
+        return "shape", f"calibrated for {stats.absmax.numel()} input channels, the layer has {k}"
+    tensors = [stats.absmax, stats.min, stats.max] + ([stats.samples] if stats.samples is not None else [])
+    if stats.nonfinite or not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "nonfinite", f"{stats.nonfinite} non-finite input values during calibration"
+    if stats.tokens == 0 or float(stats.absmax.max()) == 0.0:
+        return "empty", _CAUSES["empty"]
+    return None
+
+
+def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report) -> Calibration | None:
+    """The part of ``calibration`` the passes may trust for this graph.
+
+    A layer whose statistics are missing, of another width, non-finite or empty is left out: it is
+    not smoothed, and static activations, outlier splits and searches fall back to what needs no
+    statistics (per-token dynamic scales); its report row says why, and one warning lists them all.
+    A calibration that fits no linear of the graph, or has another width for most of them (another
+    model's), is an error naming the first misfit, raised before any pass runs.
+    """
+    if calibration is None:
+        return None
+    sites = [s for s in qg.linears() if not config.skips(s.path)]
+    problems: list[_Unusable] = []
+    for site in sites:
+        w = qg.value(site.weight_node)
+        k = w.shape[0] if site.weight_t else w.shape[1]
+        found = _problem(calibration.get(site.path), k)
+        if found is not None:
+            problems.append(_Unusable(site.path, *found))
+    misfits = [p for p in problems if p.cause == "shape"]
+    if sites and (len(problems) == len(sites) or 2 * len(misfits) > len(sites)):
+        _refuse(calibration, problems)  # another model's calibration: no layer-by-layer fallback
+    for p in problems:
+        row = report.row(p.path)
+        row.calibration = p.detail
+    if problems:
+        by_cause: dict[str, list[str]] = {}
+        for p in problems:
+            by_cause.setdefault(p.cause, []).append(p.path if p.cause != "shape" else f"{p.path} ({p.detail})")
+        logger.warning(
+            "qpass: %d of %d linears have unusable calibration statistics; they are not smoothed and run "
+            "without static scales (per-token dynamic): %s",
+            len(problems), len(sites),
+            "; ".join(f"{_CAUSES[c]}: {', '.join(paths)}" for c, paths in by_cause.items()),
+        )
+    bad = {p.path for p in problems}
+    return Calibration({path: st for path, st in calibration.items() if path not in bad})
+
+
+def _refuse(calibration: Calibration, problems: list[_Unusable]) -> None:
+    first = next((p for p in problems if p.cause != "missing"), problems[0])
+    if first.cause == "missing":
+        relative = [k for k in calibration if k.endswith("." + first.path)]
+        if relative:
+            raise ValueError(
+                f"qpass: this graph names its layers relative to a submodule ({first.path!r}; the calibration "
+                f"has {relative[0]!r}): Dynamo broke the graph inside a module. Tell the backend the model's "
+                "module paths with backend.bind(model), or compile with qpass.compile(model, ...)"
+            )
+        example = next(iter(calibration), None)
+        raise ValueError(
+            f"qpass: the calibration does not fit this model: it has no statistics for any of its linears "
+            f"(first: {first.path}; the calibration holds {len(calibration)} layers, e.g. {example})"
+        )
+    raise ValueError(f"qpass: the calibration does not fit this model: {first.path}: {first.detail}")
+
+
+def warn_unmatched_skips(config: QuantConfig, paths: list[str], known: list[str], warned: set[str]) -> None:
+    """One warning listing the ``skip`` patterns that match no linear of a compiled graph
+    (a misspelt ``"lm_heaad"`` would otherwise quietly quantize ``lm_head``). ``known`` are the
+    model's other module paths the backend knows (calibration, ``bind``): after a graph break,
+    ``lm_head`` is in another graph than the first layers."""
+    if config.skip == QuantConfig.__dataclass_fields__["skip"].default or not paths:
+        return
+    unmatched = [
+        s for s in config.skip
+        if s not in warned and not any(skip_matches(s, p) for p in (*paths, *known))
+    ]
+    if unmatched:
+        warned.update(unmatched)
+        logger.warning(
+            "qpass: skip pattern(s) %s match no linear of the compiled graph (%d linears, e.g. %s); check the spelling",
+            ", ".join(repr(s) for s in unmatched), len(paths), paths[0],
+        )
