@@ -27,12 +27,16 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     config: QuantConfig | str | None = None,
     calibration: Calibration | None = None,
     *,
-    dynamic: bool | None = False,
+    dynamic: bool | None = None,
+    inductor: bool = True,
     **compile_kwargs,
 ) -> QPassBackend:
     """Compile ``model.forward`` in place with a qpass backend and return the backend (its
     ``report``, ``graphs`` and ``release_weights``). The module keeps its identity and parameters;
     ``model.forward`` becomes the compiled forward (``del model.forward`` undoes it).
+    ``dynamic`` and ``compile_kwargs`` go to ``torch.compile`` (the default ``dynamic=None`` compiles
+    prefill and one decode shape, then one graph with dynamic shapes for the growing KV cache);
+    ``inductor=False`` runs the rewritten graphs without Inductor (to debug a pass).
 
     Dynamo runs some frames eagerly: after a graph break inside a loop it skips the whole frame
     (a decoder's layer loop), so those layers never reach qpass. After each call, the linears that
@@ -42,7 +46,7 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
         raise TypeError(f"qpass.compile: expected an nn.Module, got {type(model).__name__}")
     if "forward" in model.__dict__:
         raise RuntimeError("qpass.compile: this model's forward is already replaced (compiled?); `del model.forward` first")
-    backend = QPassBackend(config, calibration).bind(model)
+    backend = QPassBackend(config, calibration, inductor=inductor).bind(model)
     compiled = torch.compile(type(model).forward.__get__(model), backend=backend, dynamic=dynamic, **compile_kwargs)
     linears = [path for path, module in model.named_modules() if is_linear_module(module)]
     if calibration is not None:  # the linears known to run; others may be unused (a second head)
