@@ -19,8 +19,7 @@ from qpass.graph import QGraph
 
 from .base import Absorber, Region
 from .linear_linear import row_fold
-from .linear_norm import is_mul
-from .walk import NotChannelPreserving, probe_for, trace_channels, walk_back
+from .walk import NotChannelPreserving, is_mul, probe_for, trace_channels, walk_back
 
 
 def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | None:
@@ -30,7 +29,7 @@ def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | Non
     if len(operands) != 2 or any(qg.value(a) is not None for a in operands):
         return None
     for up in reversed(operands):  # prefer the right operand: act(gate) * up
-        up_producer, up_path = walk_back(up)
+        up_producer, up_path = walk_back(up, qg)
         site = qg.site(up_producer)
         if site is None:
             continue

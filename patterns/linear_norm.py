@@ -10,8 +10,6 @@ Fold: ``w <- w / s`` (and ``b <- b / s``); every consumer's columns ``W[:, j] *=
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -19,7 +17,7 @@ from torch import fx, nn
 from qpass.graph import QGraph
 
 from .base import Absorber, ArgEdits, Region
-from .walk import probe_for
+from .walk import is_mul, probe_for
 
 # norm op -> (weight position, bias position or None)
 NORM_FUNCTIONS = {
@@ -28,7 +26,6 @@ NORM_FUNCTIONS = {
     F.rms_norm: (2, None),
     torch.rms_norm: (2, None),
 }
-MUL_TARGETS = {operator.mul, torch.mul}
 _NORMALIZERS = {torch.rsqrt, F.layer_norm, F.rms_norm, F.normalize}
 
 
@@ -38,12 +35,6 @@ def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | Non
     if is_mul(producer):
         return _scale_vector(qg, producer)
     return None
-
-
-def is_mul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in MUL_TARGETS) or (
-        node.op == "call_method" and node.target == "mul"
-    )
 
 
 def _region(producer: fx.Node) -> Region:

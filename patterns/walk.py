@@ -13,6 +13,10 @@ to every query". A path is channel-preserving exactly when the probe arrives as
 a gather: integer-valued and constant over every dimension but the last. The
 resulting index map covers GQA head sharing, fused-projection offsets and head
 reshapes without a rule for each.
+
+The probe shows where channels go, not that the op is linear in them: that holds only
+through one argument (sdpa's value, the second operand of ``attn @ v``, one factor of a
+product). ``nonlinear_use`` is the check that a scaled value enters there and only there.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["Walk", "NotChannelPreserving", "walk_back", "trace_channels", "replay", "probe_for"]
+__all__ = ["Walk", "NotChannelPreserving", "walk_back", "trace_channels", "replay", "probe_for", "nonlinear_use", "is_mul"]
 
 
 class NotChannelPreserving(Exception):
@@ -48,6 +52,10 @@ _FUNCTIONS = {
     torch.matmul: 1, operator.matmul: 1, torch.bmm: 1,  # a @ v: linear in v's last dim
     torch.cat: None,  # only when every other operand is empty (an empty KV cache)
 }
+MUL_TARGETS = {operator.mul, torch.mul}
+_ARG_NAMES = {F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask")}
+_LINEAR_IN = {F.scaled_dot_product_attention: "value", torch.matmul: "its second operand",
+              operator.matmul: "its second operand", torch.bmm: "its second operand"}
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type_as", "type"}
 _ATTENTION = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm}
 
@@ -98,15 +106,41 @@ def _concrete(node):
     raise NotChannelPreserving(f"cannot evaluate {node.name}")
 
 
-def walk_back(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Follow transparent ops back from ``node``. Returns the producer and the path
-    (producer side first, ending with ``node``; empty if ``node`` is the producer)."""
+def walk_back(node: fx.Node, qg=None) -> tuple[fx.Node, list[fx.Node]]:
+    """Follow transparent ops back from ``node`` (stopping at a linear of ``qg``: ``x @ W.T``
+    is one, not attention). Returns the producer and the path (producer side first, ending
+    with ``node``; empty if ``node`` is the producer)."""
     path = []
-    while (arg := _data_arg(node)) is not None:
+    while (arg := _data_arg(node)) is not None and not (qg is not None and qg.site(node)):
         path.append(node)
         node = arg
     path.reverse()
     return node, path
+
+
+def is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in MUL_TARGETS) or (
+        node.op == "call_method" and node.target == "mul"
+    )
+
+
+def nonlinear_use(user: fx.Node, node: fx.Node, scaled: set[fx.Node]) -> str | None:
+    """Why dividing ``node`` (one of the ``scaled`` values) by ``s`` does not divide ``user`` by
+    ``s``; None when it does: ``node`` is ``user``'s data argument (one factor of a product) and
+    no other argument is scaled. ``u * u``, ``sdpa(v, v, v)`` are not linear in ``u``, ``v``."""
+    uses = []
+    for i, arg in enumerate(user.args):
+        label = _ARG_NAMES.get(user.target, ())[i:i + 1] or (f"argument {i}",)
+        fx.node.map_arg(arg, lambda a: uses.append((label[0], a)) if a in scaled else None)
+    for key, arg in user.kwargs.items():
+        fx.node.map_arg(arg, lambda a: uses.append((key, a)) if a in scaled else None)
+    linear = user.args[:2] if is_mul(user) else (_data_arg(user),)
+    if len(uses) == 1 and uses[0][1] is node and any(a is node for a in linear):
+        return None
+    what = ", ".join(label for label, _ in uses)
+    target = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", str(user.target))
+    only = "one factor" if is_mul(user) else _LINEAR_IN.get(user.target, "its input")
+    return f"{target} ({user.name}) reads scaled values as {what}; it is linear only in {only}"
 
 
 def probe_for(node: fx.Node) -> torch.Tensor:

@@ -29,6 +29,7 @@ from qpass.graph import LinearSite, QGraph
 from qpass.report import Match, Report
 
 from qpass.patterns import PATTERNS, Absorber, ArgEdits, NotChannelPreserving, Region, Walk, trace_channels, walk_back
+from qpass.patterns.walk import nonlinear_use
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,11 @@ def _escape(regions: list[Region], readers: set[fx.Node]) -> str | None:
     for region in regions:
         for node in region.nodes:
             for user in node.users:
-                if user in inside or (user in readers and _reads_as_input(user, node)):
+                if user in inside:
+                    if (why := nonlinear_use(user, node, inside)) is not None:
+                        return why
+                    continue
+                if user in readers and _reads_as_input(user, node):
                     continue
                 if _reads_unscaled_channels(user, node, region):
                     continue
