@@ -22,9 +22,10 @@ from qpass.config import (
 from qpass.presets import PRESETS, preset
 from qpass.printer import format_graph
 from qpass.report import Report
+from qpass.save import save
 
 __all__ = [
     "compile", "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
     "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
-    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset",
+    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save",
 ]

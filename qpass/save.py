@@ -1,0 +1,223 @@
+"""``qpass.save``: a quantized model as a Hugging Face directory in the compressed-tensors format.
+
+The smoothing is folded into the saved weights (norms, v_proj / up_proj rows, the linears' columns),
+so the directory holds an ordinary W8A8 checkpoint: ``config.json`` with a ``quantization_config``
+that the ``compressed-tensors`` package parses, and ``model.safetensors`` with, per quantized linear,
+``weight`` (int8 or float8_e4m3fn), ``weight_scale`` (N, 1) and, for static activations,
+``input_scale`` (1,). Layers run per-token where a static preset fell back get a config group of
+their own. What the format cannot express (a multiply inserted for smoothing, an outlier split,
+per-input-channel or float-zero-point weights, asymmetric static activations) is refused with an
+error naming the layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpass.backend import QPassBackend
+from qpass.calibration import Calibration
+from qpass.config import PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save"]
+
+# constants of the rewritten graph (by name suffix) that the format holds, and the tensor name
+_TENSORS = {".weight_q": "weight", ".weight_scale": "weight_scale", ".input_scale": "input_scale"}
+# constants it cannot hold: suffix -> why
+_REFUSED = {
+    ".smooth_inv_scale": "its smoothing is a multiply inserted before it (nothing could absorb 1/s)",
+    ".outlier_channels": "it has an outlier split (LLM.int8())",
+    ".outlier_weight": "it has an outlier split (LLM.int8())",
+    ".inlier_mask": "it has an outlier split (LLM.int8())",
+    ".weight_zero_point": "its weights have float zero points",
+    ".input_zero_point": "its static activations are asymmetric",
+}
+
+
+@dataclass
+class _Linear:
+    path: str
+    tensors: dict[str, torch.Tensor]
+    per_token: bool  # a static config's per-token fallback
+
+
+def save(
+    model: nn.Module,
+    config: QuantConfig | str,
+    directory: str | os.PathLike,
+    *,
+    calibration: Calibration | None = None,
+    tokenizer=None,
+    example_input: torch.Tensor | None = None,
+) -> Path:
+    """Quantize ``model`` with ``config`` (and ``calibration``) and write it to ``directory``.
+
+    The model is traced once on ``example_input`` (default: 8 tokens of id 0) with the reference
+    path, exactly as ``qpass.compile`` would rewrite it; ``model`` itself is not changed.
+    The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (with the
+    ``compressed-tensors`` package installed) and with ``qpass.load``. Returns the directory.
+    """
+    try:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    except ImportError as e:
+        raise ImportError("qpass.save writes the compressed-tensors format: pip install compressed-tensors") from e
+    from safetensors.torch import save_file
+
+    backend = QPassBackend(config, calibration, inductor=False)
+    config = backend.config
+    _check_config(config)
+    backend.config = config.replace(lower=False)
+    backend.bind(model)
+    ids = example_input if example_input is not None else torch.zeros(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    linears: dict[str, _Linear] = {}
+    for gm in backend.graphs:
+        for attr, name in gm.qpass_names.items():
+            value = getattr(gm, attr).detach().cpu()
+            if name in state:  # a smoothed parameter (norm weight, v_proj / up_proj rows)
+                state[name] = value.to(state[name].dtype).reshape(state[name].shape)
+                continue
+            suffix = next((s for s in (*_TENSORS, *_REFUSED) if name.endswith(s)), None)
+            if suffix is None:
+                raise ValueError(f"qpass.save: {name}: no compressed-tensors form for this constant")
+            path = name[: -len(suffix)]
+            if suffix in _REFUSED:
+                raise ValueError(f"qpass.save: {path}: {_REFUSED[suffix]}; the compressed-tensors format cannot hold it")
+            row = backend.report.rows[path]
+            layer = linears.setdefault(path, _Linear(path, {}, row.per_token_fallback))
+            layer.tensors[_TENSORS[suffix]] = value
+
+    for gm in backend.graphs:  # q, k, v (gate, up) share one quantized input and its static scale
+        for path, scale in _input_scales(gm).items():
+            if path in linears and not linears[path].per_token:
+                linears[path].tensors.setdefault("input_scale", scale.clone())
+
+    groups: dict[tuple, list[str]] = {}
+    for path, layer in linears.items():
+        row = backend.report.rows[path]
+        if "per-output-channel" not in row.weight and "per-tensor" not in row.weight:
+            raise ValueError(f"qpass.save: {path}: {row.weight} weights; the compressed-tensors format holds per-channel or per-tensor")
+        weight = _weight_args(config.weight, "per-tensor" not in row.weight)
+        act = _act_args(config.activation, layer.per_token)
+        state.pop(f"{path}.weight")
+        for tensor, value in layer.tensors.items():
+            if tensor == "weight_scale" and value.dim() == 2 and value.shape[1] != 1:
+                value = value.reshape(-1, 1)
+            if tensor == "input_scale":
+                value = value.reshape(1)
+            state[f"{path}.{tensor}"] = value.contiguous()
+        groups.setdefault((json.dumps(weight, sort_keys=True), json.dumps(act, sort_keys=True)), []).append(path)
+
+    fmt = "float-quantized" if config.weight.dtype == "fp8_e4m3" else "int-quantized"
+    config_groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=paths,
+            weights=QuantizationArgs(**json.loads(w)),
+            input_activations=None if a == "null" else QuantizationArgs(**json.loads(a)),
+            format=fmt,
+        )
+        for i, ((w, a), paths) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]))
+    }
+    ignore = [p for p, r in backend.report.rows.items() if p not in linears]
+    qconfig = QuantizationConfig(
+        config_groups=config_groups, format=fmt, quantization_status="compressed", ignore=ignore
+    )
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = qconfig.model_dump(exclude_none=False)
+    hf_config["quantization_config"]["quant_method"] = "compressed-tensors"
+    state = _untie(model, state)
+    _atomic(directory / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+    _atomic(directory / "config.json", lambda f: Path(f).write_text(json.dumps(hf_config, indent=2, default=str)))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    logger.info("qpass.save: %d quantized linears in %d config groups, %d ignored -> %s",
+                len(linears), len(config_groups), len(ignore), directory)
+    return directory
+
+
+def _input_scales(gm) -> dict[str, torch.Tensor]:
+    """Module path -> the static scale of its input, read off the reference graph
+    (``linear(dequantize(quantize(x, scale)), dequantize(weight_q, ...))``)."""
+    from qpass import ops
+
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        x, w = node.args[0], node.args[1]
+        if not all(isinstance(n, torch.fx.Node) and n.target is ops.dequantize for n in (x, w)):
+            continue
+        wq, scale = w.args[0], x.args[1]
+        if wq.op == "get_attr" and isinstance(scale, torch.fx.Node) and scale.op == "get_attr":
+            name = gm.qpass_names.get(wq.target, "")
+            if name.endswith(".weight_q"):
+                out[name[: -len(".weight_q")]] = getattr(gm, scale.target).detach().cpu()
+    return out
+
+
+def _check_config(config: QuantConfig) -> None:
+    if config.weight is None:
+        raise ValueError("qpass.save: the config quantizes no weights; save the model with save_pretrained instead")
+    w, a = config.weight, config.activation
+    if w.dtype not in ("int8", "fp8_e4m3") or not isinstance(w.granularity, (PerOutputChannel, PerTensor)):
+        raise ValueError(
+            f"qpass.save: {w.dtype} {type(w.granularity).__name__} weights are not written yet "
+            "(int8 / fp8_e4m3, per-output-channel or per-tensor are)"
+        )
+    if config.outliers is not None:
+        raise ValueError("qpass.save: an outlier split (LLM.int8()) has no compressed-tensors form")
+    if a is not None and not a.dynamic and not a.symmetric:
+        raise ValueError("qpass.save: asymmetric static activations are not written (their zero points are floats)")
+
+
+def _weight_args(spec: QuantSpec, per_channel: bool) -> dict:
+    kind = "float" if spec.dtype == "fp8_e4m3" else "int"
+    return dict(num_bits=8, type=kind, symmetric=True, strategy="channel" if per_channel else "tensor", dynamic=False)
+
+
+def _act_args(spec: QuantSpec | None, per_token_fallback: bool) -> dict | None:
+    if spec is None:
+        return None
+    kind = "float" if spec.dtype == "fp8_e4m3" else "int"
+    if per_token_fallback or isinstance(spec.granularity, PerToken):
+        return dict(num_bits=8, type=kind, symmetric=spec.symmetric, strategy="token", dynamic=True)
+    return dict(num_bits=8, type=kind, symmetric=spec.symmetric, strategy="tensor", dynamic=spec.dynamic)
+
+
+def _untie(model: nn.Module, state: dict) -> dict:
+    """Drop the second name of tied parameters (``lm_head.weight`` of a tied embedding), as
+    ``save_pretrained`` does; safetensors refuses two names for one storage."""
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen and name in state and seen[id(p)] in state:
+            state.pop(name)
+        seen.setdefault(id(p), name)
+    return state
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,83 @@
+"""``qpass.save``: compressed-tensors checkpoints that transformers loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import qpass
+from tests.models import tiny_model, token_batches
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("compressed_tensors") is None, reason="pip install compressed-tensors (the checkpoint format)"
+)
+
+# logits of the checkpoint loaded by transformers against the same preset compiled by qpass
+# (measured on the tiny Llama: w8a8_dynamic 7e-5, fp8_dynamic 0, w8a8_static 1.6e-2: transformers
+# rounds the static layers' inputs its own way; qpass itself is 1.8e-2 from fp32 there)
+AGREEMENT = {"w8a8_dynamic": 1e-3, "fp8_dynamic": 1e-5, "w8a8_static": 0.03}
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_model("llama")
+    return model, qpass.calibrate(model, token_batches(2))
+
+
+@pytest.mark.parametrize("name", list(AGREEMENT))
+def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path):
+    import transformers
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    model, calib = llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qpass.save(model, name, tmp_path, calibration=calib)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the user's model is untouched
+
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qc)  # the package parses what we wrote
+    assert qc["ignore"] == ["lm_head"]
+    targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
+    assert len(targets) == 14 and all(t.startswith("model.layers.") for t in targets)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert q.dtype == (torch.float8_e4m3fn if name.startswith("fp8") else torch.int8)
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").shape == (64, 1)
+        # gate and up share one static input scale in the graph; each gets its own in the file
+        assert ("model.layers.1.mlp.up_proj.input_scale" in f.keys()) == (name == "w8a8_static")
+
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ours = torch.compile(model, backend=qpass.backend(name, calibration=calib, inductor=False), dynamic=False)(
+            ids, use_cache=False
+        ).logits
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        theirs = loaded(ids, use_cache=False).logits
+    assert _rel(theirs, ours) < AGREEMENT[name]
+
+
+@pytest.mark.parametrize(
+    "arch, name, message",
+    [
+        ("llama", "llm_int8", r"outlier split \(LLM.int8\(\)\) has no compressed-tensors form"),
+        ("llama", "w4a16", r"int4 PerGroup weights are not written yet"),
+        ("opt", "w8a8_dynamic", r"model\.decoder\.layers\.0\.fc2: its smoothing is a multiply inserted before it"),
+    ],
+)
+def test_what_the_format_cannot_hold_is_refused(arch, name, message, tmp_path):
+    model = tiny_model(arch, layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=message):
+        qpass.save(model, name, tmp_path, calibration=calib)
+    assert not (tmp_path / "model.safetensors").exists()
