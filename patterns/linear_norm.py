@@ -71,9 +71,15 @@ def _scale_vector(qg: QGraph, node: fx.Node) -> Absorber | None:
     name = qg.module_of(node)
     kind = "linear-norm" if _is_normalized(other) else "channel-scale"
 
+    # the scale is the norm's own weight, or computed from it (Gemma's ``1 + w``): the constant is
+    # then no parameter's new value, and its name says so (a checkpoint cannot store it as ``weight``)
+    arg = node.args[pos]
+    direct = arg in qg.params or (isinstance(arg, fx.Node) and arg.op == "get_attr")
+    const_name = f"{name}.weight" if direct else f"{name}.computed_scale"
+
     def fold(edits: ArgEdits, s: torch.Tensor) -> None:
         v = edits.get(node, pos)
-        edits.set(node, pos, (v / s.reshape(v.shape)).to(v.dtype), f"{name}.weight")
+        edits.set(node, pos, (v / s.reshape(v.shape)).to(v.dtype), const_name)
 
     return Absorber(kind, name, fold, [_region(node)])
 

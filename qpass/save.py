@@ -89,6 +89,11 @@ def save(
             if name in state:  # a smoothed parameter (norm weight, v_proj / up_proj rows)
                 state[name] = value.to(state[name].dtype).reshape(state[name].shape)
                 continue
+            if name.endswith(".computed_scale"):
+                raise ValueError(
+                    f"qpass.save: {name[: -len('.computed_scale')]}: smoothing folded into a scale computed from the "
+                    "norm weight (Gemma's 1 + w); the checkpoint's weight cannot hold it"
+                )
             suffix = next((s for s in (*_TENSORS, *_REFUSED) if name.endswith(s)), None)
             if suffix is None:
                 raise ValueError(f"qpass.save: {name}: no compressed-tensors form for this constant")

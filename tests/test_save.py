@@ -72,6 +72,7 @@ def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path):
         ("llama", "llm_int8", r"outlier split \(LLM.int8\(\)\) has no compressed-tensors form"),
         ("llama", "w4a16", r"int4 PerGroup weights are not written yet"),
         ("opt", "w8a8_dynamic", r"model\.decoder\.layers\.0\.fc2: its smoothing is a multiply inserted before it"),
+        ("gemma", "w8a8_dynamic", r"model\.layers\.0\.input_layernorm: smoothing folded into a scale computed from"),
     ],
 )
 def test_what_the_format_cannot_hold_is_refused(arch, name, message, tmp_path):
