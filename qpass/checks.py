@@ -90,10 +90,14 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
         by_cause: dict[str, list[str]] = {}
         for p in problems:
             by_cause.setdefault(p.cause, []).append(p.path if p.cause != "shape" else f"{p.path} ({p.detail})")
+        needs_stats = [what for what, used in (
+            ("not smoothed", config.smoothing is not None),
+            ("per-token dynamic instead of static scales", config.activation is not None and not config.activation.dynamic),
+            ("no outlier split", config.outliers is not None),
+        ) if used]
         logger.warning(
-            "qpass: %d of %d linears have unusable calibration statistics; they are not smoothed and run "
-            "without static scales (per-token dynamic): %s",
-            len(problems), len(sites),
+            "qpass: %d of %d linears have unusable calibration statistics (%s): %s",
+            len(problems), len(sites), ", ".join(needs_stats) or "unused by this config",
             "; ".join(f"{_CAUSES[c]}: {', '.join(paths)}" for c, paths in by_cause.items()),
         )
     bad = {p.path for p in problems}
