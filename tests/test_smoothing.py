@@ -110,7 +110,10 @@ def test_missing_statistics_fall_back_with_warning(caplog):
     backend = qpass.backend(SMOOTH_ONLY, calibration=partial, inductor=False)
     with torch.no_grad(), caplog.at_level("WARNING"):
         torch.compile(model, backend=backend, dynamic=False)(token_batches(1)[0], use_cache=False)
-    assert "model.layers.0.mlp.down_proj: no calibration statistics" in caplog.text
+    assert (
+        "qpass: 1 of 7 linears have unusable calibration statistics (not smoothed): no calibration statistics "
+        "(the layer did not run during calibration): model.layers.0.mlp.down_proj"
+    ) in caplog.text
     assert backend.report.rows["model.layers.0.mlp.down_proj"].smoothing == "none"
     assert backend.report.counts()["gated-act"] == 0
 
