@@ -14,7 +14,7 @@ import time
 import torch
 
 import qpass
-from qpass import realdata
+from qpass import kernels, realdata
 
 
 def _time_prefill(fn, ids: torch.Tensor, repeats: int) -> float:
@@ -41,23 +41,30 @@ def main() -> None:
 
     model, tokenizer = realdata.load_smollm2()
     calib = qpass.calibrate(model, realdata.calibration_batches(tokenizer, args.calib_batches, 512))
-    backend = qpass.backend(qpass.preset(args.preset), calibration=calib)
-    start = time.perf_counter()
-    compiled = torch.compile(model, backend=backend, dynamic=False)
     windows = realdata.eval_windows(tokenizer, 1024, 1024 * args.windows)
-    quantized_ppl = realdata.perplexity(lambda ids: compiled(ids, use_cache=False), windows)
+    fp32_ppl = realdata.perplexity(lambda ids: model(ids, use_cache=False), windows)
+
+    start = time.perf_counter()
+    backend = qpass.compile(model, args.preset, calibration=calib)  # model.forward now runs through qpass
+    quantized_ppl = realdata.perplexity(lambda ids: model(ids, use_cache=False), windows)
     compile_and_eval = time.perf_counter() - start
     print(backend.report)
     print()
-
-    fp32_ppl = realdata.perplexity(lambda ids: model(ids, use_cache=False), windows)
+    prompt_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    generated = model.generate(prompt_ids, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(generated[0, prompt_ids.shape[1]:])
+    del model.forward  # back to the fp32 model for the speed comparison
     prompt = windows[0][:, :512]
     fp32_compiled = torch.compile(model, dynamic=False)
     t_fp32 = _time_prefill(lambda ids: fp32_compiled(ids, use_cache=False), prompt, args.repeats)
     qp_prefill = torch.compile(model, backend=qpass.backend(qpass.preset(args.preset), calibration=calib), dynamic=False)
     t_qpass = _time_prefill(lambda ids: qp_prefill(ids, use_cache=False), prompt, args.repeats)
 
+    grid = "8-bit (exact u8 x s8 dot products)" if kernels.int8_dot_exact("onednn") else "7-bit (kernels saturate int16: no VNNI)"
+    kinds = sorted({r.kernel for r in backend.report.rows.values() if r.kernel})
     print(f"SmolLM2-135M, {args.preset}, {len(windows)} held-out Wikipedia windows of 1024 tokens, {args.threads} threads")
+    print(f"  path: lowered kernels ({', '.join(kinds)}); CPU int8 grid: {grid}")
+    print(f"  greedy generate(): 'The capital of France is' -> {text!r}")
     print(f"  perplexity   fp32 {fp32_ppl:.2f}   qpass {quantized_ppl:.2f}   ({100 * (quantized_ppl / fp32_ppl - 1):+.2f}%)")
     print(f"  prefill 512  fp32 torch.compile {1e3 * t_fp32:.1f} ms   qpass {1e3 * t_qpass:.1f} ms   ({t_fp32 / t_qpass:.2f}x)")
     print(f"  compile + perplexity run: {compile_and_eval:.0f} s")
