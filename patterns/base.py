@@ -61,6 +61,25 @@ class ArgEdits:
     def set(self, node: fx.Node, pos: int, value: torch.Tensor, name: str, kwarg: str | None = None) -> None:
         self._values[(node, pos)] = (value, name, kwarg)
 
+    def weight(self, site) -> torch.Tensor:
+        """The (edited) weight of the linear at ``site``, laid out as its graph argument."""
+        return self.get(*site.weight_arg)
+
+    def set_weight(self, site, value: torch.Tensor) -> None:
+        """A weight computed in the graph (``x @ W.T``'s ``W.T``) keeps its graph layout: named
+        ``computed_weight``, as no parameter's new value."""
+        node, pos, kwarg = site.weight_arg
+        w = site.weight_node
+        direct = w in self.qg.params or w.op == "get_attr"
+        self.set(node, pos, value, f"{site.path}.{'weight' if direct else 'computed_weight'}", kwarg)
+
+    def bias(self, site) -> torch.Tensor | None:
+        return None if site.bias_arg is None else self.get(*site.bias_arg)
+
+    def set_bias(self, site, value: torch.Tensor) -> None:
+        node, pos, kwarg = site.bias_arg
+        self.set(node, pos, value, f"{site.path}.bias", kwarg)
+
     def __len__(self) -> int:
         return len(self._values)
 

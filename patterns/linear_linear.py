@@ -35,17 +35,16 @@ def row_fold(site, rows: torch.Tensor):
     """Divide output row ``rows[p]`` of the linear at ``site`` (and its bias) by ``s[p]``."""
 
     def fold(edits: ArgEdits, s: torch.Tensor) -> None:
-        wpos, bpos = (2, 0) if site.weight_t else (1, 2)
-        w = edits.get(site.node, wpos, "weight").clone()
-        if site.weight_t:  # Conv1D: (in, out)
+        w = edits.weight(site).clone()
+        if site.weight_t:  # Conv1D, x @ W.T: (in, out)
             w[:, rows] = (w[:, rows] / s).to(w.dtype)
         else:
             w[rows, :] = (w[rows, :] / s[:, None]).to(w.dtype)
-        edits.set(site.node, wpos, w, f"{site.path}.weight", "weight")
-        if (b := edits.get(site.node, bpos, "bias")) is not None:
+        edits.set_weight(site, w)
+        if (b := edits.bias(site)) is not None:
             b = b.clone()
             b[rows] = (b[rows] / s).to(b.dtype)
-            edits.set(site.node, bpos, b, f"{site.path}.bias", "bias")
+            edits.set_bias(site, b)
 
     return fold
 

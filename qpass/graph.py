@@ -10,6 +10,7 @@ Inductor, called with the same inputs as Dynamo's graph.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._guards import detect_fake_mode
 
-__all__ = ["QGraph", "LinearSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS"]
+__all__ = ["QGraph", "LinearSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS", "MATMUL_TARGETS"]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+MATMUL_TARGETS = (operator.matmul, torch.matmul)  # ``x @ W.T``: a linear when W is a 2-D constant
 
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]|\.(\w+)")
 
@@ -47,36 +49,73 @@ def split_source(source: str) -> tuple[str, str]:
 
 @dataclass
 class LinearSite:
-    """One linear layer call in the graph: ``y = x @ W.T + b``.
+    """One linear layer call in the graph: ``y = x @ W.T + b``, in any of its spellings:
 
-    ``weight_t`` is True for GPT-2's Conv1D, which appears as ``addmm(b, x, W)``
-    with W stored as (in, out).
+    - ``linear(x, W, b)``: nn.Linear, ``F.linear``;
+    - ``addmm(b, x, W)``: GPT-2's Conv1D, W stored as (in, out);
+    - ``x @ W2`` (``torch.matmul``, ``.matmul``), W2 a 2-D constant stored (in, out) or
+      ``W.T`` / ``W.t()`` / ``W.transpose(0, 1)`` of one, optionally ``+ b`` (b 1-D, one per output).
+
+    ``weight_t`` is True where the weight argument holds (in, out). ``node`` is the linear's
+    output (the bias add of ``x @ W.T + b``), which a rewrite replaces; ``reader`` is the op that
+    reads ``x`` and the weight (the matmul under that add; ``node`` itself otherwise).
     """
 
     node: fx.Node
     path: str
+    reader: fx.Node | None = None
+
+    def __post_init__(self):
+        self.reader = self.node if self.reader is None else self.reader
 
     @property
     def weight_t(self) -> bool:
-        return self.node.target is torch.addmm
+        return self.reader.target is torch.addmm or is_matmul(self.reader)
 
     @property
     def input(self) -> fx.Node:
-        return self.node.args[1] if self.weight_t else self.node.args[0]
+        return self.reader.args[1] if self.reader.target is torch.addmm else self.reader.args[0]
+
+    @property
+    def weight_arg(self) -> tuple[fx.Node, int, str | None]:
+        """(node, argument position, keyword) of the weight, as ``ArgEdits`` takes them."""
+        if self.reader.target is torch.addmm:
+            return self.reader, 2, None
+        return self.reader, 1, None if is_matmul(self.reader) else "weight"
+
+    @property
+    def bias_arg(self) -> tuple[fx.Node, int, str | None] | None:
+        if self.reader.target is torch.addmm:
+            return self.reader, 0, None
+        if self.node is not self.reader:  # x @ W.T + b, or b + x @ W.T
+            return self.node, int(self.node.args[0] is self.reader), None
+        return None if is_matmul(self.reader) else (self.reader, 2, "bias")
 
     @property
     def weight_node(self) -> fx.Node:
-        return self.node.args[2] if self.weight_t else _arg(self.node, 1, "weight")
+        return _arg(*self.weight_arg)
 
     @property
     def bias_node(self) -> fx.Node | None:
-        return self.node.args[0] if self.weight_t else _arg(self.node, 2, "bias")
+        return None if self.bias_arg is None else _arg(*self.bias_arg)
 
 
-def _arg(node: fx.Node, i: int, name: str):
+def is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in MATMUL_TARGETS) or (
+        node.op == "call_method" and node.target == "matmul"
+    )
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target == "add"
+    )
+
+
+def _arg(node: fx.Node, i: int, name: str | None):
     if len(node.args) > i:
         return node.args[i]
-    return node.kwargs.get(name)
+    return node.kwargs.get(name) if name else None
 
 
 class QGraph:
@@ -153,16 +192,56 @@ class QGraph:
 
     def site(self, node) -> LinearSite | None:
         """The linear layer computed by ``node``, if its weight is a parameter or constant."""
-        if not isinstance(node, fx.Node) or node.op != "call_function":
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
             return None
-        if not (node.target in LINEAR_TARGETS or (node.target is torch.addmm and len(node.args) == 3 and not node.kwargs)):
+        reader = node
+        if is_matmul(node):
+            if not self._matmul_linear(node) or (len(node.users) == 1 and self._bias_add(next(iter(node.users)))):
+                return None  # not a linear, or one whose output is the bias add after it
+        elif _is_add(node):
+            if (reader := self._bias_add(node)) is None:
+                return None
+        elif not (node.op == "call_function" and (node.target in LINEAR_TARGETS or (
+                node.target is torch.addmm and len(node.args) == 3 and not node.kwargs))):
             return None
-        site = LinearSite(node, "")
+        site = LinearSite(node, "", reader)
         w = self.value(site.weight_node)
         if w is None or w.dim() != 2:
             return None
         site.path = self.module_of(node)
         return site
+
+    def _matmul_linear(self, node: fx.Node) -> bool:
+        """``x @ W2``: W2 a 2-D constant, x not."""
+        if len(node.args) != 2 or node.kwargs or not self._varies(node.args[0]) or self._varies(node.args[1]):
+            return False
+        w = self.value(node.args[1])
+        return w is not None and w.dim() == 2
+
+    def _varies(self, node) -> bool:
+        """Whether ``node`` depends on a graph input that is not a parameter. Asked before ``value``,
+        whose recursion would follow an activation back through every layer."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if isinstance(n, fx.Node) and n not in seen:
+                if n.op == "placeholder" and n not in self.params:
+                    return True
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+        return False
+
+    def _bias_add(self, node: fx.Node) -> fx.Node | None:
+        """The matmul of ``x @ W2 + b`` (either order), where ``b`` is a 1-D constant with one value
+        per output and the add is the matmul's only reader."""
+        if not _is_add(node) or len(node.args) != 2 or node.kwargs:
+            return None
+        for m, b in (node.args, node.args[::-1]):
+            if isinstance(m, fx.Node) and is_matmul(m) and len(m.users) == 1 and self._matmul_linear(m):
+                bias = None if self._varies(b) else self.value(b)
+                if bias is not None and bias.dim() == 1 and bias.numel() == self.value(m.args[1]).shape[1]:
+                    return m
+        return None
 
     def linears(self) -> list[LinearSite]:
         """Every linear whose weight is a parameter or constant, in graph order."""

@@ -116,3 +116,121 @@ def test_residual_reader_blocks_norm_fold():
     report = _compile(Residual().eval(), _input())
     row = report.rows["fc"]
     assert row.smoothing == "multiply" and "also read by add" in row.reason
+
+
+# -- linears spelled as a matmul ---------------------------------------------------------------
+SPELLINGS = ("x @ W.T + b", "b + matmul(x, W.t())", "x.matmul(W.transpose(0, 1))", "F.linear", "x @ W, W (in, out)")
+
+
+class MatmulLinear(nn.Module):
+    """``linear``'s function, written without nn.Linear in one of ``SPELLINGS``."""
+
+    def __init__(self, linear: nn.Linear, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        w = linear.weight.detach().clone()
+        self.weight = nn.Parameter(w.t().contiguous() if spelling == "x @ W, W (in, out)" else w)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x):
+        if self.spelling == "F.linear":
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.spelling == "x @ W.T + b":
+            y = x @ self.weight.T
+        elif self.spelling == "b + matmul(x, W.t())":
+            y = torch.matmul(x, self.weight.t())
+            return y if self.bias is None else self.bias + y
+        elif self.spelling == "x.matmul(W.transpose(0, 1))":
+            y = x.matmul(self.weight.transpose(0, 1))
+        else:
+            y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def matmul_spelled(module: nn.Module, spelling: str) -> nn.Module:
+    """A copy of ``module`` whose every nn.Linear is a ``MatmulLinear`` with the same weights."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for path, lin in [(p, m) for p, m in out.named_modules() if isinstance(m, nn.Linear)]:
+        parent, _, name = path.rpartition(".")
+        setattr(out.get_submodule(parent), name, MatmulLinear(lin, spelling))
+    return out
+
+
+def _smooth_spelled(module, x, calib):
+    torch._dynamo.reset()
+    backend = qpass.backend(SMOOTH_ONLY, calibration=calib, inductor=False)
+    with torch.no_grad():
+        out = torch.compile(module, backend=backend, dynamic=False)(x)
+        ref = module(x)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    return backend.report
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("make", [LayerNormMLP, GeGLU, FusedQKV, qpass.patterns.linear_linear.Example],
+                         ids=["layernorm-mlp", "geglu", "fused-qkv", "gqa"])
+def test_matmul_spelled_linears_fold_like_nn_linear(make, spelling):
+    """Every spelling is a linear: the same folds, exact, as with nn.Linear (biases folded too).
+    qpass.calibrate records nn.Linear inputs only: the nn.Linear twin's calibration (same paths,
+    same inputs) stands in for the spelled module's."""
+    torch.manual_seed(0)
+    module = make().eval()
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = _input(32 if make is qpass.patterns.linear_linear.Example else 16)
+    calib = qpass.calibrate(module, [x])
+    expected = _smooth_spelled(module, x, calib)
+    report = _smooth_spelled(matmul_spelled(module, spelling), x, calib)
+    assert report.counts() == expected.counts()
+    assert {p: (r.smoothing, r.absorber, r.reason) for p, r in report.rows.items()} == {
+        p: (r.smoothing, r.absorber, r.reason) for p, r in expected.rows.items()}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_matmul_spelled_linears_quantize_like_nn_linear(spelling):
+    """Biased q/k/v/o as ``spelling``: w8a8_dynamic quantizes and lowers each like nn.Linear."""
+    torch.manual_seed(0)
+    module = qpass.patterns.linear_linear.Example().eval()
+    x = _input(32)
+    calib = qpass.calibrate(module, [x])
+    outs, reports = [], []
+    for m in (module, matmul_spelled(module, spelling)):
+        torch._dynamo.reset()
+        backend = qpass.backend(qpass.preset("w8a8_dynamic", skip=()), calibration=calib)
+        with torch.no_grad():
+            outs.append(torch.compile(m, backend=backend, dynamic=False)(x))
+        reports.append(backend.report)
+    assert reports[1].rows == reports[0].rows
+    assert all(r.kernel and r.weight.startswith("int8") for r in reports[1].rows.values())
+    assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() <= 1e-5
+
+
+def test_matmul_spelled_llama_quantizes_like_nn_linear():
+    """A tiny Llama whose q/k/v/o/gate/up/down compute ``x @ W.T``: w8a8_dynamic gives the same
+    report (every linear smoothed, quantized and lowered the same way) and the same logits."""
+    from tests.models import tiny_model, token_batches
+
+    model = tiny_model("llama")
+    spelled = tiny_model("llama")
+    for i, layer in enumerate(spelled.model.layers):
+        for mod in (layer.self_attn, layer.mlp):
+            for name, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(mod, name, MatmulLinear(child, SPELLINGS[(i + len(name)) % len(SPELLINGS)]))
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=7)[0]
+    logits, reports = [], []
+    for m in (model, spelled):
+        torch._dynamo.reset()
+        backend = qpass.backend("w8a8_dynamic", calibration=calib)
+        with torch.no_grad():
+            logits.append(torch.compile(m, backend=backend, dynamic=False)(ids, use_cache=False).logits)
+        reports.append(backend.report)
+    assert reports[1].rows == reports[0].rows
+    assert all(r.kernel and r.weight for p, r in reports[1].rows.items() if p != "lm_head")
+    assert ((logits[1] - logits[0]).norm() / logits[0].norm()).item() <= 1e-4
+    with torch.no_grad():
+        ref = spelled(ids, use_cache=False).logits
+    assert ((logits[1] - ref).norm() / ref.norm()).item() <= 0.05

@@ -83,7 +83,7 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
             row.smoothing, row.reason = "none", f"calibrated {stats.absmax.numel()} channels, weight has {k}"
             logger.warning("%s: %s; not smoothed", site.path, row.reason)
             continue
-        producer, path = walk_back(site.input)
+        producer, path = walk_back(site.input, qg)
         try:
             walk = trace_channels(producer, path)
         except NotChannelPreserving as e:
@@ -124,7 +124,7 @@ def _absorber(qg: QGraph, producer: fx.Node, consumers: list[Consumer]) -> tuple
     consumer_paths = [
         Region(c.walk.path, c.walk.probes, scaled) for c in consumers
     ]
-    readers = {c.site.node for c in consumers}
+    readers = {c.site.reader for c in consumers}
     if (escape := _escape(absorber.regions + consumer_paths, readers)) is not None:
         return None, f"cannot fold into {absorber.name}: {escape}"
     return absorber, ""
@@ -199,13 +199,13 @@ def _outlier_ratio(a: torch.Tensor) -> float:
 
 def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report) -> None:
     channels = consumers[0].walk.probes[producer].shape[-1]
-    weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
+    weights = [edits.weight(c.site) for c in consumers]
     alpha = _alpha(qg, config, calibration, consumers, weights, channels)
     s = _group_scales(qg, consumers, weights, channels, alpha)
     absorber.fold(edits, s)
     for c, w in zip(consumers, weights):
         sc = s[c.walk.index]
-        edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, sc), f"{c.site.path}.weight", "weight")
+        edits.set_weight(c.site, scale_columns(c.site, w, sc))
         qg.smoothing[c.site.node] = sc
         _record(report.row(c.site.path), absorber.kind, absorber.name, alpha, c.act_absmax, sc, "")
     report.add_match(Match(absorber.kind, absorber.name, tuple(c.site.path for c in consumers)))
@@ -225,17 +225,17 @@ def _multiply_fallback(qg, edits, unabsorbed, config, calibration, report) -> in
                 row = report.row(c.site.path)
                 row.smoothing, row.reason = "none", reason
             continue
-        weights = [edits.get(c.site.node, _wpos(c.site), "weight") for c in consumers]
+        weights = [edits.weight(c.site) for c in consumers]
         channels = consumers[0].act_absmax.numel()
         plain = [Consumer(c.site, None, c.act_absmax) for c in consumers]
         alpha = _alpha(qg, config, calibration, plain, weights, channels)
         s = _group_scales(qg, plain, weights, channels, alpha)
         inv = qg.constant(f"{consumers[0].site.path}.smooth_inv_scale", (1.0 / s).to(_dtype(x)))
-        first = min((c.site.node for c in consumers), key=_order(qg))
+        first = min((c.site.reader for c in consumers), key=_order(qg))
         scaled = qg.call(torch.mul, (x, inv), before=first)
         for c, w in zip(consumers, weights):
-            c.site.node.replace_input_with(x, scaled)
-            edits.set(c.site.node, _wpos(c.site), scale_columns(c.site, w, s), f"{c.site.path}.weight", "weight")
+            c.site.reader.replace_input_with(x, scaled)
+            edits.set_weight(c.site, scale_columns(c.site, w, s))
             qg.smoothing[c.site.node] = s
             _record(report.row(c.site.path), "multiply", "inserted mul", alpha, c.act_absmax, s, reason)
         report.add_match(Match("multiply", f"mul before {consumers[0].site.path}", tuple(c.site.path for c in consumers)))
@@ -311,7 +311,7 @@ def _smoothed_error(config, p: _SmoothingProblem, s: torch.Tensor) -> float:
 
 
 def _wpos(site: LinearSite) -> int:
-    return 2 if site.weight_t else 1
+    return site.weight_arg[1]  # of site.weight_arg[0]: the matmul under a bias add, not site.node
 
 
 def _dtype(node: fx.Node) -> torch.dtype:
