@@ -53,6 +53,8 @@ class Result:
     smoothed linear to its alpha (chosen per group when ``alpha="auto"``).
     ``fallbacks`` and ``outlier_channels`` count what the report says ran differently from the
     config's main path: per-token layers of a static config, fp32 input channels of an outlier split.
+    ``kernels`` counts the linears per kernel column of the report (``lower=True``), e.g.
+    ``{"onednn (7-bit weights)": 150, "onednn (7-bit act)": 60}``.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Result:
     quantized: int = 0
     fallbacks: int = 0  # linears of a static config that run per-token dynamic (``dynamic_fallback``)
     outlier_channels: int = 0  # input channels kept fp32 by an outlier split, over every linear
+    kernels: dict[str, int] = field(default_factory=dict)  # lowered linears per report kernel label
     error: str | None = None
 
     def alpha_summary(self) -> str:
@@ -144,6 +147,7 @@ def _summary(report: Report, config: QuantConfig) -> dict[str, Any]:
         "patterns": dict(sorted(report.counts().items())),
         "alphas": alphas,
         "auto_alpha": config.smoothing is not None and config.smoothing.alpha == "auto",
+        "kernels": dict(sorted(Counter(r.kernel for r in report.rows.values() if r.kernel).items())),
         "linears": len(report.rows),
         "quantized": quantized,
     }
@@ -167,6 +171,7 @@ def evaluate(
     compile_fp32: bool = False,
     on_error: Literal["raise", "record"] = "raise",
     lower: bool = False,
+    inductor: bool = True,
 ) -> list[Result]:
     """Perplexity on ``windows`` of fp32 (if ``fp32``) and of ``model`` compiled with each preset.
 
@@ -177,7 +182,10 @@ def evaluate(
     reference runs eagerly, or through Inductor with ``compile_fp32=True``.
     ``on_error="record"`` turns a failing preset into a row with ``error`` set
     and NaN perplexity instead of raising. ``lower=True`` measures the lowered kernels
-    (their integer grid) instead of the reference fake-quant path.
+    (their integer grid) instead of the reference fake-quant path. ``inductor=False`` runs
+    each rewritten graph eagerly (``qpass.backend(..., inductor=False)``): the same ops, so the
+    same numbers up to float summation order, without Inductor's compile time (minutes for a
+    30-layer model on 2 cores); tests use it, the benchmark keeps Inductor.
     """
     resolved = [_resolve(p) for p in presets]
     results: list[Result] = []
@@ -195,7 +203,7 @@ def evaluate(
 
     for name, config in resolved:
         config = config.replace(lower=lower)
-        be = make_backend(config, calibration=calibration)
+        be = make_backend(config, calibration=calibration, inductor=inductor)
         torch._dynamo.reset()
         try:
             compiled = torch.compile(model, backend=be, dynamic=False)
@@ -234,6 +242,8 @@ def format_table(results: Sequence[Result]) -> str:
                 notes.append(f"{r.fallbacks} of {r.quantized} linears per-token")
             if r.outlier_channels:
                 notes.append(f"{r.outlier_channels} fp32 input channels")
+            if r.kernels:
+                notes.append("kernels " + ", ".join(f"{k} x{n}" for k, n in r.kernels.items()))
             cells = (r.name, f"{r.perplexity:.3f}", rel, f"{r.seconds:.0f}", comp, patterns, r.alpha_summary(),
                      "; ".join(notes))
         lines.append("| " + " | ".join(cells) + " |")
