@@ -16,7 +16,7 @@ def test_rows_count_fallbacks_and_outlier_channels():
         ("everywhere", static.replace(dynamic_fallback=1.0)),
         ("nowhere", static.replace(dynamic_fallback=None)),
         ("llm_int8", qpass.preset("llm_int8")),
-    ])
+    ], inductor=False)  # what the rows count comes from the report; Inductor would only add compile time
     by_name = {r.name: r for r in results}
     assert by_name[FP32].fallbacks == 0
     assert by_name["everywhere"].fallbacks == by_name["everywhere"].quantized == 14  # 2 layers x 7 linears
