@@ -274,5 +274,7 @@ def test_calibration_and_eval_are_disjoint(smollm2) -> None:
 @needs_gensim
 def test_smollm2_fp32_perplexity_on_held_out_wikipedia(smollm2) -> None:
     model, tokenizer = smollm2
-    ppl = perplexity(model, eval_windows(tokenizer, seqlen=1024, n_tokens=2048))
+    # One window: the model and the text load right (a broken load is far outside the bounds);
+    # quantized perplexity is test_accuracy_real's, the full measurement bench/accuracy.py's.
+    ppl = perplexity(model, eval_windows(tokenizer, seqlen=512, n_tokens=512))
     assert 10 < ppl < 40
