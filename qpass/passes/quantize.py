@@ -33,6 +33,7 @@ from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
 from qpass.config import AdaDim, PerGroup, PerToken, QuantConfig, QuantSpec
 from qpass.graph import LinearSite, QGraph
+from qpass.passes.smooth import fp32_value
 from qpass.report import Report
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     backend has a calibration at all (without one, static scales are a configuration error; with
     one, such a layer falls back to what needs no statistics, and ``qpass.checks`` said why)."""
     wspec, aspec = config.weight, config.activation
-    w = qg.value(site.weight_node)
-    w = (w.t() if site.weight_t else w).detach().float()
+    w = fp32_value(qg, site.weight_node)  # a half model's smoothed weight before its rounding to half
+    w = (w.t() if site.weight_t else w).detach()
     view = act_view(qg, site, stats)
     samples = view[3] if view is not None else None
 
