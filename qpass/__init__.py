@@ -22,10 +22,11 @@ from qpass.config import (
 from qpass.presets import PRESETS, preset
 from qpass.printer import format_graph
 from qpass.report import Report
+from qpass.load import load
 from qpass.save import save
 
 __all__ = [
     "compile", "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
     "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
-    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save",
+    "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save", "load",
 ]

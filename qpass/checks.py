@@ -72,7 +72,7 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
     """
     if calibration is None:
         return None
-    sites = [s for s in qg.linears() if not config.skips(s.path)]
+    sites = [s for s in qg.linears() if not config.skips(s.path) and not _needs_no_stats(config, s.path)]
     problems: list[_Unusable] = []
     for site in sites:
         w = qg.value(site.weight_node)
@@ -102,6 +102,11 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
         )
     bad = {p.path for p in problems}
     return Calibration({path: st for path, st in calibration.items() if path not in bad})
+
+
+def _needs_no_stats(config: QuantConfig, path: str) -> bool:
+    """A layer whose statistics nothing would use: no smoothing, per-token dynamic, no outlier split."""
+    return config.smoothing is None and config.outliers is None and config.runs_dynamic(path)
 
 
 def _refuse(calibration: Calibration, problems: list[_Unusable]) -> None:

@@ -204,6 +204,8 @@ class QuantConfig:
     as through per-token dynamic scales runs per-token dynamic instead; each such layer is
     logged and named in the report (the massive activations some LLMs put on one token make
     any single static scale useless for a few layers, e.g. SmolLM2's down_proj in layers 11 and 28).
+    ``dynamic_layers`` names layers that run per-token dynamic activations under a static config
+    (what a saved checkpoint records for its per-token fallbacks; ``qpass.load`` sets it).
     To keep only the low-precision weights resident, call ``QPassBackend.release_weights(model)``
     after compiling (a backend never sees the module itself, and a recompile needs the fp32 weights).
     """
@@ -215,8 +217,13 @@ class QuantConfig:
     skip: tuple[str, ...] = ("lm_head",)
     lower: bool = True
     dynamic_fallback: float | None = None
+    dynamic_layers: tuple[str, ...] = ()  # static activations: these layers (paths or globs) run per-token dynamic
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dynamic_layers, tuple) or not all(isinstance(s, str) for s in self.dynamic_layers):
+            raise TypeError(f"QuantConfig.dynamic_layers must be a tuple of module paths, got {self.dynamic_layers!r}")
+        if self.dynamic_layers and (self.activation is None or self.activation.dynamic):
+            raise ValueError("QuantConfig.dynamic_layers applies to static activations only (activation.dynamic=False)")
         if isinstance(self.skip, list):
             object.__setattr__(self, "skip", tuple(self.skip))  # stays hashable
         if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
@@ -259,6 +266,10 @@ class QuantConfig:
                 raise ValueError("QuantConfig.dynamic_fallback applies to static activations only (activation.dynamic=False)")
             if not (_is_number(self.dynamic_fallback) and self.dynamic_fallback >= 1):
                 raise ValueError(f"QuantConfig.dynamic_fallback must be >= 1 (an error ratio), got {self.dynamic_fallback!r}")
+
+    def runs_dynamic(self, path: str) -> bool:
+        """True if the layer at ``path`` is listed in ``dynamic_layers`` (per-token dynamic activations)."""
+        return any(skip_matches(s, path) for s in self.dynamic_layers)
 
     def skips(self, path: str) -> bool:
         """True if the module at ``path`` is excluded by ``skip``."""

@@ -92,6 +92,10 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         raise ValueError(
             f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
         )
+    if aspec is not None and not aspec.dynamic and config.runs_dynamic(site.path):
+        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
+        row.per_token_fallback = True
+        _note(row, "per-token dynamic activations (QuantConfig.dynamic_layers)")
     if aspec is not None and not aspec.dynamic and view is None:
         if not calibrated:
             raise ValueError(

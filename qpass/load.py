@@ -1,0 +1,153 @@
+"""``qpass.load``: a compressed-tensors checkpoint (``qpass.save``'s, or another tool's) run on
+qpass's kernels, with no calibration and no searches.
+
+The stored integers and scales define the quantization; qpass's quantize pass, given the
+dequantized weights, reproduces them exactly (per-channel symmetric: ``max |q| = 127`` per row,
+so the recomputed scale is the stored one), and static input scales come back through a
+calibration whose ranges are ``127 * input_scale``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qpass.api import compile as qpass_compile
+from qpass.backend import QPassBackend
+from qpass.calibration import Calibration, ChannelStats, is_linear_module
+from qpass.config import PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load"]
+
+
+def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs) -> tuple[nn.Module, QPassBackend | None]:  # noqa: A002
+    """``model, backend = qpass.load(dir)``: the model (fp32, weights dequantized from the stored
+    integers) with its forward compiled by ``qpass.compile`` for exactly the stored quantization.
+    ``compile=False`` returns the model uncompiled and ``None`` (``qpass.compile(model, config,
+    calibration)`` with ``qpass.load.config_of(dir)`` does it later)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"qpass.load: {directory} has no config.json")
+    hf = json.loads((directory / "config.json").read_text())
+    qc = hf.pop("quantization_config", None)
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"qpass.load: {directory} is not a compressed-tensors checkpoint (no quantization_config)")
+    config_cls = transformers.AutoConfig.for_model(hf["model_type"]).__class__
+    model_config = config_cls.from_dict(hf)
+    model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"qpass.load: {directory} has no .safetensors file")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+
+    linears = [p for p, m in model.named_modules() if is_linear_module(m)]
+    config, layers = _config(qc, linears, directory)
+    state, stats = {}, {}
+    for path, static in layers.items():
+        q = tensors.pop(f"{path}.weight")
+        scale = tensors.pop(f"{path}.weight_scale").float()
+        if q.dtype not in (torch.int8, torch.float8_e4m3fn) or "weight_zero_point" in tensors:
+            raise ValueError(f"qpass.load: {path}: {q.dtype} weights are not read yet (int8 / float8_e4m3fn, symmetric)")
+        state[f"{path}.weight"] = q.float() * scale.reshape(-1, 1) if scale.numel() > 1 else q.float() * scale
+        input_scale = tensors.pop(f"{path}.input_scale", None)
+        if static:
+            if input_scale is None:
+                raise ValueError(f"qpass.load: {path}: static activations without an input_scale")
+            k = q.shape[1]
+            reach = (input_scale.float().reshape(1) * config.activation.qrange[1]).expand(k).clone()
+            stats[path] = ChannelStats(absmax=reach, min=-reach, max=reach.clone(), tokens=1)
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise ValueError(f"qpass.load: {directory}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    calibration = Calibration(stats) if stats else None
+    logger.info("qpass.load: %d quantized linears from %s", len(layers), directory)
+    if not compile:
+        return model, None
+    return model, qpass_compile(model, config, calibration, **compile_kwargs)
+
+
+def _config(qc: dict, linears: list[str], directory: Path) -> tuple[QuantConfig, dict[str, bool]]:
+    """The QuantConfig that reproduces ``qc`` and {quantized layer path: its activations are static}."""
+    ignore = qc.get("ignore") or []
+    layers: dict[str, bool] = {}
+    weights, acts = set(), set()
+    for name, group in qc["config_groups"].items():
+        w, a = group.get("weights"), group.get("input_activations")
+        if w is None:
+            raise ValueError(f"qpass.load: {directory}: config group {name} quantizes no weights")
+        weights.add(_weight_spec(w, name))
+        act = None if a is None else _act_spec(a, name)
+        acts.add(None if act is None else (act.dtype, act.symmetric, act.dynamic and isinstance(act.granularity, PerToken)))
+        for path in linears:
+            if path in layers or _matches(ignore, path) or not _matches(group["targets"], path):
+                continue
+            layers[path] = act is not None and not act.dynamic
+    if len(weights) != 1:
+        raise ValueError(f"qpass.load: {directory}: config groups with different weight schemes are not read yet")
+    static = any(layers.values())
+    kinds = {a for a in acts if a is not None}
+    if None in acts and kinds or len({(d, s) for d, s, _ in kinds}) > 1:
+        raise ValueError(f"qpass.load: {directory}: config groups with different activation types are not read yet")
+    weight = weights.pop()
+    activation = None
+    if kinds:
+        dtype, symmetric, _ = next(iter(kinds))
+        activation = QuantSpec(dtype, PerTensor(), symmetric=symmetric, dynamic=False) if static else QuantSpec(
+            dtype, PerToken() if any(t for *_, t in kinds) else PerTensor(), symmetric=symmetric)
+    dynamic_layers = tuple(p for p, st in layers.items() if not st) if static else ()
+    skip = tuple(p for p in linears if p not in layers)
+    return QuantConfig(weight, activation, None, skip=skip, dynamic_layers=dynamic_layers), layers
+
+
+def _weight_spec(args: dict, group: str) -> QuantSpec:
+    dtype = _dtype(args, group)
+    if not args.get("symmetric", True) or args.get("strategy") not in ("channel", "tensor"):
+        raise ValueError(f"qpass.load: config group {group}: {args.get('strategy')} weights are not read yet")
+    return QuantSpec(dtype, PerOutputChannel() if args["strategy"] == "channel" else PerTensor())
+
+
+def _act_spec(args: dict, group: str) -> QuantSpec:
+    dtype = _dtype(args, group)
+    strategy, dynamic = args.get("strategy"), bool(args.get("dynamic"))
+    if strategy == "token" and dynamic:
+        return QuantSpec(dtype, PerToken(), symmetric=bool(args.get("symmetric", True)))
+    if strategy == "tensor":
+        if not dynamic and not args.get("symmetric", True):
+            raise ValueError(f"qpass.load: config group {group}: asymmetric static activations are not read yet")
+        return QuantSpec(dtype, PerTensor(), symmetric=bool(args.get("symmetric", True)), dynamic=dynamic)
+    raise ValueError(f"qpass.load: config group {group}: {strategy} activations are not read yet")
+
+
+def _dtype(args: dict, group: str) -> str:
+    if args.get("num_bits") == 8 and args.get("type") == "int":
+        return "int8"
+    if args.get("num_bits") == 8 and args.get("type") == "float":
+        return "fp8_e4m3"
+    raise ValueError(f"qpass.load: config group {group}: {args.get('num_bits')}-bit {args.get('type')} is not read yet")
+
+
+def _matches(targets: list[str], path: str) -> bool:
+    for t in targets:
+        if t == path or t in ("Linear", "nn.Linear"):
+            return True
+        if t.startswith("re:") and re.match(t[3:], path):
+            return True
+    return False
