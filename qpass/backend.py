@@ -68,6 +68,7 @@ class QPassBackend:
         if calibration is not None:
             self._names.update(calibration.param_paths)
         self._skips_warned: set[str] = set()
+        self._memo: dict[tuple, dict] = {}  # per set of parameter identities: the passes' per-layer decisions
         self.inductor = inductor
         self.report = Report()
         self.graphs: list[fx.GraphModule] = []
@@ -95,7 +96,7 @@ class QPassBackend:
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list, sources=None) -> Callable:
         """Rewrite and compile ``gm`` for the parameters among ``example_inputs``."""
-        qg = QGraph(gm, example_inputs, self._names, sources)
+        qg = QGraph(gm, example_inputs, self._names, sources, self._memo.setdefault(_param_key(example_inputs), {}))
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
@@ -149,6 +150,12 @@ class QPassBackend:
             "calling the module itself now raises", len(released), freed / 2**20, type(model).__name__,
         )
         return freed
+
+
+def _param_key(example_inputs: list) -> tuple:
+    """The memo of decisions is keyed by the weights a graph reads: a model compiled again with other
+    weights under the same paths decides anew."""
+    return tuple(sorted(id(v) for v in example_inputs if isinstance(v, nn.Parameter)))
 
 
 class _PerParameters:

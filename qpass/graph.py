@@ -132,6 +132,7 @@ class QGraph:
         example_inputs: list,
         names: Mapping[torch.Tensor, str] | None = None,
         sources: list[tuple[str, str]] | None = None,
+        memo: dict | None = None,
     ):
         self.graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
@@ -163,6 +164,9 @@ class QGraph:
                     )
         self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
+        # decisions that depend on a layer's weights and statistics, not on this graph (the alpha and
+        # static-or-per-token searches, the kernel grid): the backend shares one memo across its graphs
+        self.memo: dict = memo if memo is not None else {}
 
 
     # -- reading ---------------------------------------------------------------

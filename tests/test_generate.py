@@ -45,3 +45,28 @@ def test_compiled_forward_can_be_undone():
             qpass.compile(model, "w8a8_dynamic")
         del model.forward
         torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=0)
+
+
+def test_searches_run_once_per_layer_for_every_graph(monkeypatch):
+    """Prefill, the first decode step and the dynamic-shape decode graph share one alpha search
+    per group of linears and one static-or-per-token decision per linear."""
+    import qpass.passes.quantize as quantize_pass
+    import qpass.passes.smooth as smooth_pass
+
+    counts = {"alpha": 0, "static": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(smooth_pass, "_search_alpha", counting("alpha", smooth_pass._search_alpha))
+    monkeypatch.setattr(quantize_pass, "_static_or_dynamic", counting("static", quantize_pass._static_or_dynamic))
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.compile(model, "w8a8_static", calib, inductor=False)
+    model.generate(token_batches(1, batch=1)[0], max_new_tokens=4, do_sample=False)
+    assert backend.report.graphs >= 3
+    assert counts == {"alpha": 8, "static": 14}  # 2 layers x (qkv, o, gate/up, down); 14 linears

@@ -267,7 +267,7 @@ class _Emit:
         self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, act_qmax, as_float) -> (x_q, scale)
         self.zps: dict[int, fx.Node] = {}
         self.smoothing = {qg.module_of(n): s for n, s in qg.smoothing.items()}  # path -> s (input divided by)
-        self.grids: dict[str, tuple[Grid, str]] = {}  # path -> (grid, why)
+        self.grids: dict[str, tuple[Grid, str]] = qg.memo.setdefault("grids", {})  # path -> (grid, why), per backend
 
     def grid(self, q: QLinear, target: Target, kernel: str) -> Grid:
         """The exact grid for ``q`` on ``target``'s ``kernel`` with the smallest output error on the

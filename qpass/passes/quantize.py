@@ -122,7 +122,10 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         w_main = w
     qw = qmath.quantize_weight(w_main, wspec, granularity)
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
-        aspec = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(), site.path, row)
+        key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
+        if key not in qg.memo:
+            qg.memo[key] = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(), site.path, row)
+        aspec = qg.memo[key]
 
     x = site.input
     dtype = _dtype(x)

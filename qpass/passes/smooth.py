@@ -322,6 +322,15 @@ def _record(row, kind, absorber, alpha, act_absmax, s, reason) -> None:
 
 
 def _alpha(qg, config, calibration, consumers, weights, channels, pow2: bool = False) -> float:
+    """``_search_alpha``, once per group of consumers for every graph the backend compiles
+    (prefill, decode and each recompile share one choice: ``QGraph.memo``)."""
+    key = ("alpha", tuple(c.site.path for c in consumers), pow2)
+    if key not in qg.memo:
+        qg.memo[key] = _search_alpha(qg, config, calibration, consumers, weights, channels, pow2)
+    return qg.memo[key]
+
+
+def _search_alpha(qg, config, calibration, consumers, weights, channels, pow2: bool = False) -> float:
     """The configured alpha, or for ``"auto"`` the grid value whose quantized layer
     outputs are closest to fp32 on the calibration samples of this group (the sum over
     its consumers of the per-token relative error, ``_smoothed_error``)."""
