@@ -39,23 +39,24 @@ pytestmark = [
 SEQLEN = 512
 N_WINDOWS = 2
 CALIB_BATCHES, CALIB_SEQLEN = 4, 256
+CALIB_SAMPLES = 64  # rows per linear kept for the searches (default 256): the alpha search is most of each compile
 SMOOTH_TOKENS = 64  # smoothing-only: one sequence, from the first token (SmolLM2's massive activations)
 LINEARS = 210  # 30 layers x 7; lm_head stays fp32
 
 # Relative perplexity change vs fp32 allowed on these 2 held-out windows of 512 tokens with the small
-# calibration above. Measured 2026-11-29 on a 2-core AMD EPYC with AVX-512 VNNI, eager (fp32 26.085):
-#   reference path: w8a8_dynamic +0.30% (+0.79% through Inductor, the same ops in another summation
-#   order), w8a8_static +5.90% (+6.12% through Inductor) with 43 of 210 linears per-token;
-#   lowered w8a8_dynamic (oneDNN x210): 8-bit grid +0.66% (+0.36% vs the reference path; +0.84%
-#   through Inductor); 7-bit grids of CPUs without VNNI, forced (176 linears 7-bit act, 34 7-bit
-#   weights) +1.80% (+1.49% vs the reference path; +1.64% through Inductor).
+# calibration above. Measured 2026-11-29 on a 2-core AMD EPYC with AVX-512 VNNI, eager (fp32 26.085),
+# with 64 calibration samples per linear for the searches (256, the default: in parentheses):
+#   reference path: w8a8_dynamic +0.98% (+0.30%), w8a8_static +5.88% (+5.90%) with 43 of 210 linears
+#   per-token; lowered w8a8_dynamic (oneDNN x210): 8-bit grid +0.99%, +0.01% vs the reference path
+#   (+0.66%, +0.36%); 7-bit grids of CPUs without VNNI, forced (166 linears 7-bit act, 44 7-bit
+#   weights) +1.41%, +0.42% vs the reference path (+1.80%, +1.49%).
 # Each bound fails a result 2x worse than the larger measurement; the reference path does not depend
 # on the CPU. These 1024 tokens are far from the accuracy claim (bench/accuracy.py, README): the
-# bounds guard against regressions.
+# bounds guard against regressions. The whole real part takes about 1 minute on that machine, quiet.
 BOUNDS = {"w8a8_dynamic": 0.015, "w8a8_static": 0.09}
 MAX_FALLBACKS = 105  # the static preset keeps most linears static (measured 43 of 210 per-token)
 # Through the lowered kernels, per grid: perplexity vs fp32, and vs the reference path's.
-LOWERED_BOUND = {"8-bit": 0.015, "7-bit": 0.03}
+LOWERED_BOUND = {"8-bit": 0.015, "7-bit": 0.025}
 LOWERED_VS_REFERENCE = {"8-bit": 0.007, "7-bit": 0.025}
 
 
@@ -63,7 +64,9 @@ LOWERED_VS_REFERENCE = {"8-bit": 0.007, "7-bit": 0.025}
 def smollm2():
     model, tokenizer = realdata.load_smollm2()
     windows = realdata.eval_windows(tokenizer, SEQLEN, N_WINDOWS * SEQLEN)
-    calib = qpass.calibrate(model, realdata.calibration_batches(tokenizer, CALIB_BATCHES, CALIB_SEQLEN))
+    calib = qpass.calibrate(
+        model, realdata.calibration_batches(tokenizer, CALIB_BATCHES, CALIB_SEQLEN), samples=CALIB_SAMPLES
+    )
     return model, windows, calib
 
 
