@@ -20,7 +20,13 @@ class LayerRow:
     activation: str = ""
     per_token_fallback: bool = False  # static activations asked, per-token dynamic run (dynamic_fallback)
     outlier_channels: int = 0  # input channels kept fp32 by an outlier split
-    kernel: str = ""  # lowered kernel, or "reference"
+    kernel: str = ""  # lowered kernel, or "reference", in the graph compiled last
+    kernels: tuple[str, ...] = ()  # every kernel it runs, over all graphs (oneDNN at prefill, FBGEMM at decode)
+
+    def add_kernel(self, label: str) -> None:
+        self.kernel = label
+        if label not in self.kernels:
+            self.kernels += (label,)
     calibration: str = ""  # why this layer's calibration statistics were not used (qpass.checks)
 
 
@@ -60,7 +66,8 @@ class Report:
             ratio = f"{r.outlier_ratio[0]:.0f} -> {r.outlier_ratio[1]:.0f}" if r.outlier_ratio else ""
             alpha = f"{r.alpha:.2f}" if r.alpha is not None else ""
             note = "; ".join(n for n in (f"calibration unusable: {r.calibration}" if r.calibration else "", r.reason) if n)
-            lines.append((r.path, r.smoothing, r.absorber, alpha, ratio, r.weight, r.activation, r.kernel, note))
+            lines.append((r.path, r.smoothing, r.absorber, alpha, ratio, r.weight, r.activation,
+                          ", ".join(r.kernels) or r.kernel, note))
         widths = [max([len(c)] + [len(line[i]) for line in lines]) for i, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]

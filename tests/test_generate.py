@@ -22,7 +22,7 @@ def test_generate_runs_through_qpass(cache):
     torch._dynamo.reset()
     model = tiny_model("llama")
     calib = qpass.calibrate(model, token_batches(2))
-    ids = token_batches(1, batch=1)[0]
+    ids = token_batches(1, batch=1, seq=24)[0]  # a prompt over FBGEMM's 16 tokens: oneDNN
     config = qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(alpha=0.5))  # no search per graph
     backend = qpass.compile(model, config, calib, inductor=False)
     kwargs = {"cache_implementation": "static"} if cache == "static" else {}
@@ -30,6 +30,10 @@ def test_generate_runs_through_qpass(cache):
     # prefill and decode reached the backend; a static cache decodes every token with one graph
     assert backend.report.graphs == 2 if cache == "static" else backend.report.graphs >= 2
     assert all(r.kernel for p, r in backend.report.rows.items() if p != "lm_head"), str(backend.report)
+    # each row shows every kernel its layer runs: oneDNN for the prompt, FBGEMM for single tokens
+    q_proj = backend.report.rows["model.layers.0.self_attn.q_proj"]
+    assert q_proj.kernels == ("onednn", "fbgemm"), q_proj.kernels
+    assert "onednn, fbgemm" in str(backend.report)
     torch.testing.assert_close(out, _greedy_loop(model, ids, 4), rtol=0, atol=0)
 
 

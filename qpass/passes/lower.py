@@ -495,7 +495,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         name, why = choose(q, t)
         row = report.row(path)
         if name == "reference":
-            row.kernel = f"reference ({why})"
+            row.add_kernel(f"reference ({why})")
             logger.warning("%s: kept on the reference quant/dequant path: %s", path, why)
             continue
         y = KERNELS[name].emit(emit, q, t)
@@ -504,7 +504,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         del qg.quantized[out]
         qg.quantized[y] = path
         grid, why = emit.grids.get(path, (None, ""))
-        row.kernel = kernel_label(name, grid)
+        row.add_kernel(kernel_label(name, grid))
         if why:
             row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
