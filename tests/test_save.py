@@ -115,3 +115,29 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="is not a compressed-tensors checkpoint"):
         qpass.load(tmp_path)
+
+
+def test_load_in_another_process(llama, tmp_path):
+    """The directory is all a new process needs: its logits equal this process's compiled model."""
+    import subprocess
+    import sys
+
+    model, calib = llama
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    qpass.save(model, "w8a8_static", tmp_path / "ckpt", calibration=calib)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ours = torch.compile(model, backend=qpass.backend("w8a8_static", calibration=calib, inductor=False),
+                             dynamic=False)(ids, use_cache=False).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch, qpass\n"
+        "model, backend = qpass.load(sys.argv[1], inductor=False, dynamic=False)\n"
+        "with torch.no_grad():\n"
+        "    out = model(torch.load(sys.argv[2]), use_cache=False).logits\n"
+        "torch.save(out, sys.argv[3])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "out.pt")], check=True, capture_output=True, timeout=300)
+    assert _rel(torch.load(tmp_path / "out.pt"), ours) <= 1e-6
