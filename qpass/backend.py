@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import weakref
 from collections.abc import Callable
 
@@ -127,16 +130,19 @@ class QPassBackend:
         model) afterwards raises a RuntimeError naming the layer; ``model.qpass_released`` lists
         the released parameters.
         """
-        released, freed = [], 0
+        victims: dict[int, tuple[str, nn.Parameter]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            if not _holds(self._superseded, p) or _holds(self._read, p) or _is_released(p):
-                continue
-            freed += p.untyped_storage().nbytes()
-            p.untyped_storage().resize_(0)
-            released.append(name)
-        if not released:
+            if _holds(self._superseded, p) and not _holds(self._read, p) and not _is_released(p):
+                victims.setdefault(id(p), (name, p))
+        if not victims:
             logger.warning("qpass release_weights: no parameter of this model is superseded by a compiled graph")
             return 0
+        released, freed = [], 0
+        with _nan_file(max(p.untyped_storage().nbytes() for _, p in victims.values())) as nan_path:
+            for name, p in victims.values():
+                freed += p.untyped_storage().nbytes()
+                _poison(p, nan_path, name)
+                released.append(name)
         owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in released}
         for path, module in model.named_modules():
             if path in owners:
@@ -197,7 +203,30 @@ def _holds(refs: dict[int, weakref.ref], p: torch.Tensor) -> bool:
 
 
 def _is_released(p: torch.Tensor) -> bool:
-    return p.numel() > 0 and p.untyped_storage().nbytes() == 0
+    return getattr(p, "qpass_released", None) is not None
+
+
+@contextlib.contextmanager
+def _nan_file(nbytes: int):
+    """A temporary file of ``nbytes`` of NaN, removed on exit (its private mappings stay valid)."""
+    fd, path = tempfile.mkstemp(prefix="qpass-released-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.full((nbytes // 4 + 1,), float("nan")).numpy().tofile(f)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _poison(p: nn.Parameter, nan_path: str, name: str) -> None:
+    """Drop ``p``'s fp32 storage for a private read-only-in-practice mapping of NaN pages, same
+    tensor object, shape, strides and dtype (so the compiled model's guards still hold): nothing is
+    resident until read, and a read gives NaN instead of freed memory (which crashed the process)."""
+    nbytes = p.untyped_storage().nbytes()
+    storage = torch.UntypedStorage.from_file(nan_path, shared=False, nbytes=nbytes)
+    with torch.no_grad():
+        p.set_(storage, p.storage_offset(), p.shape, p.stride())
+    p.qpass_released = name
 
 
 def _released_error(path: str, what: str) -> RuntimeError:

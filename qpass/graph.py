@@ -157,7 +157,7 @@ class QGraph:
         for node, value in zip(self.placeholders, example_inputs):
             if isinstance(value, nn.Parameter):
                 self.params[node] = (self._resolve(*sources[node]) or node.name, value)
-                if value.numel() > 0 and value.untyped_storage().nbytes() == 0:
+                if getattr(value, "qpass_released", None) is not None:
                     raise RuntimeError(
                         f"qpass: {self.params[node][0]} was released by QPassBackend.release_weights() and this "
                         "recompile needs it: compile every input shape before releasing the fp32 weights"

@@ -271,6 +271,10 @@ def test_released_weights_raise_instead_of_crashing(tmp_path):
     with pytest.raises(RuntimeError, match=message.format(r"pickling \(torch\.save\)")):
         torch.save(layer.weight, tmp_path / "w.pt")
     assert not (tmp_path / "sd.pt").exists()
+    # a direct read of a released tensor cannot raise (its class must stay for the compiled model's
+    # guards) but gets NaN pages instead of freed memory, which crashed the process
+    assert layer.weight.qpass_released == "model.layers.0.mlp.down_proj.weight"
+    assert torch.isnan(layer.weight.sum()) and "nan" in repr(layer.weight)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # .to() refused before touching anything
     with torch.no_grad():  # and the compiled model runs on, without a recompile
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, ref, rtol=0, atol=0)
