@@ -196,9 +196,22 @@ def is_linear_module(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _weight_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The 2-D floating ``weight`` of a leaf module that is not a torch.nn built-in: a linear written
+    by hand (``x @ self.weight.T``), which the backend recognises by its graph. Its inputs are
+    recorded when their width fits the weight."""
+    w = module._parameters.get("weight")
+    if w is None or w.dim() != 2 or not w.is_floating_point() or next(module.children(), None) is not None:
+        return None
+    if type(module).__module__.startswith("torch.nn"):
+        return None  # nn.Embedding and friends
+    return w
+
+
 class _Recorder:
-    def __init__(self, path: str, rows_per_batch: int):
+    def __init__(self, path: str, rows_per_batch: int, widths: tuple[int, ...] | None = None):
         self.path = path
+        self.widths = widths  # a hand-written linear's possible input widths; None: always record
         self.rows_per_batch = rows_per_batch
         self.absmax = self.min = self.max = None
         self.tokens = 0
@@ -208,6 +221,10 @@ class _Recorder:
         self.unmasked = False  # saw an input without the mask's leading shape
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.widths is not None and not (
+            args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].shape[-1] in self.widths
+        ):
+            return
         x = args[0].detach()
         if self.mask is not None:
             if x.shape[:-1] == self.mask.shape:
@@ -300,12 +317,19 @@ def calibrate(
     rows_per_batch = math.ceil(samples / len(batches)) if samples else 0
     recorders: dict[str, _Recorder] = {}
     handles = []
+    maybe: set[str] = set()
     for path, module in model.named_modules():
-        if is_linear_module(module):
-            recorders[path] = _Recorder(path, rows_per_batch)
-            handles.append(module.register_forward_pre_hook(recorders[path]))
+        widths = None
+        if not is_linear_module(module):
+            w = _weight_matrix(module)
+            if w is None:
+                continue
+            widths = tuple(sorted(set(w.shape)))
+            maybe.add(path)
+        recorders[path] = _Recorder(path, rows_per_batch, widths)
+        handles.append(module.register_forward_pre_hook(recorders[path]))
     if not recorders:
-        raise ValueError(f"calibrate: {type(model).__name__} has no nn.Linear or Conv1D layers")
+        raise ValueError(f"calibrate: {type(model).__name__} has no linear layers (nn.Linear, Conv1D, or a module with a 2-D weight)")
     was_training = model.training
     model.eval()
     odd_masks: set[str] = set()
@@ -334,7 +358,7 @@ def calibrate(
             "calibrate: %d linears see inputs without the attention mask's (batch, seq) shape; their statistics "
             "include padded positions: %s", len(unmasked), ", ".join(unmasked),
         )
-    unseen = [p for p, r in recorders.items() if r.absmax is None]
+    unseen = [p for p, r in recorders.items() if r.absmax is None and p not in maybe]
     for p in unseen:
         logger.warning("%s: never called during calibration; it will not be smoothed", p)
     stats = {p: r.stats() for p, r in recorders.items() if r.absmax is not None}

@@ -34,7 +34,7 @@ def test_empty_batch_list_is_a_clear_error():
 
 
 def test_model_without_linears_is_a_clear_error():
-    with pytest.raises(ValueError, match="no nn.Linear or Conv1D"):
+    with pytest.raises(ValueError, match=r"has no linear layers \(nn.Linear, Conv1D, or a module with a 2-D weight\)"):
         qpass.calibrate(nn.ReLU(), [torch.ones(2)])
 
 

@@ -234,3 +234,30 @@ def test_matmul_spelled_llama_quantizes_like_nn_linear():
     with torch.no_grad():
         ref = spelled(ids, use_cache=False).logits
     assert ((logits[1] - ref).norm() / ref.norm()).item() <= 0.05
+
+
+def test_calibrate_records_linears_written_as_matmul():
+    """``qpass.calibrate`` records a hand-written linear (a leaf module with a 2-D weight whose input
+    width fits it) as it records nn.Linear: the matmul-spelled Llama gets the statistics of its
+    nn.Linear twin, so smoothing and static scales need no twin."""
+    from tests.models import tiny_model, token_batches
+
+    model = tiny_model("llama")
+    spelled = tiny_model("llama")
+    for i, layer in enumerate(spelled.model.layers):
+        for mod in (layer.self_attn, layer.mlp):
+            for name, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(mod, name, MatmulLinear(child, SPELLINGS[(i + len(name)) % len(SPELLINGS)]))
+    calib = qpass.calibrate(model, token_batches(2))
+    spelled_calib = qpass.calibrate(spelled, token_batches(2))
+    assert set(spelled_calib) == set(calib)  # 14 decoder linears and lm_head; not the embedding
+    for path in calib:
+        torch.testing.assert_close(spelled_calib[path].absmax, calib[path].absmax, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    backend = qpass.backend("w8a8_static", calibration=spelled_calib, inductor=False)
+    with torch.no_grad():
+        torch.compile(spelled, backend=backend, dynamic=False)(token_batches(1)[0], use_cache=False)
+    rows = backend.report.rows
+    assert all(not r.calibration for r in rows.values()), str(backend.report)
+    assert sum(r.smoothing not in ("", "none") for r in rows.values()) == 14, str(backend.report)
