@@ -60,6 +60,13 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
         stats = calibration.get(site.path) if calibration is not None else None
         _quantize_site(qg, site, config, stats, calibration is not None, row, shared)
         done += 1
+    fell_back = qg.memo.pop("new_per_token_fallbacks", [])
+    if fell_back:  # one warning for the cause, the numbers in each report row
+        logger.warning(
+            "qpass: %d linears run per-token dynamic activations, their static scale losing by more than %gx "
+            "on the calibration samples (see the report): %s", len(fell_back), config.dynamic_fallback,
+            ", ".join(fell_back),
+        )
     return done
 
 
@@ -125,6 +132,8 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
         if key not in qg.memo:
             qg.memo[key] = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(), site.path, row)
+            if qg.memo[key] is not aspec:
+                qg.memo.setdefault("new_per_token_fallbacks", []).append(site.path)
         aspec = qg.memo[key]
 
     x = site.input
@@ -198,7 +207,7 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
            f"{choice.static_error:.2e} is over {factor:g}x per-token's {choice.dynamic_error:.2e}")
     row.reason = f"{row.reason}; {why}" if row.reason else why
     row.per_token_fallback = True
-    logger.warning("%s: %s", path, why)
+    logger.debug("%s: %s", path, why)
     return choice.spec
 
 
