@@ -266,7 +266,7 @@ def test_outlier_rules_pick_channels():
     view = (-absmax, absmax, absmax, None)
 
     def picked(split):
-        idx = _outlier_channels(qpass.QuantConfig(outliers=split), view, "layer")
+        idx = _outlier_channels(qpass.QuantConfig(outliers=split), view)
         return [] if idx is None else idx.tolist()
 
     assert picked(qpass.OutlierSplit(6.0)) == [3, 6]

@@ -119,7 +119,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
         outliers = None
     else:
-        outliers = _outlier_channels(config, view, site.path)
+        outliers = _outlier_channels(config, view)
     keep_mask = None
     if outliers is not None:
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool)
@@ -221,13 +221,11 @@ def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]
     return qg.call(operator.getitem, (node, 0), before=before), qg.call(operator.getitem, (node, 1), before=before)
 
 
-def _outlier_channels(config: QuantConfig, view, path: str) -> torch.Tensor | None:
+def _outlier_channels(config: QuantConfig, view) -> torch.Tensor | None:
     split = config.outliers
     if split is None:
         return None
-    if view is None:
-        raise ValueError(f"{path}: OutlierSplit needs calibration statistics for this layer")
-    absmax = view[2]
+    absmax = view[2]  # _quantize_site handled a layer without statistics
     if split.top_k is not None:
         idx = absmax.topk(min(split.top_k, absmax.numel())).indices
     else:

@@ -125,14 +125,11 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
             row.smoothing, row.reason = "none", "skipped by config"
             continue
         if calibration is None or site.path not in calibration:
-            row.smoothing = "none"  # qpass.checks.vet_calibration said why, once for all such layers
+            # qpass.checks.vet_calibration left out statistics that are missing, non-finite or of
+            # another width, and said why, once for all such layers
+            row.smoothing = "none"
             continue
         stats = calibration[site.path]
-        k = weight_absmax(site, qg.value(site.weight_node)).numel()
-        if stats.absmax.numel() != k:
-            row.smoothing, row.reason = "none", f"calibrated {stats.absmax.numel()} channels, weight has {k}"
-            logger.warning("%s: %s; not smoothed", site.path, row.reason)
-            continue
         producer, path = walk_back(site.input, qg)
         try:
             walk = trace_channels(producer, path)
