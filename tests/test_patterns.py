@@ -207,10 +207,9 @@ def test_matmul_spelled_linears_quantize_like_nn_linear(spelling):
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() <= 1e-5
 
 
-def test_matmul_spelled_llama_quantizes_like_nn_linear():
-    """A tiny Llama whose q/k/v/o/gate/up/down compute ``x @ W.T``: w8a8_dynamic gives the same
-    report (every linear smoothed, quantized and lowered the same way) and the same logits."""
-    from tests.models import tiny_model, token_batches
+def _llama_and_matmul_twin():
+    """A tiny Llama and a copy whose q/k/v/o/gate/up/down are ``MatmulLinear``s (spellings mixed)."""
+    from tests.models import tiny_model
 
     model = tiny_model("llama")
     spelled = tiny_model("llama")
@@ -219,6 +218,15 @@ def test_matmul_spelled_llama_quantizes_like_nn_linear():
             for name, child in list(mod.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(mod, name, MatmulLinear(child, SPELLINGS[(i + len(name)) % len(SPELLINGS)]))
+    return model, spelled
+
+
+def test_matmul_spelled_llama_quantizes_like_nn_linear():
+    """A tiny Llama whose q/k/v/o/gate/up/down compute ``x @ W.T``: w8a8_dynamic gives the same
+    report (every linear smoothed, quantized and lowered the same way) and the same logits."""
+    from tests.models import token_batches
+
+    model, spelled = _llama_and_matmul_twin()
     calib = qpass.calibrate(model, token_batches(2))
     ids = token_batches(1, seed=7)[0]
     logits, reports = [], []
@@ -240,15 +248,9 @@ def test_calibrate_records_linears_written_as_matmul():
     """``qpass.calibrate`` records a hand-written linear (a leaf module with a 2-D weight whose input
     width fits it) as it records nn.Linear: the matmul-spelled Llama gets the statistics of its
     nn.Linear twin, so smoothing and static scales need no twin."""
-    from tests.models import tiny_model, token_batches
+    from tests.models import token_batches
 
-    model = tiny_model("llama")
-    spelled = tiny_model("llama")
-    for i, layer in enumerate(spelled.model.layers):
-        for mod in (layer.self_attn, layer.mlp):
-            for name, child in list(mod.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(mod, name, MatmulLinear(child, SPELLINGS[(i + len(name)) % len(SPELLINGS)]))
+    model, spelled = _llama_and_matmul_twin()
     calib = qpass.calibrate(model, token_batches(2))
     spelled_calib = qpass.calibrate(spelled, token_batches(2))
     assert set(spelled_calib) == set(calib)  # 14 decoder linears and lm_head; not the embedding
