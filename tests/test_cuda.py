@@ -154,3 +154,39 @@ def test_lowered_kernels_run_under_dynamic_shapes(name):
     torch._dynamo.reset()
     assert len(backend.graphs) == 2, len(backend.graphs)
     assert all(r.kernel.startswith("cuda") for p, r in backend.report.rows.items() if p != "lm_head")
+
+
+def test_generate_on_cuda_runs_through_qpass_with_a_static_cache():
+    """``qpass.compile`` on a CUDA model: greedy ``generate()`` with a static cache gives the tokens
+    of a manual loop over the same compiled forward, prefill and decode reach the backend (two
+    graphs: decode compiles once), and every decoder linear runs ``_int_mm``."""
+    from tests.test_generate import _greedy_loop
+
+    torch._dynamo.reset()
+    model = tiny_model("llama").to(CUDA)
+    calib = qpass.calibrate(model, [b.to(CUDA) for b in token_batches(2)])
+    ids = token_batches(1, batch=1, seq=24)[0].to(CUDA)
+    config = qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(alpha=0.5))
+    backend = qpass.compile(model, config, calib)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert backend.report.graphs == 2, backend.report.graphs
+    assert all(r.kernel == "cuda int8 (_int_mm)" for p, r in backend.report.rows.items() if p != "lm_head")
+    torch.testing.assert_close(out, _greedy_loop(model, ids, 4), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static", "fp8_dynamic"])
+def test_bf16_model_on_cuda(name):
+    """A bf16 model on CUDA through Inductor: bf16 logits, every decoder linear on this GPU's kernel,
+    and the error within the fp32 model's bound for the preset plus the bf16 model's own noise."""
+    model = tiny_model("llama").to(CUDA, torch.bfloat16)
+    calib = qpass.calibrate(model, [b.to(CUDA) for b in token_batches(4)])
+    ids = token_batches(1, batch=1, seq=48, seed=7)[0].to(CUDA)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        ref32 = tiny_model("llama").to(CUDA)(ids, use_cache=False).logits
+    noise = _rel(ref, ref32)
+    out, backend = _run(model, qpass.preset(name), calib, ids)
+    assert out.dtype == torch.bfloat16
+    assert all(r.kernel.startswith("cuda") for p, r in backend.report.rows.items() if p != "lm_head")
+    assert _rel(out, ref) <= 1.25 * BOUNDS[name] + 3 * noise, (_rel(out, ref), noise)
