@@ -53,6 +53,11 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
         linears = [path for path in linears if path in calibration]
     warned: set[str] = set()
 
+    # Opaque to an outer torch.compile: transformers' generate() compiles ``model.__call__`` itself
+    # on CUDA with a static cache (and wherever a CompileConfig asks for it), and an outer compile
+    # would trace through this forward with its own backend, dropping qpass's. Disabled here, the
+    # outer graph breaks at the call and this forward runs qpass's compiled graphs.
+    @torch.compiler.disable
     @functools.wraps(type(model).forward)
     def forward(*args, **kwargs):
         out = compiled(*args, **kwargs)

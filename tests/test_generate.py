@@ -74,3 +74,24 @@ def test_searches_run_once_per_layer_for_every_graph(monkeypatch):
     model.generate(token_batches(1, batch=1)[0], max_new_tokens=4, do_sample=False)
     assert backend.report.graphs >= 3
     assert counts == {"alpha": 8, "static": 14}  # 2 layers x (qkv, o, gate/up, down); 14 linears
+
+
+def test_an_outer_compile_does_not_drop_qpass():
+    """transformers' ``generate()`` compiles ``model.__call__`` itself (on CUDA with a static cache,
+    or wherever its CompileConfig says): that outer compile must not trace through qpass's forward
+    with its own backend, which would run every decode step in full precision. Forced here on CPU;
+    the tokens are those of the same compiled forward called in a loop, and decode reached qpass."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, batch=1, seq=24)[0]
+    config = qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(alpha=0.5))
+    backend = qpass.compile(model, config, calib, inductor=False)
+    compile_config = CompileConfig(backend="eager", mode=None)
+    compile_config._compile_all_devices = True
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")  # transformers did compile its own call
+    assert backend.report.graphs == 2, backend.report.graphs  # prefill and decode both reached qpass
+    torch.testing.assert_close(out, _greedy_loop(model, ids, 3), rtol=0, atol=0)
