@@ -21,6 +21,7 @@ from qpass import checks
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, placeholder_sources
+from qpass.qmath import QuantizedWeight
 from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
@@ -73,6 +74,8 @@ class QPassBackend:
         self._skips_warned: set[str] = set()
         self._memo: dict[tuple, dict] = {}  # per set of parameter identities: the passes' per-layer decisions
         self.inductor = inductor
+        # path -> quantized weight used as it is (``qpass.load`` fills it from a checkpoint)
+        self.stored_weights: dict[str, QuantizedWeight] = {}
         self.report = Report()
         self.graphs: list[fx.GraphModule] = []
         # Parameters the compiled graphs read / no longer read (the lowered linears hold their own
@@ -99,7 +102,8 @@ class QPassBackend:
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list, sources=None) -> Callable:
         """Rewrite and compile ``gm`` for the parameters among ``example_inputs``."""
-        qg = QGraph(gm, example_inputs, self._names, sources, self._memo.setdefault(_param_key(example_inputs), {}))
+        memo = self._memo.setdefault(_param_key(example_inputs), {})
+        qg = QGraph(gm, example_inputs, self._names, sources, memo, self.stored_weights)
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)

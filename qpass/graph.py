@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._guards import detect_fake_mode
 
+from qpass.qmath import QuantizedWeight
+
 __all__ = ["QGraph", "LinearSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS", "MATMUL_TARGETS"]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -133,6 +135,7 @@ class QGraph:
         names: Mapping[torch.Tensor, str] | None = None,
         sources: list[tuple[str, str]] | None = None,
         memo: dict | None = None,
+        stored_weights: Mapping[str, QuantizedWeight] | None = None,
     ):
         self.graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
@@ -167,6 +170,9 @@ class QGraph:
         # decisions that depend on a layer's weights and statistics, not on this graph (the alpha and
         # static-or-per-token searches, the kernel grid): the backend shares one memo across its graphs
         self.memo: dict = memo if memo is not None else {}
+        # path -> the quantized weight a checkpoint stored for it (``qpass.load``): the quantize pass
+        # uses it as it is instead of quantizing the dequantized weight again
+        self.stored_weights: Mapping[str, QuantizedWeight] = stored_weights or {}
 
 
     # -- reading ---------------------------------------------------------------

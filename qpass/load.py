@@ -22,17 +22,19 @@ from qpass.api import compile as qpass_compile
 from qpass.backend import QPassBackend
 from qpass.calibration import Calibration, ChannelStats, is_linear_module
 from qpass.config import PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.qmath import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load"]
 
 
-def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs) -> tuple[nn.Module, QPassBackend | None]:  # noqa: A002
+def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs) -> tuple[nn.Module, QPassBackend]:  # noqa: A002
     """``model, backend = qpass.load(dir)``: the model (fp32, weights dequantized from the stored
-    integers) with its forward compiled by ``qpass.compile`` for exactly the stored quantization.
-    ``compile=False`` returns the model uncompiled and ``None`` (``qpass.compile(model, config,
-    calibration)`` with ``qpass.load.config_of(dir)`` does it later)."""
+    integers) with its forward compiled by ``qpass.compile`` for exactly the stored quantization:
+    the backend quantizes each linear with the stored integers and scales as they are.
+    ``compile=False`` leaves ``model.forward`` alone and returns the same backend, not yet used
+    (``torch.compile(model.forward, backend=backend)`` runs it)."""
     import transformers
     from safetensors.torch import load_file
 
@@ -56,13 +58,15 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
 
     linears = [p for p, m in model.named_modules() if is_linear_module(m)]
     config, layers = _config(qc, linears, directory)
-    state, stats = {}, {}
+    state, stats, stored = {}, {}, {}
     for path, static in layers.items():
         q = tensors.pop(f"{path}.weight")
         scale = tensors.pop(f"{path}.weight_scale").float()
-        if q.dtype not in (torch.int8, torch.float8_e4m3fn) or "weight_zero_point" in tensors:
+        if q.dtype not in (torch.int8, torch.float8_e4m3fn) or f"{path}.weight_zero_point" in tensors:
             raise ValueError(f"qpass.load: {path}: {q.dtype} weights are not read yet (int8 / float8_e4m3fn, symmetric)")
-        state[f"{path}.weight"] = q.float() * scale.reshape(-1, 1) if scale.numel() > 1 else q.float() * scale
+        scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
+        stored[path] = QuantizedWeight(q, scale, 0)
+        state[f"{path}.weight"] = stored[path].dequantize()
         input_scale = tensors.pop(f"{path}.input_scale", None)
         if static:
             if input_scale is None:
@@ -79,9 +83,12 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     model.tie_weights()
     calibration = Calibration(stats) if stats else None
     logger.info("qpass.load: %d quantized linears from %s", len(layers), directory)
-    if not compile:
-        return model, None
-    return model, qpass_compile(model, config, calibration, **compile_kwargs)
+    if compile:
+        backend = qpass_compile(model, config, calibration, **compile_kwargs)
+    else:
+        backend = QPassBackend(config, calibration, **compile_kwargs).bind(model)
+    backend.stored_weights.update(stored)
+    return model, backend
 
 
 def _config(qc: dict, linears: list[str], directory: Path) -> tuple[QuantConfig, dict[str, bool]]:

@@ -141,3 +141,99 @@ def test_load_in_another_process(llama, tmp_path):
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
                     str(tmp_path / "out.pt")], check=True, capture_output=True, timeout=300)
     assert _rel(torch.load(tmp_path / "out.pt"), ours) <= 1e-6
+
+
+def _write_with_compressed_tensors(model, directory, weights: dict, activations: dict, fmt: str, calib=None) -> None:
+    """A checkpoint written by the compressed-tensors package itself (as llm-compressor does), with
+    weight scales of another observer than qpass's: ``absmax / 120`` (fp8: ``/ 400``), so the
+    largest integer is 120, not 127, and qpass quantizing the dequantized weight again would choose
+    other integers."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import apply_quantization_config
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights),
+                                input_activations=QuantizationArgs(**activations))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt))
+    qmax = 400.0 if weights["type"] == "float" else 120.0
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if hasattr(module, "weight_scale"):
+                module.weight_scale.copy_(module.weight.abs().amax(1, keepdim=True) / qmax)
+            if hasattr(module, "input_scale"):
+                module.input_scale.copy_(calib[path].absmax.max() / 127)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(directory)
+
+
+# transformers simulates what compressed-tensors describes; its symmetric int8 scale is absmax / 127.5
+# where qpass's kernels (and vLLM's) use absmax / 127: 0.7% per linear on these inputs, 2.2% on the
+# tiny model's logits for dynamic per-token activations; static scales are the file's in both
+CT_SCHEMES = {
+    "int8 channel, dynamic token": (dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
+                                    dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
+                                    "int-quantized", 0.03),
+    "int8 channel, static tensor": (dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
+                                    dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False),
+                                    "int-quantized", 0.03),
+    "fp8 channel, dynamic token": (dict(num_bits=8, type="float", symmetric=True, strategy="channel"),
+                                   dict(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True),
+                                   "float-quantized", 1e-3),
+}
+
+
+@pytest.mark.parametrize("scheme", list(CT_SCHEMES))
+def test_load_a_checkpoint_the_compressed_tensors_package_wrote(scheme, tmp_path):
+    """qpass runs another tool's checkpoint with the stored integers as they are: the quantized
+    weights in the compiled graph are the file's (not the dequantized weights quantized again, which
+    gives other integers for these scales), and the logits agree with transformers' own (simulated)
+    loading of the same directory."""
+    import transformers
+    from safetensors.torch import load_file
+
+    weights, activations, fmt, agreement = CT_SCHEMES[scheme]
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    _write_with_compressed_tensors(model, tmp_path, weights, activations, fmt, calib)
+    stored = load_file(tmp_path / "model.safetensors")
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        ours = reloaded(ids, use_cache=False).logits
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids, use_cache=False).logits
+    assert sum(1 for r in backend.report.rows.values() if r.kernel) == 14
+    assert _rel(ours, theirs) < agreement, _rel(ours, theirs)
+
+    # the reference path of the same backend holds the quantized weights as graph constants
+    del reloaded.forward
+    torch._dynamo.reset()
+    reference = qpass.backend(backend.config.replace(lower=False), backend.calibration, inductor=False)
+    reference.stored_weights.update(backend.stored_weights)
+    with torch.no_grad():
+        torch.compile(reloaded, backend=reference, dynamic=False)(ids, use_cache=False)
+    gm = reference.graphs[0]
+    low = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    low = [t for t in low if t.dtype in (torch.int8, torch.float8_e4m3fn) and t.dim() == 2]
+    files = [t for k, t in stored.items() if k.endswith("proj.weight")]
+    assert len(low) == len(files) == 14
+    assert all(any(torch.equal(t.float(), f.float()) for f in files) for t in low)
+    requantized = qpass.qmath.quantize_weight(reloaded.model.layers[0].mlp.down_proj.weight, backend.config.weight).q
+    assert not torch.equal(requantized, stored["model.layers.0.mlp.down_proj.weight"])  # the test can fail
+
+
+def test_a_weight_changed_after_loading_is_quantized_again(tmp_path, caplog):
+    model = tiny_model("llama", layers=1)
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=qpass.calibrate(model, token_batches(2)))
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded.model.layers[0].mlp.up_proj.weight.mul_(2)
+        with caplog.at_level("WARNING", logger="qpass"):
+            reloaded(token_batches(1)[0], use_cache=False)
+    changed = [r.getMessage() for r in caplog.records if "no longer the checkpoint's" in r.getMessage()]
+    assert changed == [
+        "qpass: model.layers.0.mlp.up_proj: its weight is no longer the checkpoint's (changed after loading); quantizing it again"
+    ]

@@ -70,6 +70,25 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     return done
 
 
+def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity) -> qmath.QuantizedWeight | None:
+    """The quantized weight a checkpoint stored for ``path`` (``qpass.load``), reshaped like the
+    quantize pass's own, when the layer's weight is still its dequantized value; else None. Another
+    tool may choose scales qpass would not (an observer that clips, or rounds the scale), so the
+    stored integers and scales are used as they are rather than recomputed from the weight."""
+    stored = qg.stored_weights.get(path)
+    if stored is None:
+        return None
+    ours = qmath.quantize_weight(w, spec, granularity)  # the shapes the kernels expect
+    if stored.q.shape != ours.q.shape or stored.scale.numel() != ours.scale.numel() or stored.group_size != ours.group_size:
+        raise ValueError(f"{path}: the stored quantized weight {tuple(stored.q.shape)} does not fit this layer's config")
+    stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(ours.scale.shape), stored.group_size,
+                                   None if stored.zero_point is None else stored.zero_point.reshape(ours.scale.shape))
+    if not torch.equal(stored.dequantize(), w):
+        logger.warning("qpass: %s: its weight is no longer the checkpoint's (changed after loading); quantizing it again", path)
+        return None
+    return stored
+
+
 def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
     """The calibrated statistics of what reaches the linear after smoothing: (lo, hi, absmax, samples)."""
     if stats is None:
@@ -127,7 +146,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         w_main = w * keep_mask
     else:
         w_main = w
-    qw = qmath.quantize_weight(w_main, wspec, granularity)
+    qw = _stored_weight(qg, site.path, w_main, wspec, granularity) or qmath.quantize_weight(w_main, wspec, granularity)
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
         if key not in qg.memo:
