@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     for f in files:
         tensors.update(load_file(f))
 
-    linears = [p for p, m in model.named_modules() if is_linear_module(m)]
+    linears = {p: m for p, m in model.named_modules() if is_linear_module(m)}
     config, layers = _config(qc, linears, directory)
     state, stats, stored = {}, {}, {}
     for path, static in layers.items():
@@ -91,8 +90,14 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     return model, backend
 
 
-def _config(qc: dict, linears: list[str], directory: Path) -> tuple[QuantConfig, dict[str, bool]]:
-    """The QuantConfig that reproduces ``qc`` and {quantized layer path: its activations are static}."""
+def _config(qc: dict, linears: dict[str, nn.Module], directory: Path) -> tuple[QuantConfig, dict[str, bool]]:
+    """The QuantConfig that reproduces ``qc`` and {quantized layer path: its activations are static}.
+    Targets and ignore entries match as the format defines (compressed-tensors' own matcher: a module
+    path, ``re:`` a regex, or a class name in the module's bases)."""
+    try:
+        from compressed_tensors.utils.match import is_match
+    except ImportError as e:
+        raise ImportError("qpass.load reads the compressed-tensors format: pip install compressed-tensors") from e
     ignore = qc.get("ignore") or []
     layers: dict[str, bool] = {}
     weights, acts = set(), set()
@@ -103,8 +108,8 @@ def _config(qc: dict, linears: list[str], directory: Path) -> tuple[QuantConfig,
         weights.add(_weight_spec(w, name))
         act = None if a is None else _act_spec(a, name)
         acts.add(None if act is None else (act.dtype, act.symmetric, act.dynamic and isinstance(act.granularity, PerToken)))
-        for path in linears:
-            if path in layers or _matches(ignore, path) or not _matches(group["targets"], path):
+        for path, module in linears.items():
+            if path in layers or not is_match(path, module, group["targets"], ignore):
                 continue
             layers[path] = act is not None and not act.dynamic
     if len(weights) != 1:
@@ -149,12 +154,3 @@ def _dtype(args: dict, group: str) -> str:
     if args.get("num_bits") == 8 and args.get("type") == "float":
         return "fp8_e4m3"
     raise ValueError(f"qpass.load: config group {group}: {args.get('num_bits')}-bit {args.get('type')} is not read yet")
-
-
-def _matches(targets: list[str], path: str) -> bool:
-    for t in targets:
-        if t == path or t in ("Linear", "nn.Linear"):
-            return True
-        if t.startswith("re:") and re.match(t[3:], path):
-            return True
-    return False
