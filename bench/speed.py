@@ -179,17 +179,27 @@ def _storage_key(t: torch.Tensor):
 
 
 def weight_bytes(model: nn.Module, graphs: list[torch.fx.GraphModule] = ()) -> int:
-    """Parameters and buffers that still hold storage plus the constants of ``graphs``, each storage once."""
+    """Parameters and buffers that still hold storage, the constants of ``graphs``, and the FBGEMM
+    packed weights those graphs use (held in a registry outside every graph), each storage once."""
+    from qpass import kernels
+
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
+    handles = set()
     for gm in graphs:
         tensors += list(gm.buffers())
+        handles |= {n.args[2] if n.target is torch.ops.qpass.fbgemm_qlinear.default else n.args[1]
+                    for n in gm.graph.nodes
+                    if n.target in (torch.ops.qpass.fbgemm_qlinear.default, torch.ops.qpass.fbgemm_dynamic_linear.default)}
     for t in tensors:
         key = _storage_key(t)
         if key in seen:
             continue
         seen.add(key)
         total += _bytes(t)
+    for h in handles:
+        entry = kernels.fbgemm_packed(h)
+        total += entry.in_features * entry.out_features  # int8 weights (FBGEMM adds column offsets)
     return total
 
 

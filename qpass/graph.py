@@ -292,7 +292,8 @@ class QGraph:
         attr, i = base, 1
         while hasattr(self.root, attr):
             attr, i = f"{base}_{i}", i + 1
-        placed = tensor.detach().to(self.device).contiguous()
+        # the tensor itself where it can be (a packed weight shared by several graphs stays one)
+        placed = (tensor.detach() if tensor.requires_grad else tensor).to(self.device).contiguous()
         self.root.register_buffer(attr, placed)
         self.names[attr] = name
         first = next(n for n in self.graph.nodes if n.op not in ("placeholder", "get_attr"))

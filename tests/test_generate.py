@@ -95,3 +95,39 @@ def test_an_outer_compile_does_not_drop_qpass():
     assert hasattr(model, "_compiled_call")  # transformers did compile its own call
     assert backend.report.graphs == 2, backend.report.graphs  # prefill and decode both reached qpass
     torch.testing.assert_close(out, _greedy_loop(model, ids, 3), rtol=0, atol=0)
+
+
+def test_graphs_share_one_packed_weight_per_layer():
+    """Every graph the backend compiles shares each layer's packed weights: two prompt lengths
+    (two oneDNN graphs) hold the same packed storage, the single-token and dynamic-shape decode
+    graphs one FBGEMM registry entry per layer; the entries go when the last graph does."""
+    from qpass import kernels
+
+    torch._dynamo.reset()
+    before = set(kernels.fbgemm._REGISTRY)
+    model = tiny_model("llama")
+    backend = qpass.compile(model, "w8a8_dynamic", inductor=False, dynamic=False)
+    with torch.no_grad():
+        for seq in (24, 32):
+            model(token_batches(1, batch=1, seq=seq)[0], use_cache=False)
+    packed = [{n.target: getattr(gm, n.target) for n in gm.graph.nodes
+               if n.op == "get_attr" and n.target.endswith("weight_onednn")} for gm in backend.graphs]
+    assert len(packed) == 2 and len(packed[0]) == 14 and packed[0].keys() == packed[1].keys()
+    assert all(packed[0][k] is packed[1][k] for k in packed[0])  # one packed tensor, not a copy each
+    del model.forward
+    torch._dynamo.reset()
+
+    model = tiny_model("llama")
+    backend = qpass.compile(model, "w8a8_dynamic", inductor=False)
+    model.generate(token_batches(1, batch=1, seq=24)[0], max_new_tokens=4, do_sample=False)
+    assert backend.report.graphs == 3  # prefill, the first decode step, dynamic-shape decode
+    handles = set(kernels.fbgemm._REGISTRY) - before
+    assert len(handles) == 14, len(handles)  # not one per graph
+    assert kernels.fbgemm_registry_bytes() >= sum(
+        m.weight.numel() for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p != "lm_head")
+    del model.forward, backend
+    torch._dynamo.reset()
+    import gc
+
+    gc.collect()
+    assert not handles & set(kernels.fbgemm._REGISTRY)

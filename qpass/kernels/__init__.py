@@ -21,6 +21,8 @@ from .fbgemm import (
     fbgemm_qlinear,
     pack_fbgemm_dynamic,
     release_fbgemm,
+    retain_fbgemm,
+    fbgemm_registry_bytes,
 )
 from .onednn import (
     OnednnInt8Weight,
@@ -72,5 +74,7 @@ __all__ = [
     "reference_fbgemm_dynamic_linear",
     "reference_int_linear",
     "release_fbgemm",
+    "retain_fbgemm",
+    "fbgemm_registry_bytes",
     "saturation_probe_operands",
 ]

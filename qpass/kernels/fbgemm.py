@@ -58,6 +58,7 @@ class FbgemmPacked:
 
 
 _REGISTRY: dict[int, FbgemmPacked] = {}
+_USERS: dict[int, int] = {}  # handle -> how many graphs use it
 _Q_DQ_LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 _HANDLES = itertools.count(1)
 _LOCK = threading.Lock()
@@ -136,6 +137,7 @@ def pack_fbgemm_dynamic(
     with _LOCK:
         handle = next(_HANDLES)
         _REGISTRY[handle] = FbgemmPacked(packed, k, n, reduce_range)
+        _USERS[handle] = 1
     logger.debug("packed FBGEMM weight N=%d K=%d as handle %d", n, k, handle)
     return handle
 
@@ -148,10 +150,29 @@ def fbgemm_packed(handle: int) -> FbgemmPacked:
         raise KeyError(f"no FBGEMM packed weight registered under handle {handle!r}") from None
 
 
-def release_fbgemm(handle: int) -> None:
-    """Drop a packed weight from the registry (graphs that still use the handle will fail)."""
+def retain_fbgemm(handle: int) -> None:
+    """One more user of ``handle`` (a second graph sharing the packed weight): the entry stays
+    until every user has called :func:`release_fbgemm`. KeyError if it was released already."""
     with _LOCK:
-        _REGISTRY.pop(handle, None)
+        fbgemm_packed(handle)
+        _USERS[handle] += 1
+
+
+def release_fbgemm(handle: int) -> None:
+    """One user of ``handle`` is done with it; the last one drops the packed weight from the
+    registry (graphs that still use the handle then fail)."""
+    with _LOCK:
+        _USERS[handle] = _USERS.get(handle, 1) - 1
+        if _USERS[handle] <= 0:
+            _USERS.pop(handle)
+            _REGISTRY.pop(handle, None)
+
+
+def fbgemm_registry_bytes() -> int:
+    """Bytes of the packed weights the registry holds (outside every graph: count them too)."""
+    with _LOCK:
+        entries = list(_REGISTRY.values())
+    return sum(e.in_features * e.out_features for e in entries)  # one int8 per weight element
 
 
 # "int handle" (not SymInt): Dynamo specializes on it, so the fake impl can look the entry up.

@@ -17,6 +17,7 @@ weights requantized to 7 bits)::
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import operator
 import weakref
@@ -374,6 +375,23 @@ class _Emit:
         return [d if isinstance(d, int) else self.call(torch.ops.aten.sym_size.int, (x, i), before)
                 for i, d in enumerate(_val(x).shape)]
 
+    def packed(self, kind: str, path: str, w_q: Tensor, w_s: Tensor, pack: Callable):
+        """``pack()``, once per backend for the same layer and integers: every graph the backend
+        compiles (prefill, decode, recompiles) shares the packed weight instead of holding its own
+        copy. An FBGEMM handle gets one registry user per graph (each graph releases its own)."""
+        digest = hashlib.sha1(w_q.contiguous().numpy().tobytes())
+        digest.update(w_s.contiguous().numpy().tobytes())
+        key = ("packed", kind, path, digest.hexdigest())
+        cached = self.qg.memo.get(key)
+        if kind == "fbgemm" and cached is not None:
+            try:
+                kernels.retain_fbgemm(cached)
+            except KeyError:  # every graph that used it is gone
+                cached = None
+        if cached is None:
+            cached = self.qg.memo[key] = pack()
+        return cached
+
     def weight(self, q: QLinear, grid: Grid) -> tuple[Tensor, Tensor]:
         """The int8 ``(N, K)`` weight on ``grid`` and its ``(N,)`` float32 scales."""
         w_q = self.qg.value(q.w_q)
@@ -385,7 +403,7 @@ def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before = q.out
     grid = e.grid(q, target, "onednn")
     w_q, w_s = e.weight(q, grid)
-    packed = kernels.pack_onednn_int8(w_q, w_s)
+    packed = e.packed("onednn", q.path, w_q, w_s, lambda: kernels.pack_onednn_int8(w_q, w_s))
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
     ws = e.qg.constant(f"{q.path}.weight_scale_onednn", packed.scales)
     x_u8, scale, zp = e.quantized_act(q, grid, before)
@@ -405,7 +423,7 @@ def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     # constant applied with the activation scale, and the process-wide registry entry is freed when
     # that constant is.
     w_q, w_s = e.weight(q, grid)
-    handle = kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0]))
+    handle = e.packed("fbgemm", q.path, w_q, w_s, lambda: kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0])))
     x_int, scale, zp = e.quantized_act(q, grid, before, as_float=True)
     static = not isinstance(scale, fx.Node)
     ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
