@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from torch.utils.weak import WeakIdKeyDictionary
 
-from qpass import checks
+from qpass import checks, coverage
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, placeholder_sources
@@ -69,14 +69,16 @@ class QPassBackend:
         # parameter -> its path from the root module, so that graphs Dynamo traced from inside a
         # submodule (a graph break there) still name layers by their full path; see ``bind``.
         self._names: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.report = Report()
         if calibration is not None:
             self._names.update(calibration.param_paths)
+            self.report.model_class = calibration.model_class
+        self._warned_no_linear = False
         self._skips_warned: set[str] = set()
         self._memo: dict[tuple, dict] = {}  # per set of parameter identities: the passes' per-layer decisions
         self.inductor = inductor
         # path -> quantized weight used as it is (``qpass.load`` fills it from a checkpoint)
         self.stored_weights: dict[str, QuantizedWeight] = {}
-        self.report = Report()
         self.graphs: list[fx.GraphModule] = []
         # Parameters the compiled graphs read / no longer read (the lowered linears hold their own
         # low-precision copies), for ``release_weights``: id -> weak reference.
@@ -94,6 +96,7 @@ class QPassBackend:
             raise TypeError(f"QPassBackend.bind: expected an nn.Module, got {type(model).__name__}")
         for name, p in model.named_parameters():
             self._names[p] = name
+        self.report.model_class = type(model).__name__
         return self
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -108,6 +111,10 @@ class QPassBackend:
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
         self.report.graphs += 1
+        coverage.survey(qg, self.report, self._names or None)
+        if not self._warned_no_linear and (warning := coverage.no_linear_warning(qg, self.report.model_class)):
+            self._warned_no_linear = True  # one warning per backend; the report lists every such parameter
+            logger.warning(warning)
         for name, run in PIPELINE:
             if name == "smooth" and calibration is None:
                 continue

@@ -68,6 +68,7 @@ class Calibration(Mapping[str, ChannelStats]):
         # parameter -> module path in the model calibrated in this process (weakly held; not saved):
         # lets the backend name layers by their full path in graphs Dynamo traced inside a submodule.
         self.param_paths: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.model_class = ""  # class name of that model, for the report and warnings (not saved)
 
     def __getitem__(self, path: str) -> ChannelStats:
         return self._stats[path]
@@ -366,4 +367,5 @@ def calibrate(
     calibration = Calibration(stats)
     for name, p in model.named_parameters():
         calibration.param_paths[p] = name
+    calibration.model_class = type(model).__name__
     return calibration

@@ -30,6 +30,17 @@ class LayerRow:
     calibration: str = ""  # why this layer's calibration statistics were not used (qpass.checks)
 
 
+@dataclass
+class ParamInfo:
+    """One parameter of the model: its size and what reads it in the compiled graphs
+    (``weight of model.layers.0.mlp.up_proj``, ``bias of ...``, ``embedding``, ``op bmm``)."""
+
+    numel: int
+    nbytes: int
+    ndim: int
+    uses: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class Match:
     """One folded pattern: ``absorber`` took 1/s for ``consumers``."""
@@ -46,6 +57,9 @@ class Report:
     rows: dict[str, LayerRow] = field(default_factory=dict)
     matches: dict[tuple[str, str], Match] = field(default_factory=dict)
     graphs: int = 0
+    params: dict[str, ParamInfo] = field(default_factory=dict)  # every parameter a compiled graph holds
+    model_params: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # bound model: numel, bytes, ndim
+    model_class: str = ""
 
     def row(self, path: str) -> LayerRow:
         if path not in self.rows:
@@ -74,4 +88,82 @@ class Report:
         out += [fmt.format(*line).rstrip() for line in lines]
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts().items())) or "none"
         out.append(f"{len(self.rows)} linears in {self.graphs} graph(s); folded patterns: {counts}")
-        return "\n".join(out)
+        return "\n".join(out + self.summary())
+
+    # -- what each stage touched -----------------------------------------------------------------
+    def stages(self) -> dict[str, list[str]]:
+        """Parameter paths per stage: ``smoothed`` (value changed by a fold, or a smoothed linear's
+        weight), ``quantized``, ``lowered`` (quantized and run by a low-precision kernel) and
+        ``full precision`` (not quantized: everything else, the parameters in no graph included)."""
+        absorbers = {m.absorber for m in self.matches.values() if m.kind != "multiply"}
+        out: dict[str, list[str]] = {"smoothed": [], "quantized": [], "lowered": [], "full precision": []}
+        for path in self._all_params():
+            rows = [self.rows[u.split(" of ", 1)[1]] for u in self._uses(path) if u.startswith("weight of ")
+                    and u.split(" of ", 1)[1] in self.rows]
+            module = path.rsplit(".", 1)[0]
+            if module in absorbers or any(r.smoothing not in ("", "none") for r in rows):
+                out["smoothed"].append(path)
+            quantized = [r for r in rows if r.weight and not r.weight.startswith("fp32")]
+            out["quantized" if quantized else "full precision"].append(path)
+            if any(not k.startswith("reference") for r in quantized for k in r.kernels):
+                out["lowered"].append(path)
+        return out
+
+    def full_precision_reason(self, path: str) -> str:
+        """Why ``path`` stays in full precision: what reads it, and for a linear, why it was not quantized."""
+        if path not in self.params:
+            return "in no compiled graph (Dynamo ran it eagerly, or it did not run)"
+        why = []
+        for use in sorted(self._uses(path)):
+            if use.startswith("weight of "):
+                row = self.rows.get(use[len("weight of "):])
+                detail = (row.reason or row.weight or "not quantized") if row is not None else "not quantized"
+                why.append(f"{use[len('weight of '):]}: {detail}")
+            elif use == "embedding":
+                why.append("embedding (a lookup, no matmul)")
+            elif use.startswith("op "):
+                why.append(f"read by {use[3:]} (not a linear qpass quantizes)")
+            else:
+                why.append(use)
+        return "; ".join(why) or "unused in the compiled graphs"
+
+    def summary(self) -> list[str]:
+        """The lines ``str(report)`` ends with: parameters and share of parameter bytes per stage, and
+        the parameters of two or more dimensions left in full precision, with why."""
+        sizes = {p: self._size(p) for p in self._all_params()}
+        if not sizes:
+            return []
+        total_n = sum(n for n, _, _ in sizes.values())
+        total_b = sum(b for _, b, _ in sizes.values()) or 1
+        scope = f"of {self.model_class}" if self.model_class else "the compiled graphs hold"
+        out = [f"parameters {scope}: {total_n:,} ({total_b / 2**20:.2f} MiB)"]
+        for stage, paths in self.stages().items():
+            n = sum(sizes[p][0] for p in paths)
+            b = sum(sizes[p][1] for p in paths)
+            out.append(f"  {stage + ':':<16}{n:>14,} parameters, {100 * b / total_b:5.1f}% of parameter bytes")
+        full = [p for p in self.stages()["full precision"]]
+        matrices = sorted((p for p in full if sizes[p][2] >= 2), key=lambda p: -sizes[p][1])
+        if matrices:
+            out.append("left in full precision (2-D and larger):")
+            width = max(len(p) for p in matrices)
+            for p in matrices:
+                n, b, _ = sizes[p]
+                out.append(f"  {p:<{width}}  {n:>12,}  {100 * b / total_b:5.1f}%  {self.full_precision_reason(p)}")
+        vectors = [p for p in full if sizes[p][2] < 2]
+        if vectors:
+            n = sum(sizes[p][0] for p in vectors)
+            b = sum(sizes[p][1] for p in vectors)
+            out.append(f"  and {len(vectors)} vectors and scalars (norm weights, biases): {n:,} parameters, "
+                       f"{100 * b / total_b:.1f}%")
+        return out
+
+    def _all_params(self) -> list[str]:
+        return list(dict.fromkeys([*self.model_params, *self.params]))
+
+    def _uses(self, path: str) -> set[str]:
+        info = self.params.get(path)
+        return info.uses if info is not None else set()
+
+    def _size(self, path: str) -> tuple[int, int, int]:
+        info = self.params.get(path)
+        return (info.numel, info.nbytes, info.ndim) if info is not None else self.model_params[path]

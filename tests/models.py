@@ -6,6 +6,8 @@ import torch
 import transformers
 
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt2")
+# dense decoders added for issue 14 (tests/test_architectures.py)
+DENSE_ARCHS = ("gptj", "bloom", "phi", "cohere", "granite", "olmo2", "starcoder2", "gpt_bigcode", "mpt")
 
 _GQA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
@@ -28,7 +30,36 @@ def _config(arch: str, layers: int):
         )
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0)
+    # -- dense decoders beyond the first seven (issue 14) --------------------------------------
+    if arch == "gptj":  # parallel attention/MLP off one ln_1, partial rotary, fc_in -> gelu -> fc_out
+        return transformers.GPTJConfig(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, rotary_dim=8, n_inner=96,
+                                       bos_token_id=0, eos_token_id=0)
+    if arch == "bloom":  # fused query_key_value, ALiBi, dense_h_to_4h -> gelu -> dense_4h_to_h
+        return transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=layers, n_head=4)
+    if arch == "phi":  # parallel attention/MLP off one input_layernorm, fc1 -> gelu_new -> fc2
+        return transformers.PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    if arch == "cohere":  # parallel attention/SwiGLU off one bias-free LayerNorm, tied embeddings, logit scale
+        return transformers.CohereConfig(**_GQA, num_hidden_layers=layers, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "granite":  # Llama with embedding / residual / attention / logit multipliers
+        return transformers.GraniteConfig(**_GQA, num_hidden_layers=layers, embedding_multiplier=4.0,
+                                          residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=2.0)
+    if arch == "olmo2":  # RMSNorm after attention and MLP (post-norms), q/k RMSNorm over all heads
+        return transformers.Olmo2Config(**_GQA, num_hidden_layers=layers, pad_token_id=0)
+    if arch == "starcoder2":  # LayerNorm with bias, biased q/k/v/o, c_fc -> gelu -> c_proj
+        return transformers.Starcoder2Config(**_GQA, num_hidden_layers=layers)
+    if arch == "gpt_bigcode":  # multi-query attention in a fused c_attn (nn.Linear), c_fc -> gelu -> c_proj
+        return transformers.GPTBigCodeConfig(vocab_size=128, n_embd=64, n_inner=96, n_layer=layers, n_head=4,
+                                             multi_query=True, bos_token_id=0, eos_token_id=0)
+    if arch == "mpt":  # bias-free LayerNorm, fused Wqkv, ALiBi, up_proj -> gelu -> down_proj
+        return transformers.MptConfig(vocab_size=128, d_model=64, n_layers=layers, n_heads=4, expansion_ratio=2)
     raise ValueError(arch)
+
+
+# Norms that get no planted outliers: OLMo-2's q_norm / k_norm scale attention logits, not a linear's
+# input; a 20x channel there saturates the random model's softmax (int8-sized weight noise alone then
+# moves its logits 7-22%), which tests the random model's conditioning, not quantization.
+_PLAIN_NORMS = {"olmo2": ("q_norm", "k_norm")}
 
 
 def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0) -> torch.nn.Module:
@@ -41,7 +72,8 @@ def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight") \
+                        and not any(f".{plain}." in name for plain in _PLAIN_NORMS.get(arch, ())):
                     boost = torch.ones_like(p)
                     boost[torch.randperm(p.numel(), generator=g)[:3]] = outliers
                     p.mul_(boost)

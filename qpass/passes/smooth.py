@@ -110,6 +110,7 @@ class Consumer:
     site: LinearSite
     walk: Walk | None
     act_absmax: torch.Tensor  # (K,) calibrated, before smoothing
+    why: str = ""  # why ``walk`` is None
 
 
 def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report) -> int:
@@ -131,12 +132,13 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
             continue
         stats = calibration[site.path]
         producer, path = walk_back(site.input, qg)
+        why = ""
         try:
             walk = trace_channels(producer, path)
         except NotChannelPreserving as e:
             walk, producer = None, site.input
-            row.reason = f"input path not channel-preserving: {e}"
-        groups.setdefault(producer, []).append(Consumer(site, walk, stats.absmax))
+            why = f"input path not channel-preserving: {e}"
+        groups.setdefault(producer, []).append(Consumer(site, walk, stats.absmax, why))
 
     smoothed = 0
     unabsorbed: list[tuple[Consumer, str]] = []
@@ -154,7 +156,7 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
 
 def _absorber(qg: QGraph, producer: fx.Node, consumers: list[Consumer]) -> tuple[Absorber | None, str]:
     if any(c.walk is None for c in consumers):
-        return None, consumers[0].site.node.name
+        return None, next(c.why for c in consumers if c.walk is None)
     channels = consumers[0].walk.probes[producer].shape[-1]
     scaled = torch.zeros(channels, dtype=torch.bool)
     for c in consumers:
@@ -265,37 +267,51 @@ def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, r
 
 
 def _multiply_fallback(qg, edits, unabsorbed, config, calibration, report) -> int:
-    """Smooth linears whose producer cannot absorb 1/s by inserting ``x * (1/s)``."""
-    by_input: dict[fx.Node, list[tuple[Consumer, str]]] = {}
+    """Smooth linears whose producer cannot absorb 1/s by inserting ``x * (1/s)`` before them.
+
+    Linears that read one input node share one multiply with a scale per channel of that node.
+    Linears that read one producer through views of their own (``addmm`` on ``x.view(-1, k)``) share
+    one scale per producer channel, as a fold would: one multiply per input node, each with ``1/s``
+    gathered through its channel map."""
+    by_producer: dict[fx.Node, list[tuple[Consumer, str]]] = {}
     for c, reason in unabsorbed:
-        by_input.setdefault(c.site.input, []).append((c, reason))
+        by_producer.setdefault(c.walk.producer if c.walk is not None else c.site.input, []).append((c, reason))
     done = 0
-    for x, group in by_input.items():
+    for producer, group in by_producer.items():
         consumers = [c for c, _ in group]
-        reason = group[0][1]
+        reasons = {c.site.path: reason for c, reason in group}
         if config.smoothing.fallback == "skip":
             for c in consumers:
                 row = report.row(c.site.path)
-                row.smoothing, row.reason = "none", reason
+                row.smoothing, row.reason = "none", reasons[c.site.path]
             continue
         weights = [edits.weight(c.site) for c in consumers]
-        channels = consumers[0].act_absmax.numel()
-        plain = [Consumer(c.site, None, c.act_absmax) for c in consumers]
-        pow2 = _pow2_scales(qg, config, consumers, x)
-        alpha = _alpha(qg, config, calibration, plain, weights, channels, pow2)
-        s = _group_scales(qg, plain, weights, channels, alpha, pow2)
+        if len({c.site.input for c in consumers}) == 1:  # one input node: a scale per channel of it
+            producer = consumers[0].site.input
+            consumers = [Consumer(c.site, None, c.act_absmax) for c in consumers]
+        channels = next((c.walk.probes[producer].shape[-1] for c in consumers if c.walk is not None),
+                        consumers[0].act_absmax.numel())
+        pow2 = _pow2_scales(qg, config, consumers, producer)
+        alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
+        s = _group_scales(qg, consumers, weights, channels, alpha, pow2)
         # In a half dtype ``1/s`` is rounded where it is stored: the columns take the inverse of the
         # rounded value, so ``x * inv`` times them is the unsmoothed product up to the multiply's rounding.
-        inv_value = (1.0 / s).to(_dtype(x))
+        inv_value = (1.0 / s).to(_dtype(producer))
         s = 1.0 / inv_value.float()
-        inv = qg.constant(f"{consumers[0].site.path}.smooth_inv_scale", inv_value)
-        first = min((c.site.reader for c in consumers), key=_order(qg))
-        scaled = qg.call(torch.mul, (x, inv), before=first)
+        scaled_inputs: dict[fx.Node, fx.Node] = {}
+        for c in sorted(consumers, key=lambda c: _order(qg)(c.site.reader)):
+            x = c.site.input
+            index = c.walk.index if c.walk is not None else torch.arange(channels)
+            if x not in scaled_inputs:
+                readers = [d.site.reader for d in consumers if d.site.input is x]
+                inv = qg.constant(f"{c.site.path}.smooth_inv_scale", inv_value[index])
+                scaled_inputs[x] = qg.call(torch.mul, (x, inv), before=min(readers, key=_order(qg)))
+            c.site.reader.replace_input_with(x, scaled_inputs[x])
         for c, w in zip(consumers, weights):
-            c.site.reader.replace_input_with(x, scaled)
-            edits.set_weight(c.site, scale_columns(c.site, w, s))
-            qg.smoothing[c.site.node] = s
-            _record(report.row(c.site.path), "multiply", "inserted mul", alpha, c.act_absmax, s, reason)
+            sc = s[c.walk.index] if c.walk is not None else s
+            edits.set_weight(c.site, scale_columns(c.site, w, sc))
+            qg.smoothing[c.site.node] = sc
+            _record(report.row(c.site.path), "multiply", "inserted mul", alpha, c.act_absmax, sc, reasons[c.site.path])
         report.add_match(Match("multiply", f"mul before {consumers[0].site.path}", tuple(c.site.path for c in consumers)))
         done += len(consumers)
     return done
