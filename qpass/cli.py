@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # quantize runs the passes twice (report, then save)
-        if not any(isinstance(f, _Once) for f in handler.filters):
-            handler.addFilter(_Once())
+    once, handlers = _Once(), list(logging.getLogger().handlers)
+    for handler in handlers:  # quantize runs the passes twice (report, then save): each warning once
+        handler.addFilter(once)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"qpass {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
     return 0
 
 
