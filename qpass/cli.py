@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     once, handlers = _Once(), list(logging.getLogger().handlers)
-    for handler in handlers:  # quantize runs the passes twice (report, then save): each warning once
+    for handler in handlers:  # quantize also reloads what it saved (output errors): each warning once
         handler.addFilter(once)
     try:
         if args.threads is not None:
@@ -368,15 +368,10 @@ def _quantize(args) -> None:
         print(f"calibration statistics -> {args.save_calib}")
 
     start = time.perf_counter()
-    backend = qpass.QPassBackend(args.preset, calib, inductor=False)
-    backend.config = backend.config.replace(lower=False)
-    backend.bind(model)
     example = batches[0][:, :64] if batches is not None else torch.zeros(1, 8, dtype=torch.long)
     with torch.no_grad(), _status("smoothing and quantizing (searches per layer)"):
-        torch.compile(model, backend=backend, dynamic=False)(example, use_cache=False)
-        torch._dynamo.reset()
         try:
-            qpass.save(model, args.preset, out, calibration=calib, tokenizer=tokenizer, example_input=example)
+            backend = qpass.save(model, args.preset, out, calibration=calib, tokenizer=tokenizer, example_input=example)
         except ImportError as e:
             raise UsageError(str(e)) from None
         torch._dynamo.reset()

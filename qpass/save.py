@@ -58,13 +58,15 @@ def save(
     calibration: Calibration | None = None,
     tokenizer=None,
     example_input: torch.Tensor | None = None,
-) -> Path:
+) -> QPassBackend:
     """Quantize ``model`` with ``config`` (and ``calibration``) and write it to ``directory``.
 
     The model is traced once on ``example_input`` (default: 8 tokens of id 0) with the reference
     path, exactly as ``qpass.compile`` would rewrite it; ``model`` itself is not changed.
     The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (with the
-    ``compressed-tensors`` package installed) and with ``qpass.load``. Returns the directory.
+    ``compressed-tensors`` package installed) and with ``qpass.load``. Returns the backend that
+    rewrote the model: its ``report`` holds the per-layer decisions written (alpha, granularity,
+    per-token fallbacks), which the checkpoint itself does not.
     """
     try:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -154,7 +156,7 @@ def save(
         tokenizer.save_pretrained(directory)
     logger.info("qpass.save: %d quantized linears in %d config groups, %d ignored -> %s",
                 len(linears), len(config_groups), len(ignore), directory)
-    return directory
+    return backend
 
 
 def _input_scales(gm) -> dict[str, torch.Tensor]:
