@@ -310,7 +310,7 @@ class QGraph:
         fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), self._meta_val)
         if self.fake_mode is not None:
             with self.fake_mode:
-                val = target(*fake_args, **fake_kwargs)
+                val = _fake_linear(*fake_args, **fake_kwargs) if target is F.linear else target(*fake_args, **fake_kwargs)
         else:
             val = None
         node.meta["val"] = node.meta["example_value"] = val
@@ -335,6 +335,15 @@ class QGraph:
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm
+
+
+def _fake_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``'s output as a fake tensor, from its shapes alone: torch 2.11's composite
+    ``linear`` (seen with CUDA fake tensors) calls ``numel()`` and fails on symbolic sizes."""
+    if x.dtype != weight.dtype or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"qpass: linear of a {x.dtype} {tuple(x.shape)} input and a {weight.dtype} "
+                           f"{tuple(weight.shape)} weight")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def placeholder_sources(gm: fx.GraphModule) -> list[tuple[str, str]]:
