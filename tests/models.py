@@ -7,6 +7,9 @@ import transformers
 
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt2")
 
+# Mixture-of-experts decoders: fused 3-D expert weights run by a grouped matmul, a top-k router.
+MOE_ARCHS = ("qwen2_moe", "olmoe", "deepseek_v3")
+
 _GQA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -28,6 +31,24 @@ def _config(arch: str, layers: int):
         )
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0)
+    # -- mixture of experts: 8 experts, top-2 (one contiguous block) --
+    if arch == "qwen2_moe":  # a shared expert gated by sigmoid(shared_expert_gate(x))
+        return transformers.Qwen2MoeConfig(
+            **_GQA, num_hidden_layers=layers, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2,
+        )
+    if arch == "olmoe":  # q/k norms after the projections, no shared expert
+        return transformers.OlmoeConfig(
+            **{**_GQA, "intermediate_size": 32}, num_hidden_layers=layers, num_experts=8, num_experts_per_tok=2,
+            pad_token_id=0, eos_token_id=1,
+        )
+    if arch == "deepseek_v3":  # MLA attention, a dense first layer, a shared expert, a grouped sigmoid router
+        return transformers.DeepseekV3Config(
+            vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=2,
+            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+            qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
+        )
     raise ValueError(arch)
 
 
