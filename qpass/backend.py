@@ -71,6 +71,7 @@ class QPassBackend:
         if calibration is not None:
             self._names.update(calibration.param_paths)
         self._skips_warned: set[str] = set()
+        self._experts_warned: set[str] = set()
         self._memo: dict[tuple, dict] = {}  # per set of parameter identities: the passes' per-layer decisions
         self.inductor = inductor
         self.report = Report()
@@ -91,6 +92,7 @@ class QPassBackend:
             raise TypeError(f"QPassBackend.bind: expected an nn.Module, got {type(model).__name__}")
         for name, p in model.named_parameters():
             self._names[p] = name
+        checks.warn_eager_experts(model, self.report)
         return self
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -103,6 +105,7 @@ class QPassBackend:
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
+        checks.report_unhandled_experts(qg, self.report, self._experts_warned)
         self.report.graphs += 1
         for name, run in PIPELINE:
             if name == "smooth" and calibration is None:

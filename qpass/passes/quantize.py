@@ -52,6 +52,11 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
         if config.skips(site.path):
             row.weight = row.activation = "fp32 (skipped)"
             continue
+        if qg.is_router(site):
+            row.weight = row.activation = "fp32 (router)"
+            if ROUTER_NOTE not in row.reason:
+                _note(row, ROUTER_NOTE)
+            continue
         w = qg.value(site.weight_node)
         if not w.dtype.is_floating_point:
             row.reason = f"weight dtype {w.dtype} is not floating point; left as is"
@@ -60,6 +65,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
         stats = calibration.get(site.path) if calibration is not None else None
         _quantize_site(qg, site, config, stats, calibration is not None, row, shared)
         done += 1
+    _experts(qg, config, report)
     fell_back = qg.memo.pop("new_per_token_fallbacks", [])
     if fell_back:  # one warning for the cause, the numbers in each report row
         logger.warning(
@@ -68,6 +74,10 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             ", ".join(fell_back),
         )
     return done
+
+
+#: Why a mixture-of-experts router keeps full precision.
+ROUTER_NOTE = "router: kept in full precision (its output picks the experts; quantizing it changes the choice)"
 
 
 def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
@@ -209,6 +219,26 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
     row.per_token_fallback = True
     logger.debug("%s: %s", path, why)
     return choice.spec
+
+
+EXPERTS_NOTE = "fused expert weights (grouped matmul): not quantized yet, kept in full precision"
+
+
+def _experts(qg: QGraph, config: QuantConfig, report: Report) -> None:
+    """Every grouped matmul over fused expert weights gets a report row; one warning per backend."""
+    kept = []
+    for site in qg.experts():
+        row = report.row(site.path)
+        if config.skips(site.path):
+            row.weight = row.activation = "fp32 (skipped)"
+            continue
+        row.weight = row.activation = "fp32"
+        if EXPERTS_NOTE not in row.reason:
+            _note(row, EXPERTS_NOTE)
+            kept.append(site.path)
+    if kept and not qg.memo.get("experts_warned"):
+        qg.memo["experts_warned"] = True
+        logger.warning("qpass: %d fused expert weights stay in full precision (%s): %s", len(kept), EXPERTS_NOTE, ", ".join(kept))
 
 
 def _note(row, why: str) -> None:
