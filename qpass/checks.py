@@ -48,11 +48,17 @@ _CAUSES = {
 }
 
 
-def _problem(stats: ChannelStats | None, k: int) -> tuple[str, str] | None:
+def _problem(stats: ChannelStats | None, k: int, experts: int | None = None) -> tuple[str, str] | None:
+    """``experts``: the number of experts of fused expert weights (per-expert statistics, (E, K))."""
     if stats is None:
         return "missing", _CAUSES["missing"]
-    if stats.absmax.numel() != k:
-        return "shape", f"calibrated for {stats.absmax.numel()} input channels, the layer has {k}"
+    if stats.absmax.shape[-1] != k:
+        return "shape", f"calibrated for {stats.absmax.shape[-1]} input channels, the layer has {k}"
+    if (experts is not None) != stats.per_expert:
+        return "shape", ("per-expert statistics for a linear" if experts is None
+                         else "statistics of one linear for fused expert weights (recalibrate with this qpass)")
+    if experts is not None and stats.absmax.shape[0] != experts:
+        return "shape", f"calibrated for {stats.absmax.shape[0]} experts, the layer has {experts}"
     tensors = [stats.absmax, stats.min, stats.max] + ([stats.samples] if stats.samples is not None else [])
     if stats.nonfinite or not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "nonfinite", f"{stats.nonfinite} non-finite input values during calibration"
@@ -72,12 +78,14 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
     """
     if calibration is None:
         return None
-    sites = [s for s in qg.linears() if not config.skips(s.path) and not _needs_no_stats(config, s.path)]
+    # a router is never quantized and smoothing takes its scales from the other readers of its input
+    linears = [s for s in qg.linears() if not qg.is_router(s)]
+    sites = [s for s in (*linears, *qg.experts()) if not config.skips(s.path) and not _needs_no_stats(config, s.path)]
     problems: list[_Unusable] = []
     for site in sites:
         w = qg.value(site.weight_node)
-        k = w.shape[0] if site.weight_t else w.shape[1]
-        found = _problem(calibration.get(site.path), k)
+        experts = w.shape[0] if w.dim() == 3 else None
+        found = _problem(calibration.get(site.path), w.shape[site.in_dim], experts)
         if found is not None:
             problems.append(_Unusable(site.path, *found))
     misfits = [p for p in problems if p.cause == "shape"]

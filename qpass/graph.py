@@ -208,6 +208,7 @@ class QGraph:
         self.names: dict[str, str] = {}  # constant attribute -> module path it came from
         self.smoothing: dict[fx.Node, torch.Tensor] = {}  # linear -> per-input-channel s its input was divided by
         self.quantized: dict[fx.Node, str] = {}  # output node of a quantized linear -> module path
+        self.quantized_experts: dict[fx.Node, str] = {}  # quantized grouped matmul -> its expert weights' path
         self.params: dict[fx.Node, tuple[str, torch.Tensor]] = {}
         if sources is None:
             sources = placeholder_sources(gm)
@@ -226,6 +227,7 @@ class QGraph:
                     )
         self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
+        self._experts: dict[fx.Node, ExpertsSite] = {}
         # decisions that depend on a layer's weights and statistics, not on this graph (the alpha and
         # static-or-per-token searches, the kernel grid): the backend shares one memo across its graphs
         self.memo: dict = memo if memo is not None else {}
@@ -318,6 +320,8 @@ class QGraph:
         of one) and its input is an activation."""
         if not isinstance(node, fx.Node) or not is_grouped_mm(node) or len(node.args) < 2:
             return None
+        if node in self._experts:  # found before a pass replaced its weight by a constant
+            return self._experts[node]
         offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
         w = self.value(node.args[1])
         if offs is None or w is None or w.dim() != 3 or not self._varies(node.args[0]):
@@ -325,7 +329,8 @@ class QGraph:
         params = self._params_under(node.args[1])
         if len(params) != 1 or self.params[params[0]][1].dim() != 3:
             return None
-        return ExpertsSite(node, self.params[params[0]][0], params[0])
+        self._experts[node] = ExpertsSite(node, self.params[params[0]][0], params[0])
+        return self._experts[node]
 
     def _params_under(self, node: fx.Node) -> list[fx.Node]:
         found, stack, seen = [], [node], set()

@@ -4,8 +4,10 @@ import logging
 
 import pytest
 import torch
+from torch import fx
 
 import qpass
+from qpass.graph import is_topk
 from tests.models import MOE_ARCHS, tiny_model, token_batches
 
 ROUTER = "router: kept in full precision"
@@ -64,3 +66,136 @@ def test_experts_outside_grouped_mm_stay_fp32_with_one_warning(impl, op, caplog)
         row = backend.report.rows[p]
         assert row.weight.startswith("fp32")
         assert (f"read by {op}" if op else "_experts_implementation='eager'") in row.reason
+
+
+SMOOTH_ONLY = qpass.QuantConfig(weight=None, activation=None)
+
+# Folded patterns per 2-layer model (use_cache=False, lm_head skipped). The post-attention norm takes
+# 1/s for the router, the experts' gate_up and any shared expert (one linear-norm fold); each layer's
+# experts fold act(gate) * up -> down per expert (a gated-act fold).
+EXPECTED = {
+    "qwen2_moe": {"linear-norm": 4, "linear-linear": 2, "gated-act": 4},  # + the shared expert's gated-act
+    "olmoe": {"linear-norm": 4, "linear-linear": 2, "gated-act": 2},  # q/k norms sit after q/k_proj
+    # MLA: q_a_layernorm -> q_b_proj and kv_a_layernorm -> kv_b_proj are linear-norm folds; kv_b_proj's
+    # output is also read by new_empty (the key buffer), so o_proj gets an inserted multiply; layer 0 is dense
+    "deepseek_v3": {"linear-norm": 8, "gated-act": 3, "multiply": 2},
+}
+
+
+class _TopkSpy(fx.Interpreter):
+    """Runs a graph and keeps the indices every top-k returns (the experts each token is routed to)."""
+
+    def __init__(self, gm, sink):
+        super().__init__(gm)
+        self.sink = sink
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if is_topk(n):
+            self.sink.append(out[1].clone())
+        return out
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_smoothing_only_exact_and_same_experts(arch):
+    """Smoothing folds into the norm before router + experts + shared expert and per expert into
+    gate_up / down: logits within 1e-5 and every top-k picks the same experts."""
+    model = tiny_model(arch)
+    calib = qpass.calibrate(model, token_batches(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = token_batches(1, seed=7)[0]
+    qb = qpass.backend(SMOOTH_ONLY, calibration=calib, inductor=False)
+    ref_routes, routes = [], []
+
+    def spy(gm, example_inputs):
+        qb(gm, example_inputs)
+        smoothed = qb.graphs[-1]
+
+        def run(*args):
+            _TopkSpy(gm, ref_routes).run(*args)
+            return _TopkSpy(smoothed, routes).run(*args)
+
+        return run
+
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend=spy, dynamic=False)(ids, use_cache=False).logits
+    assert _rel(out, ref) <= 1e-5
+    assert len(routes) == len(ref_routes) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(routes, ref_routes))
+    assert dict(qb.report.counts()) == EXPECTED[arch]
+    rows = qb.report.rows
+    for p in _expert_params(model):
+        want = "gated-act (per expert)" if p.endswith("down_proj") else "linear-norm"
+        assert rows[p].smoothing == want and rows[p].alpha == 0.5, (p, rows[p])
+    for p in [p for p in rows if p.endswith("mlp.gate")]:
+        assert rows[p].smoothing == "linear-norm"  # the router takes s into its columns
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_rows_moved_between_grouped_matmuls_refuse_the_per_expert_fold():
+    """A row gather between gate_up and down keeps channels (the walk passes it) but moves rows to
+    other experts' segments: a scale per expert would be undone by the wrong expert. The fold is
+    refused with the reason; one scale for all experts (an inserted multiply) keeps it exact."""
+    model = tiny_model("olmoe")
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        gate = type(experts)._apply_gate.__get__(experts)
+        experts._apply_gate = lambda h, gate=gate: gate(h)[torch.arange(h.shape[0] - 1, -1, -1)]
+    calib = qpass.calibrate(model, token_batches(3))
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    out, backend = _compile(model, SMOOTH_ONLY, calib, ids)
+    assert _rel(out, ref) <= 1e-5
+    row = backend.report.rows["model.layers.1.mlp.experts.down_proj"]
+    assert row.smoothing == "multiply"
+    assert "per expert" in row.reason and "may move rows between the grouped matmuls" in row.reason, row.reason
+    assert backend.report.rows["model.layers.1.mlp.experts.gate_up_proj"].smoothing == "linear-norm"
+
+
+def test_walk_through_a_row_gather_only():
+    """``x[index]`` with a run-time index is channel-preserving only where the index cannot reach the
+    channels: an integer index of a 2-D value gathers rows; a boolean mask as wide as ``x`` does not."""
+    from qpass.patterns.walk import NotChannelPreserving, trace_channels
+
+    def f(x, rows, mask, flat):
+        return x[rows], x[mask], flat[rows]
+
+    gm = fx.symbolic_trace(f)
+    vals = {"x": torch.zeros(6, 4), "rows": torch.zeros(5, dtype=torch.long), "mask": torch.ones(6, 4, dtype=torch.bool),
+            "flat": torch.zeros(4)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, v in vals.items():
+        nodes[name].meta["val"] = v
+    gathers = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert trace_channels(nodes["x"], [gathers[0]]).index.tolist() == [0, 1, 2, 3]
+    with pytest.raises(NotChannelPreserving, match="boolean mask over the channels"):
+        trace_channels(nodes["x"], [gathers[1]])
+    with pytest.raises(NotChannelPreserving, match="data-dependent index over the channels"):
+        trace_channels(nodes["flat"], [gathers[2]])
+
+
+def test_calibration_records_each_expert_from_its_routed_tokens():
+    """Per-expert statistics come from exactly the tokens the router sent to each expert: gate_up's
+    input is those hidden states, down's is that expert's act(gate) * up."""
+    model = tiny_model("olmoe")
+    batch = token_batches(1)[0]
+    seen = {}
+    experts = model.model.layers[1].mlp.experts
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].clone(), idx=args[1].clone()))
+    calib = qpass.calibrate(model, [batch])
+    handle.remove()
+    gu, down = calib["model.layers.1.mlp.experts.gate_up_proj"], calib["model.layers.1.mlp.experts.down_proj"]
+    x, idx = seen["x"], seen["idx"]
+    assert gu.absmax.shape == (8, 64) and down.absmax.shape == (8, 32)
+    assert int(gu.expert_tokens.sum()) == gu.tokens == idx.numel()  # every (token, expert) pair once
+    for e in range(8):
+        rows = x[(idx == e).any(-1)]
+        assert int(gu.expert_tokens[e]) == rows.shape[0]
+        if rows.shape[0]:
+            assert torch.equal(gu.max[e], rows.amax(0)) and torch.equal(gu.min[e], rows.amin(0))
+            gate, up = (rows @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            assert torch.allclose(down.absmax[e], (torch.nn.functional.silu(gate) * up).abs().amax(0))
+    assert set(gu.sample_experts.tolist()) <= set(range(8)) and gu.samples.shape[0] == gu.sample_experts.shape[0]
