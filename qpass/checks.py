@@ -155,7 +155,7 @@ def warn_unmatched_skips(config: QuantConfig, paths: list[str], known: list[str]
 
 
 def report_unhandled_experts(qg: QGraph, report: Report, warned: set[str]) -> None:
-    """A parameter of three or more dimensions (fused expert weights) that a graph reads other than
+    """A parameter of three or more dimensions (fused expert weights, a convolution) that a graph reads other than
     through a grouped matmul qpass knows (``batched_mm`` gathers ``W[expert_ids]`` for a bmm; a
     custom kernel) stays in full precision: a report row and one warning per backend saying which op
     reads it."""
@@ -173,8 +173,9 @@ def report_unhandled_experts(qg: QGraph, report: Report, warned: set[str]) -> No
             missed.append(f"{path} ({readers})")
     if missed:
         logger.warning(
-            "qpass: %d expert weight tensors stay in full precision: their graph reads them through ops that are "
-            "not a grouped matmul (set config._experts_implementation = 'grouped_mm'): %s", len(missed), "; ".join(missed),
+            "qpass: %d weight tensors of three or more dimensions (fused experts, convolutions) stay in full precision: "
+            "their graph reads them through ops that are not a grouped matmul (for MoE experts, set "
+            "config._experts_implementation = 'grouped_mm'): %s", len(missed), "; ".join(missed),
         )
 
 

@@ -9,6 +9,9 @@ ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt2")
 
 # Mixture-of-experts decoders: fused 3-D expert weights run by a grouped matmul, a top-k router.
 MOE_ARCHS = ("qwen2_moe", "olmoe", "deepseek_v3")
+# OLMoE's q_norm / k_norm scale attention scores, not a linear's input: 20x there makes attention
+# near-argmax in a random model, whose logits then move 10x more under weight-only int8
+_NO_PLANTED_OUTLIERS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 _GQA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
@@ -34,7 +37,7 @@ def _config(arch: str, layers: int):
     # -- mixture of experts: 8 experts, top-2 (one contiguous block) --
     if arch == "qwen2_moe":  # a shared expert gated by sigmoid(shared_expert_gate(x))
         return transformers.Qwen2MoeConfig(
-            **_GQA, num_hidden_layers=layers, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            **_GQA, num_hidden_layers=layers, moe_intermediate_size=32, shared_expert_intermediate_size=64,
             num_experts=8, num_experts_per_tok=2,
         )
     if arch == "olmoe":  # q/k norms after the projections, no shared expert
@@ -46,7 +49,7 @@ def _config(arch: str, layers: int):
         return transformers.DeepseekV3Config(
             vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=2,
-            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
             qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
         )
     raise ValueError(arch)
@@ -62,7 +65,8 @@ def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight") and not (
+                        arch in MOE_ARCHS and name.endswith(_NO_PLANTED_OUTLIERS)):
                     boost = torch.ones_like(p)
                     boost[torch.randperm(p.numel(), generator=g)[:3]] = outliers
                     p.mul_(boost)

@@ -102,26 +102,41 @@ def expert_row_fold(site: ExpertsSite, rows: torch.Tensor):
     return fold
 
 
-class Example(nn.Module):
-    """Four experts, top-2, as transformers' grouped-matmul implementation runs them."""
+class _Experts(nn.Module):
+    """Fused experts as transformers lays them out and runs them (``grouped_mm`` implementation)."""
 
-    def __init__(self, dim: int = 16, hidden: int = 8, experts: int = 4):
+    def __init__(self, dim: int, hidden: int, experts: int):
         super().__init__()
-        self.router = nn.Linear(dim, experts, bias=False)
         self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, dim) / dim**0.5)
         self.down_proj = nn.Parameter(torch.randn(experts, dim, hidden) / hidden**0.5)
 
-    def forward(self, x):
+    def _apply_gate(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
         from transformers.integrations.moe import _grouped_mm  # fp32 on CPU: its fallback op
 
-        w, idx = self.router(x).softmax(-1).topk(2, dim=-1)
-        ids, perm = idx.reshape(-1).sort()
-        xs = x[perm // 2]
-        offs = torch.cumsum(torch.histc(ids.float(), bins=self.gate_up_proj.shape[0], min=0,
-                                        max=self.gate_up_proj.shape[0] - 1), 0, dtype=torch.int32)
-        gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        y = _grouped_mm(torch.nn.functional.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
-        y = y * w.reshape(-1)[perm, None]
+        k, experts = top_k_index.shape[-1], self.gate_up_proj.shape[0]
+        ids, perm = top_k_index.reshape(-1).sort()
+        xs = hidden_states[perm // k]
+        offs = torch.cumsum(torch.histc(ids.float(), bins=experts, min=0, max=experts - 1), 0, dtype=torch.int32)
+        h = self._apply_gate(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs))
+        y = _grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs) * top_k_weights.reshape(-1)[perm, None]
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
-        return y[inv].view(x.shape[0], 2, -1).sum(1)
+        return y[inv].view(hidden_states.shape[0], k, -1).sum(1)
+
+
+class Example(nn.Module):
+    """A router picking 2 of 4 experts per token."""
+
+    def __init__(self, dim: int = 16, hidden: int = 8, experts: int = 4):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.experts = _Experts(dim, hidden, experts)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, idx = self.gate(flat).softmax(-1).topk(2, dim=-1)
+        return self.experts(flat, idx, w).view(x.shape)
