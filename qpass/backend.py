@@ -75,6 +75,7 @@ class QPassBackend:
             self.report.model_class = calibration.model_class
         self._warned_no_linear = False
         self._skips_warned: set[str] = set()
+        self._experts_warned: set[str] = set()
         self._memo: dict[tuple, dict] = {}  # per set of parameter identities: the passes' per-layer decisions
         self.inductor = inductor
         # path -> quantized weight used as it is (``qpass.load`` fills it from a checkpoint)
@@ -97,6 +98,7 @@ class QPassBackend:
         for name, p in model.named_parameters():
             self._names[p] = name
         self.report.model_class = type(model).__name__
+        checks.warn_eager_experts(model, self.report)
         return self
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -110,6 +112,7 @@ class QPassBackend:
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
+        checks.report_unhandled_experts(qg, self.report, self._experts_warned)
         self.report.graphs += 1
         coverage.survey(qg, self.report, self._names or None)
         if not self._warned_no_linear and (warning := coverage.no_linear_warning(qg, self.report.model_class)):

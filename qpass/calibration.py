@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChannelStats", "Calibration", "CalibrationFileError", "calibrate", "is_linear_module"]
+__all__ = ["ChannelStats", "Calibration", "CalibrationFileError", "calibrate", "is_linear_module", "is_experts_module"]
 
 _FORMAT = "qpass.calibration"
 _FORMAT_VERSION = 2
-_TENSORS = ("absmax", "min", "max", "samples")  # stored as "<module path>/<field>"
+_TENSORS = ("absmax", "min", "max", "samples", "expert_tokens", "sample_experts")  # stored as "<module path>/<field>"
 _RECALIBRATE = "recalibrate and save again: qpass.calibrate(model, batches).save(path)"
 
 
@@ -54,9 +54,24 @@ class ChannelStats:
     tokens: int
     samples: torch.Tensor | None = None  # (rows, K) strided sample of input rows
     nonfinite: int = 0  # input values that were NaN or inf (excluded from the stats)
+    # Fused expert weights (``...experts.gate_up_proj``): absmax / min / max are (E, K), one row per
+    # expert over the tokens routed to it; ``expert_tokens`` (E,) counts them and ``sample_experts``
+    # (rows,) names the expert of each sampled row. None for a linear.
+    expert_tokens: torch.Tensor | None = None
+    sample_experts: torch.Tensor | None = None
+
+    @property
+    def per_expert(self) -> bool:
+        return self.expert_tokens is not None
+
+    @property
+    def channel_absmax(self) -> torch.Tensor:
+        """(K,): the absmax per input channel over every token (and every expert)."""
+        return self.absmax.amax(0) if self.per_expert else self.absmax
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("absmax", "min", "max", "tokens", "samples", "nonfinite")}
+        return {k: getattr(self, k) for k in (
+            "absmax", "min", "max", "tokens", "samples", "nonfinite", "expert_tokens", "sample_experts")}
 
 
 class Calibration(Mapping[str, ChannelStats]):
@@ -117,6 +132,7 @@ class Calibration(Mapping[str, ChannelStats]):
             p: ChannelStats(
                 absmax=tensors[f"{p}/absmax"], min=tensors[f"{p}/min"], max=tensors[f"{p}/max"],
                 tokens=info["tokens"], samples=tensors.get(f"{p}/samples"), nonfinite=info["nonfinite"],
+                expert_tokens=tensors.get(f"{p}/expert_tokens"), sample_experts=tensors.get(f"{p}/sample_experts"),
             )
             for p, info in layers.items()
         })
@@ -263,6 +279,97 @@ class _Recorder:
         )
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """Fused experts as transformers builds them (``use_experts_implementation``): 3-D ``gate_up_proj``
+    (E, 2I, H) and ``down_proj`` (E, H, I) parameters, ``forward(hidden, top_k_index, top_k_weights)``."""
+    gu, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
+    return (hasattr(type(module), "_apply_gate") and gu is not None and down is not None
+            and gu.dim() == 3 and down.dim() == 3)
+
+
+class _ExpertsRecorder:
+    """Per-expert statistics of a fused experts module's two grouped matmuls, from the tokens routed
+    to each expert: ``gate_up_proj``'s input (the routed hidden states) and ``down_proj``'s input
+    (``act(gate) * up`` of that expert, recomputed here from the module's weights)."""
+
+    def __init__(self, path: str, module: nn.Module, rows_per_batch: int):
+        self.path, self.rows_per_batch = path, rows_per_batch
+        self.experts = module.gate_up_proj.shape[0]
+        self.mask: torch.Tensor | None = None
+        self.unmasked = False
+        self.parts = {name: _PerExpert(self.experts) for name in ("gate_up_proj", "down_proj")}
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        x, index = values.get("hidden_states"), values.get("top_k_index")
+        if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor):
+            return
+        x, index = x.detach().reshape(-1, x.shape[-1]), index.detach().reshape(x.shape[0] if x.dim() == 2 else -1, index.shape[-1])
+        if self.mask is not None:
+            if self.mask.numel() == x.shape[0]:
+                keep = self.mask.reshape(-1).to(x.device)
+                x, index = x[keep], index[keep]
+            else:
+                self.unmasked = True
+        transposed = getattr(module, "is_transposed", False)
+        for e in range(self.experts):
+            rows = (index == e).any(-1)
+            if not bool(rows.any()):
+                continue
+            xe = x[rows]
+            w_gu, w_down = module.gate_up_proj[e], module.down_proj[e]
+            h = xe @ w_gu if transposed else xe @ w_gu.T
+            h = module._apply_gate(h)
+            self.parts["gate_up_proj"].add(e, xe, self.rows_per_batch)
+            self.parts["down_proj"].add(e, h, self.rows_per_batch)
+
+    def stats(self) -> dict[str, ChannelStats]:
+        return {f"{self.path}.{name}": part.stats() for name, part in self.parts.items() if part.tokens.sum() > 0}
+
+
+class _PerExpert:
+    def __init__(self, experts: int):
+        self.experts = experts
+        self.absmax = self.min = self.max = None
+        self.tokens = torch.zeros(experts, dtype=torch.long)
+        self.nonfinite = 0
+        self.samples: list[torch.Tensor] = []
+        self.sample_experts: list[torch.Tensor] = []
+
+    def add(self, e: int, x: torch.Tensor, rows_per_batch: int) -> None:
+        x = x.float()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+        if self.absmax is None:
+            k = x.shape[-1]
+            self.min = torch.zeros(self.experts, k, device=x.device)
+            self.max = torch.zeros(self.experts, k, device=x.device)
+        lo, hi = x.amin(0), x.amax(0)
+        if self.tokens[e] == 0:
+            self.min[e], self.max[e] = lo, hi
+        else:
+            self.min[e], self.max[e] = torch.minimum(self.min[e], lo), torch.maximum(self.max[e], hi)
+        self.absmax = torch.maximum(self.max.abs(), self.min.abs())
+        self.tokens[e] += x.shape[0]
+        if rows_per_batch:
+            per_expert = max(1, rows_per_batch // self.experts)
+            stride = max(1, x.shape[0] // per_expert)
+            picked = x[::stride][:per_expert].clone()
+            self.samples.append(picked)
+            self.sample_experts.append(torch.full((picked.shape[0],), e, dtype=torch.long))
+
+    def stats(self) -> ChannelStats:
+        return ChannelStats(
+            absmax=self.absmax, min=self.min, max=self.max, tokens=int(self.tokens.sum()),
+            samples=torch.cat(self.samples) if self.samples else None, nonfinite=self.nonfinite,
+            expert_tokens=self.tokens.clone(),
+            sample_experts=torch.cat(self.sample_experts) if self.sample_experts else None,
+        )
+
+
 def _run(model: nn.Module, batch) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch)
@@ -317,9 +424,14 @@ def calibrate(
             )
     rows_per_batch = math.ceil(samples / len(batches)) if samples else 0
     recorders: dict[str, _Recorder] = {}
+    experts: dict[str, _ExpertsRecorder] = {}
     handles = []
     maybe: set[str] = set()
     for path, module in model.named_modules():
+        if is_experts_module(module):
+            experts[path] = _ExpertsRecorder(path, module, rows_per_batch)
+            handles.append(module.register_forward_pre_hook(experts[path], with_kwargs=True))
+            continue
         widths = None
         if not is_linear_module(module):
             w = _weight_matrix(module)
@@ -341,7 +453,7 @@ def calibrate(
             if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
                 odd_masks.add(str(tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__)
                 mask = None
-            for r in recorders.values():
+            for r in (*recorders.values(), *experts.values()):
                 r.mask = None if mask is None else mask != 0
             _run(model, batch)
     finally:
@@ -353,7 +465,7 @@ def calibrate(
             "calibrate: attention_mask %s is not (batch, seq); padded positions were not excluded",
             ", ".join(sorted(odd_masks)),
         )
-    unmasked = [p for p, r in recorders.items() if r.unmasked]
+    unmasked = [p for p, r in (*recorders.items(), *experts.items()) if r.unmasked]
     if unmasked:
         logger.warning(
             "calibrate: %d linears see inputs without the attention mask's (batch, seq) shape; their statistics "
@@ -363,6 +475,8 @@ def calibrate(
     for p in unseen:
         logger.warning("%s: never called during calibration; it will not be smoothed", p)
     stats = {p: r.stats() for p, r in recorders.items() if r.absmax is not None}
+    for r in experts.values():
+        stats.update(r.stats())
     logger.info("calibrated %d linears on %d batches", len(stats), len(batches))
     calibration = Calibration(stats)
     for name, p in model.named_parameters():

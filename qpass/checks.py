@@ -18,7 +18,7 @@ from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_grad_mode", "vet_calibration", "warn_unmatched_skips"]
+__all__ = ["check_grad_mode", "vet_calibration", "warn_unmatched_skips", "report_unhandled_experts", "warn_eager_experts"]
 
 
 def check_grad_mode(example_inputs: list) -> None:
@@ -48,11 +48,17 @@ _CAUSES = {
 }
 
 
-def _problem(stats: ChannelStats | None, k: int) -> tuple[str, str] | None:
+def _problem(stats: ChannelStats | None, k: int, experts: int | None = None) -> tuple[str, str] | None:
+    """``experts``: the number of experts of fused expert weights (per-expert statistics, (E, K))."""
     if stats is None:
         return "missing", _CAUSES["missing"]
-    if stats.absmax.numel() != k:
-        return "shape", f"calibrated for {stats.absmax.numel()} input channels, the layer has {k}"
+    if stats.absmax.shape[-1] != k:
+        return "shape", f"calibrated for {stats.absmax.shape[-1]} input channels, the layer has {k}"
+    if (experts is not None) != stats.per_expert:
+        return "shape", ("per-expert statistics for a linear" if experts is None
+                         else "statistics of one linear for fused expert weights (recalibrate with this qpass)")
+    if experts is not None and stats.absmax.shape[0] != experts:
+        return "shape", f"calibrated for {stats.absmax.shape[0]} experts, the layer has {experts}"
     tensors = [stats.absmax, stats.min, stats.max] + ([stats.samples] if stats.samples is not None else [])
     if stats.nonfinite or not all(bool(torch.isfinite(t).all()) for t in tensors):
         return "nonfinite", f"{stats.nonfinite} non-finite input values during calibration"
@@ -72,12 +78,14 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
     """
     if calibration is None:
         return None
-    sites = [s for s in qg.linears() if not config.skips(s.path) and not _needs_no_stats(config, s.path)]
+    # a router is never quantized and smoothing takes its scales from the other readers of its input
+    linears = [s for s in qg.linears() if not qg.is_router(s)]
+    sites = [s for s in (*linears, *qg.experts()) if not config.skips(s.path) and not _needs_no_stats(config, s.path)]
     problems: list[_Unusable] = []
     for site in sites:
         w = qg.value(site.weight_node)
-        k = w.shape[0] if site.weight_t else w.shape[1]
-        found = _problem(calibration.get(site.path), k)
+        experts = w.shape[0] if w.dim() == 3 else None
+        found = _problem(calibration.get(site.path), w.shape[site.in_dim], experts)
         if found is not None:
             problems.append(_Unusable(site.path, *found))
     misfits = [p for p in problems if p.cause == "shape"]
@@ -143,4 +151,59 @@ def warn_unmatched_skips(config: QuantConfig, paths: list[str], known: list[str]
         logger.warning(
             "qpass: skip pattern(s) %s match no linear of the compiled graph (%d linears, e.g. %s); check the spelling",
             ", ".join(repr(s) for s in unmatched), len(paths), paths[0],
+        )
+
+
+def report_unhandled_experts(qg: QGraph, report: Report, warned: set[str]) -> None:
+    """A parameter of three or more dimensions (fused expert weights, a convolution) that a graph reads other than
+    through a grouped matmul qpass knows (``batched_mm`` gathers ``W[expert_ids]`` for a bmm; a
+    custom kernel) stays in full precision: a report row and one warning per backend saying which op
+    reads it."""
+    handled = {s.param for s in qg.experts()}
+    missed = []
+    for node, (path, value) in qg.params.items():
+        if value.dim() < 3 or not value.is_floating_point() or node in handled or not node.users:
+            continue
+        readers = ", ".join(sorted({_op_name(u) for u in node.users}))
+        row = report.row(path)
+        row.weight = row.activation = "fp32"
+        row.reason = f"read by {readers}, not a grouped matmul qpass quantizes: kept in full precision"
+        if path not in warned:
+            warned.add(path)
+            missed.append(f"{path} ({readers})")
+    if missed:
+        logger.warning(
+            "qpass: %d weight tensors of three or more dimensions (fused experts, convolutions) stay in full precision: "
+            "their graph reads them through ops that are not a grouped matmul (for MoE experts, set "
+            "config._experts_implementation = 'grouped_mm'): %s", len(missed), "; ".join(missed),
+        )
+
+
+def _op_name(node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def warn_eager_experts(model: torch.nn.Module, report: Report) -> None:
+    """Experts that run transformers' eager per-expert loop (``config._experts_implementation ==
+    'eager'``): its data-dependent loop breaks Dynamo's graph and runs outside every qpass graph, so
+    their weights stay in full precision. One warning naming the parameters; a report row for each."""
+    paths = []
+    for name, module in model.named_modules():
+        impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        if impl != "eager" or not hasattr(type(module), "_apply_gate"):
+            continue  # only modules built by transformers' use_experts_implementation have _apply_gate
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3:
+                path = f"{name}.{pname}" if name else pname
+                row = report.row(path)
+                row.weight = row.activation = "fp32 (ran eagerly)"
+                row.reason = ("experts run the eager per-expert loop (config._experts_implementation='eager'), "
+                              "outside any compiled graph: kept in full precision; use 'grouped_mm'")
+                paths.append(path)
+    if paths:
+        logger.warning(
+            "qpass: %d expert weight tensors of %s stay in full precision: config._experts_implementation is 'eager', "
+            "whose per-expert loop runs outside every compiled graph (set it to 'grouped_mm'): %s",
+            len(paths), type(model).__name__, ", ".join(paths),
         )

@@ -23,7 +23,7 @@ from torch._guards import detect_fake_mode
 
 from qpass.qmath import QuantizedWeight
 
-__all__ = ["QGraph", "LinearSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS", "MATMUL_TARGETS"]
+__all__ = ["QGraph", "LinearSite", "ExpertsSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS", "MATMUL_TARGETS"]
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul)  # ``x @ W.T``: a linear when W is a 2-D constant
@@ -75,6 +75,11 @@ class LinearSite:
         return self.reader.target is torch.addmm or is_matmul(self.reader)
 
     @property
+    def in_dim(self) -> int:
+        """The weight argument's dimension of input channels."""
+        return 0 if self.weight_t else 1
+
+    @property
     def input(self) -> fx.Node:
         return self.reader.args[1] if self.reader.target is torch.addmm else self.reader.args[0]
 
@@ -100,6 +105,63 @@ class LinearSite:
     @property
     def bias_node(self) -> fx.Node | None:
         return None if self.bias_arg is None else _arg(*self.bias_arg)
+
+
+@dataclass
+class ExpertsSite:
+    """One grouped matmul over fused expert weights (a mixture-of-experts layer)::
+
+        y = grouped_mm(x_sorted, W.transpose(-2, -1), offs)    # W: (E, N, K), as transformers stores it
+
+    Row ``r`` of ``x_sorted`` belongs to expert ``e`` when ``offs[e-1] <= r < offs[e]`` and is
+    multiplied by ``W[e].T``. The weight argument holds (E, K, N) (``in_dim`` 1). ``path`` names the
+    parameter (``model.layers.1.mlp.experts.gate_up_proj``), which is also its report row and its
+    calibration key; ``param`` is the parameter's placeholder.
+    """
+
+    node: fx.Node
+    path: str
+    param: fx.Node
+
+    in_dim = 1  # input channels of the weight argument (E, K, N)
+    bias_arg = None
+    bias_node = None
+
+    @property
+    def reader(self) -> fx.Node:
+        return self.node
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[0]
+
+    @property
+    def weight_arg(self) -> tuple[fx.Node, int, str | None]:
+        return self.node, 1, None
+
+    @property
+    def weight_node(self) -> fx.Node:
+        return self.node.args[1]
+
+    @property
+    def offsets(self) -> fx.Node:
+        return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs["offs"]
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    """transformers' grouped matmul: ``torch._grouped_mm``, ``F.grouped_mm`` or its CPU fallback op
+    ``transformers::grouped_mm_fallback`` (what Dynamo captures for fp32 weights)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        name = target._qualified_op_name if isinstance(target, torch._ops.OpOverloadPacket) else target.name()
+        return name.split(".")[0] in ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+    return target in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) and target is not None
+
+
+def is_topk(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.topk) or (node.op == "call_method" and node.target == "topk")
 
 
 def is_matmul(node: fx.Node) -> bool:
@@ -149,6 +211,7 @@ class QGraph:
         self.names: dict[str, str] = {}  # constant attribute -> module path it came from
         self.smoothing: dict[fx.Node, torch.Tensor] = {}  # linear -> per-input-channel s its input was divided by
         self.quantized: dict[fx.Node, str] = {}  # output node of a quantized linear -> module path
+        self.quantized_experts: dict[fx.Node, str] = {}  # quantized grouped matmul -> its expert weights' path
         self.params: dict[fx.Node, tuple[str, torch.Tensor]] = {}
         if sources is None:
             sources = placeholder_sources(gm)
@@ -167,6 +230,7 @@ class QGraph:
                     )
         self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
+        self._experts: dict[fx.Node, ExpertsSite] = {}
         # decisions that depend on a layer's weights and statistics, not on this graph (the alpha and
         # static-or-per-token searches, the kernel grid): the backend shares one memo across its graphs
         self.memo: dict = memo if memo is not None else {}
@@ -256,6 +320,55 @@ class QGraph:
     def linears(self) -> list[LinearSite]:
         """Every linear whose weight is a parameter or constant, in graph order."""
         return [s for n in self.graph.nodes if (s := self.site(n)) is not None]
+
+    def experts_site(self, node) -> ExpertsSite | None:
+        """The grouped matmul computed by ``node``, if its weight is a 3-D parameter (or a transpose
+        of one) and its input is an activation."""
+        if not isinstance(node, fx.Node) or not is_grouped_mm(node) or len(node.args) < 2:
+            return None
+        if node in self._experts:  # found before a pass replaced its weight by a constant
+            return self._experts[node]
+        offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+        w = self.value(node.args[1])
+        if offs is None or w is None or w.dim() != 3 or not self._varies(node.args[0]):
+            return None
+        params = self._params_under(node.args[1])
+        if len(params) != 1 or self.params[params[0]][1].dim() != 3:
+            return None
+        self._experts[node] = ExpertsSite(node, self.params[params[0]][0], params[0])
+        return self._experts[node]
+
+    def _params_under(self, node: fx.Node) -> list[fx.Node]:
+        found, stack, seen = [], [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in self.params:
+                found.append(n)
+            stack.extend(n.all_input_nodes)
+        return found
+
+    def experts(self) -> list[ExpertsSite]:
+        """Every grouped matmul over fused expert weights, in graph order."""
+        return [s for n in self.graph.nodes if (s := self.experts_site(n)) is not None]
+
+    def is_router(self, site: LinearSite, depth: int = 8) -> bool:
+        """Whether the linear's output decides a top-k choice (a mixture-of-experts router) within a
+        few ops: quantizing it would change which experts run, so it stays in full precision."""
+        frontier, seen = [site.node], set()
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                for u in n.users:
+                    if is_topk(u):
+                        return True
+                    if u not in seen and u.op != "output":
+                        seen.add(u)
+                        nxt.append(u)
+            frontier = nxt
+        return False
 
     def module_of(self, node: fx.Node) -> str:
         """Module path of the innermost module that ran ``node`` (``model.layers.0.mlp.up_proj``)."""

@@ -12,6 +12,8 @@ Semantics (``zp`` = zero point, all scales > 0)::
     dequantize(q, scale, zp, group, out_dtype)  = ((q - zp) * scale).to(out_dtype)
                                                   (group > 0: each scale column covers ``group`` columns of q)
     choose_qparams(x, per_token, symmetric, qmin, qmax) -> (scale, zp)   from x's range at run time
+    expert_of_rows(x, offs)                     = e per row r of x with offs[e-1] <= r < offs[e]
+                                                  (a grouped matmul's expert segments; int64, (rows,))
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["quantize", "dequantize", "choose_qparams"]
+__all__ = ["quantize", "dequantize", "choose_qparams", "expert_of_rows"]
 
 _lib = torch.library.Library("qpass", "FRAGMENT")
 _lib.define("quantize(Tensor x, Tensor scale, Tensor? zero_point, float qmin, float qmax, ScalarType dtype) -> Tensor")
 _lib.define("dequantize(Tensor q, Tensor scale, Tensor? zero_point, int group_size, ScalarType out_dtype) -> Tensor")
 _lib.define("choose_qparams(Tensor x, bool per_token, bool symmetric, float qmin, float qmax) -> (Tensor, Tensor)")
+_lib.define("expert_of_rows(Tensor x, Tensor offs) -> Tensor")
 
 _EPS = 1e-12
 
@@ -82,3 +85,12 @@ def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, qmin: float, qma
 quantize = torch.ops.qpass.quantize.default
 dequantize = torch.ops.qpass.dequantize.default
 choose_qparams = torch.ops.qpass.choose_qparams.default
+
+
+@torch.library.impl(_lib, "expert_of_rows", "CompositeImplicitAutograd")
+def _expert_of_rows(x: Tensor, offs: Tensor) -> Tensor:
+    rows = torch.arange(x.shape[0], device=x.device)
+    return torch.searchsorted(offs.long(), rows, right=True).clamp(max=offs.shape[0] - 1)
+
+
+expert_of_rows = torch.ops.qpass.expert_of_rows.default

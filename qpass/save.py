@@ -83,6 +83,12 @@ def save(
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
 
+    experts = [p for p, r in backend.report.rows.items() if r.weight.endswith(("per expert", "per expert asym"))]
+    if experts:
+        raise ValueError(
+            f"qpass.save: {experts[0]}: fused expert weights quantized per expert; writing them in the "
+            "compressed-tensors format is not implemented"
+        )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     linears: dict[str, _Linear] = {}
     for gm in backend.graphs:

@@ -9,6 +9,9 @@ ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt2")
 # dense decoders added for issue 14 (tests/test_architectures.py)
 DENSE_ARCHS = ("gptj", "bloom", "phi", "cohere", "granite", "olmo2", "starcoder2", "gpt_bigcode", "mpt")
 
+# Mixture-of-experts decoders: fused 3-D expert weights run by a grouped matmul, a top-k router.
+MOE_ARCHS = ("qwen2_moe", "olmoe", "deepseek_v3")
+
 _GQA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -53,13 +56,32 @@ def _config(arch: str, layers: int):
                                              multi_query=True, bos_token_id=0, eos_token_id=0)
     if arch == "mpt":  # bias-free LayerNorm, fused Wqkv, ALiBi, up_proj -> gelu -> down_proj
         return transformers.MptConfig(vocab_size=128, d_model=64, n_layers=layers, n_heads=4, expansion_ratio=2)
+    # -- mixture of experts: 8 experts, top-2 (one contiguous block) --
+    if arch == "qwen2_moe":  # a shared expert gated by sigmoid(shared_expert_gate(x))
+        return transformers.Qwen2MoeConfig(
+            **_GQA, num_hidden_layers=layers, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            num_experts=8, num_experts_per_tok=2,
+        )
+    if arch == "olmoe":  # q/k norms after the projections, no shared expert
+        return transformers.OlmoeConfig(
+            **{**_GQA, "intermediate_size": 32}, num_hidden_layers=layers, num_experts=8, num_experts_per_tok=2,
+            pad_token_id=0, eos_token_id=1,
+        )
+    if arch == "deepseek_v3":  # MLA attention, a dense first layer, a shared expert, a grouped sigmoid router
+        return transformers.DeepseekV3Config(
+            vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=2,
+            topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32,
+            qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
+        )
     raise ValueError(arch)
 
 
-# Norms that get no planted outliers: OLMo-2's q_norm / k_norm scale attention logits, not a linear's
-# input; a 20x channel there saturates the random model's softmax (int8-sized weight noise alone then
-# moves its logits 7-22%), which tests the random model's conditioning, not quantization.
-_PLAIN_NORMS = {"olmo2": ("q_norm", "k_norm")}
+# Norms that get no planted outliers: OLMo-2's and OLMoE's q_norm / k_norm scale attention logits,
+# not a linear's input; a 20x channel there saturates the random model's softmax (int8-sized weight
+# noise alone then moves its logits 7-22%; OLMoE's 10x more under weight-only int8), which tests the
+# random model's conditioning, not quantization.
+_PLAIN_NORMS = {"olmo2": ("q_norm", "k_norm"), "olmoe": ("q_norm", "k_norm")}
 
 
 def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0) -> torch.nn.Module:

@@ -118,7 +118,7 @@ def test_graph_break_compiles_each_graph():
 
 def test_pattern_examples_fold_exactly():
     """Each pattern module's Example exhibits its pattern; the fold keeps the function."""
-    kinds = {"linear_norm": "linear-norm", "linear_linear": "linear-linear", "gated_act": "gated-act"}
+    kinds = {"linear_norm": "linear-norm", "linear_linear": "linear-linear", "gated_act": "gated-act", "experts": "gated-act"}
     for module in patterns.PATTERNS:
         torch._dynamo.reset()
         torch.manual_seed(0)

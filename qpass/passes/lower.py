@@ -526,4 +526,19 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         if why:
             row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
+    _experts_reference(qg, report)
     return done
+
+
+EXPERTS_REFERENCE = "reference (no grouped int8 kernel for fused experts yet)"
+
+
+def _experts_reference(qg: QGraph, report: Report) -> None:
+    """Quantized fused experts keep the reference quant/dequant path around their grouped matmul:
+    the report says so, and one warning per backend lists them."""
+    paths = list(qg.quantized_experts.values())
+    for path in paths:
+        report.row(path).add_kernel(EXPERTS_REFERENCE)
+    if paths and not qg.memo.get("experts_reference_warned"):
+        qg.memo["experts_reference_warned"] = True
+        logger.warning("qpass lower: %d fused expert weights run the %s: %s", len(paths), EXPERTS_REFERENCE, ", ".join(paths))

@@ -31,8 +31,8 @@ from torch import fx
 
 from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
-from qpass.config import AdaDim, PerGroup, PerToken, QuantConfig, QuantSpec
-from qpass.graph import LinearSite, QGraph
+from qpass.config import AdaDim, PerGroup, PerOutputChannel, PerToken, QuantConfig, QuantSpec
+from qpass.graph import ExpertsSite, LinearSite, QGraph
 from qpass.passes.smooth import fp32_value
 from qpass.report import Report
 
@@ -52,6 +52,11 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
         if config.skips(site.path):
             row.weight = row.activation = "fp32 (skipped)"
             continue
+        if qg.is_router(site):
+            row.weight = row.activation = "fp32 (router)"
+            if ROUTER_NOTE not in row.reason:
+                _note(row, ROUTER_NOTE)
+            continue
         w = qg.value(site.weight_node)
         if not w.dtype.is_floating_point:
             row.reason = f"weight dtype {w.dtype} is not floating point; left as is"
@@ -60,6 +65,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
         stats = calibration.get(site.path) if calibration is not None else None
         _quantize_site(qg, site, config, stats, calibration is not None, row, shared)
         done += 1
+    done += _experts(qg, config, calibration, report, shared)
     fell_back = qg.memo.pop("new_per_token_fallbacks", [])
     if fell_back:  # one warning for the cause, the numbers in each report row
         logger.warning(
@@ -87,6 +93,10 @@ def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, gran
         logger.warning("qpass: %s: its weight is no longer the checkpoint's (changed after loading); quantizing it again", path)
         return None
     return stored
+
+
+#: Why a mixture-of-experts router keeps full precision.
+ROUTER_NOTE = "router: kept in full precision (its output picks the experts; quantizing it changes the choice)"
 
 
 def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
@@ -230,8 +240,160 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
     return choice.spec
 
 
+def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report, shared: dict) -> int:
+    """Quantize every grouped matmul over fused expert weights, one expert at a time::
+
+        y = grouped_mm(x, W.transpose(-2, -1), offs)
+    ->  y = grouped_mm(dq(q(x)), dequantize(const(W_q), const(W_scale), ...).transpose(-2, -1), offs)
+
+    Weights: each expert's (N, K) matrix at the config's granularity (AdaDim: per output channel).
+    Activations: dynamic as the config says (each row is one token routed to one expert); static
+    per-tensor scales per expert, from the calibrated tokens routed to it, each row taking its
+    expert's scale (``ops.expert_of_rows`` reads the expert segments from ``offs``)."""
+    done = 0
+    for site in qg.experts():
+        row = report.row(site.path)
+        if config.skips(site.path):
+            row.weight = row.activation = "fp32 (skipped)"
+            continue
+        stats = calibration.get(site.path) if calibration is not None else None
+        _quantize_experts(qg, site, config, stats, calibration is not None, row, shared)
+        done += 1
+    return done
+
+
+def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
+    wspec, aspec = config.weight, config.activation
+    w = fp32_value(qg, site.weight_node).transpose(1, 2).detach()  # (E, N, K): each expert's weight
+    experts, k = w.shape[0], w.shape[2]
+    granularity = wspec.granularity
+    if isinstance(granularity, AdaDim):
+        granularity = PerOutputChannel()
+        _note(row, "adadim: per-output-channel for fused experts (no per-expert search)")
+    if isinstance(granularity, PerGroup) and k % granularity.group_size:
+        raise ValueError(f"{site.path}: PerGroup({granularity.group_size}) does not divide its {k} input channels")
+    if config.outliers is not None:
+        _note(row, "no outlier split for fused expert weights")
+    qws = [qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
+    q = torch.stack([qw.q for qw in qws])
+    scale = torch.stack([qw.scale for qw in qws])
+    zero_point = None if qws[0].zero_point is None else torch.stack([qw.zero_point for qw in qws])
+
+    s = qg.smoothing.get(site.node)
+    view = None
+    if stats is not None:
+        s = torch.ones(k) if s is None else s
+        view = (stats.min / s, stats.max / s, stats)
+    if aspec is not None and not aspec.dynamic and config.runs_dynamic(site.path):
+        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
+        row.per_token_fallback = True
+        _note(row, "per-token dynamic activations (QuantConfig.dynamic_layers)")
+    if aspec is not None and not aspec.dynamic and view is None:
+        if not calibrated:
+            raise ValueError(
+                f"{site.path}: static activation scales need calibration statistics "
+                "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
+            )
+        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
+        row.per_token_fallback = True
+        _note(row, "per-token dynamic activations: no usable per-expert statistics for static scales")
+    if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
+        key = ("static_or_per_token", site.path)
+        if key not in qg.memo:
+            qg.memo[key] = _experts_static_or_dynamic(aspec, config.dynamic_fallback, view, s, q, scale, zero_point, qws, row)
+            if qg.memo[key] is not aspec:
+                qg.memo.setdefault("new_per_token_fallbacks", []).append(site.path)
+        aspec = qg.memo[key]
+
+    x, before = site.input, site.node
+    dtype = _dtype(x)
+    wdtype = qg.value(site.weight_node).dtype
+    wq = qg.constant(f"{site.path}_q", q)
+    ws = qg.constant(f"{site.path}_scale", scale)
+    wz = None if zero_point is None else qg.constant(f"{site.path}_zero_point", zero_point)
+    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qws[0].group_size, wdtype), before=before)
+    w_arg = qg.call(torch.transpose, (w_dq, -2, -1), before=before)
+    if aspec is None:
+        x_dq = x
+    elif aspec.dynamic:
+        x_dq = _fake_quant_act(qg, x, aspec, None, None, site, before, dtype, shared)
+    else:
+        x_dq = _static_per_expert(qg, site, x, aspec, view, before, dtype, row)
+    site.node.update_arg(0, x_dq)
+    site.node.update_arg(1, w_arg)
+    qg.quantized_experts[site.node] = site.path
+
+    row.weight = f"{wspec.dtype} {qmath.describe(granularity)} per expert{'' if wspec.symmetric else ' asym'}"
+    row.activation = "fp32" if aspec is None else _describe_act(aspec) + ("" if aspec.dynamic else " per expert")
+
+
+def _expert_ranges(view, spec: QuantSpec, row) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E,) static scales and zero points, one per expert from its tokens' range after smoothing;
+    an expert no calibration token reached takes the range of all experts together."""
+    lo, hi, stats = view
+    seen = stats.expert_tokens > 0
+    all_lo, all_hi = lo[seen].amin(0), hi[seen].amax(0)
+    scales, zps = [], []
+    for e in range(lo.shape[0]):
+        lo_e, hi_e = (lo[e], hi[e]) if seen[e] else (all_lo, all_hi)
+        sc, zp = qmath.static_act_qparams(lo_e, hi_e, spec)
+        scales.append(sc)
+        zps.append(zp)
+    if not bool(seen.all()):
+        unseen = [str(e) for e in range(lo.shape[0]) if not seen[e]]
+        _note(row, f"experts {', '.join(unseen)} got no calibration tokens: their static scale covers all experts' range")
+    return torch.cat(scales), torch.cat(zps)
+
+
+def _static_per_expert(qg, site: ExpertsSite, x, spec: QuantSpec, view, before, dtype, row) -> fx.Node:
+    qmin, qmax = spec.qrange
+    scales, zps = _expert_ranges(view, spec, row)
+    ids = qg.call(ops.expert_of_rows, (x, site.offsets), before=before)
+    scale = qg.call(torch.unsqueeze, (qg.call(torch.index_select, (qg.constant(f"{site.path}.input_scale", scales), 0, ids),
+                                               before=before), -1), before=before)
+    zp = None
+    if not spec.symmetric:
+        zp = qg.call(torch.unsqueeze, (qg.call(torch.index_select, (qg.constant(f"{site.path}.input_zero_point", zps), 0, ids),
+                                                before=before), -1), before=before)
+    xq = qg.call(ops.quantize, (x, scale, zp, qmin, qmax, spec.storage_dtype), before=before)
+    return qg.call(ops.dequantize, (xq, scale, zp, 0, dtype), before=before)
+
+
+def _experts_static_or_dynamic(spec, factor, view, s, q, scale, zero_point, qws, row) -> QuantSpec:
+    """``_static_or_dynamic`` for fused experts: one choice for the layer, from the errors of every
+    expert's static scale on its own sampled tokens (summed over experts) against per-token's."""
+    lo, hi, stats = view
+    if stats.samples is None or stats.sample_experts is None:
+        return spec
+    static_err = dynamic_err = 0.0
+    total = 0
+    for e in range(q.shape[0]):
+        rows = stats.sample_experts == e
+        if not bool(rows.any()):
+            continue
+        s_e = s[e] if s.dim() == 2 else s
+        w_dq = qws[e].dequantize()
+        choice = qmath.static_or_per_token(stats.samples[rows] / s_e, w_dq, spec, lo[e], hi[e], factor)
+        n = int(rows.sum())
+        static_err += choice.static_error * n
+        dynamic_err += choice.dynamic_error * n
+        total += n
+    if not total:
+        return spec
+    static_err, dynamic_err = static_err / total, dynamic_err / total  # averaged over the sampled tokens
+    if static_err <= factor * dynamic_err:
+        return spec
+    why = (f"per-token dynamic activations: the per-expert static scales' error on calibration samples "
+           f"{static_err:.2e} is over {factor:g}x per-token's {dynamic_err:.2e}")
+    _note(row, why)
+    row.per_token_fallback = True
+    return QuantSpec(spec.dtype, PerToken(), symmetric=spec.symmetric)
+
+
 def _note(row, why: str) -> None:
-    row.reason = f"{row.reason}; {why}" if row.reason else why
+    """Add ``why`` to the row's reason, once (prefill, decode and recompiles rewrite the layer again)."""
+    if why not in row.reason.split("; "):
+        row.reason = f"{row.reason}; {why}" if row.reason else why
 
 
 def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -23,7 +23,7 @@ powers of two, so the fold changes no bit (``_pow2_scales``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -31,7 +31,7 @@ from torch import fx
 from qpass.calibration import Calibration
 from qpass import qmath
 from qpass.config import AdaDim, PerOutputChannel, QuantConfig
-from qpass.graph import LinearSite, QGraph
+from qpass.graph import ExpertsSite, LinearSite, QGraph
 from qpass.report import Match, Report
 
 from qpass.patterns import PATTERNS, Absorber, ArgEdits, NotChannelPreserving, Region, Walk, trace_channels, walk_back
@@ -54,13 +54,20 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     return s.float()
 
 
-def weight_absmax(site: LinearSite, w: torch.Tensor) -> torch.Tensor:
-    """Per-input-channel absmax of a linear weight."""
-    return w.detach().abs().amax(dim=1 if site.weight_t else 0).float()
+def weight_absmax(site: LinearSite | ExpertsSite, w: torch.Tensor, per_expert: bool = False) -> torch.Tensor:
+    """Per-input-channel absmax of a linear weight, or of fused expert weights over every expert
+    ((K,)), or per expert ((E, K), ``per_expert``)."""
+    w = w.detach().abs()
+    if per_expert:
+        return w.amax(dim=2).float()  # the experts' weight argument is (E, K, N)
+    return w.amax(dim=[d for d in range(w.dim()) if d != site.in_dim]).float()
 
 
-def scale_columns(site: LinearSite, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``W[:, j] * s[j]`` (Conv1D: ``W[j, :] * s[j]``)."""
+def scale_columns(site: LinearSite | ExpertsSite, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``W[:, j] * s[j]`` (Conv1D: ``W[j, :] * s[j]``; experts (E, K, N): ``W[e, j, :] * s[j]``, or
+    ``* s[e, j]`` for a scale per expert)."""
+    if isinstance(site, ExpertsSite):
+        return (w * (s[:, :, None] if s.dim() == 2 else s[None, :, None])).to(w.dtype)
     return (w * (s[:, None] if site.weight_t else s[None, :])).to(w.dtype)
 
 
@@ -107,9 +114,11 @@ class _Fp32Edits(ArgEdits):
 
 @dataclass
 class Consumer:
-    site: LinearSite
+    site: LinearSite | ExpertsSite
     walk: Walk | None
     act_absmax: torch.Tensor  # (K,) calibrated, before smoothing
+    expert_absmax: torch.Tensor | None = None  # (E, K) for fused expert weights: over each expert's tokens
+    router: bool = False  # a mixture-of-experts router: takes s into its columns, is never quantized
     why: str = ""  # why ``walk`` is None
 
 
@@ -120,17 +129,23 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
         return 0
     edits = _Fp32Edits(qg)
     groups: dict[fx.Node, list[Consumer]] = {}
-    for site in qg.linears():
+    for site in [*qg.linears(), *qg.experts()]:
         row = report.row(site.path)
         if config.skips(site.path):
             row.smoothing, row.reason = "none", "skipped by config"
             continue
-        if calibration is None or site.path not in calibration:
+        router = isinstance(site, LinearSite) and qg.is_router(site)
+        if (calibration is None or site.path not in calibration) and not router:
             # qpass.checks.vet_calibration left out statistics that are missing, non-finite or of
             # another width, and said why, once for all such layers
             row.smoothing = "none"
             continue
-        stats = calibration[site.path]
+        stats = calibration.get(site.path) if calibration is not None else None
+        if stats is None:  # a router without statistics: the other readers of its input set s
+            w = qg.value(site.weight_node)
+            absmax, per_expert = torch.zeros(w.shape[site.in_dim]), None
+        else:
+            absmax, per_expert = stats.channel_absmax, (stats.absmax if stats.per_expert else None)
         producer, path = walk_back(site.input, qg)
         why = ""
         try:
@@ -138,7 +153,7 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
         except NotChannelPreserving as e:
             walk, producer = None, site.input
             why = f"input path not channel-preserving: {e}"
-        groups.setdefault(producer, []).append(Consumer(site, walk, stats.absmax, why))
+        groups.setdefault(producer, []).append(Consumer(site, walk, absmax, per_expert, router, why))
 
     smoothed = 0
     unabsorbed: list[tuple[Consumer, str]] = []
@@ -161,15 +176,18 @@ def _absorber(qg: QGraph, producer: fx.Node, consumers: list[Consumer]) -> tuple
     scaled = torch.zeros(channels, dtype=torch.bool)
     for c in consumers:
         scaled[c.walk.index] = True
+    refused = ""
     for pattern in PATTERNS:
         try:
             absorber = pattern.match(qg, producer, scaled)
-        except NotChannelPreserving:
-            absorber = None
+        except NotChannelPreserving as e:
+            absorber, refused = None, f"; {e}"
         if absorber is not None:
             break
     else:
-        return None, f"nothing before the linear can absorb 1/s (it reads {_describe(producer)})"
+        return None, f"nothing before the linear can absorb 1/s (it reads {_describe(producer)}){refused}"
+    if absorber.experts is not None and (why := _per_expert_readers(absorber, consumers)) is not None:
+        return None, f"cannot fold into {absorber.name} per expert: {why}"
     consumer_paths = [
         Region(c.walk.path, c.walk.probes, scaled) for c in consumers
     ]
@@ -177,6 +195,21 @@ def _absorber(qg: QGraph, producer: fx.Node, consumers: list[Consumer]) -> tuple
     if (escape := _escape(absorber.regions + consumer_paths, readers)) is not None:
         return None, f"cannot fold into {absorber.name}: {escape}"
     return absorber, ""
+
+
+def _per_expert_readers(absorber: Absorber, consumers: list[Consumer]) -> str | None:
+    """A scale per expert is undone only by grouped matmuls over the same expert segments (``offs``),
+    reached without moving rows."""
+    from qpass.patterns.experts import moves_rows, rows_of
+
+    for c in consumers:
+        if not isinstance(c.site, ExpertsSite) or c.site.offsets is not absorber.offsets:
+            return f"{c.site.path} is not a grouped matmul over the same expert segments"
+        if c.expert_absmax is None:
+            return f"{c.site.path} has no per-expert statistics"
+        if (why := moves_rows(c.walk.path, rows_of(c.walk.producer))) is not None:
+            return why
+    return None
 
 
 def _escape(regions: list[Region], readers: set[fx.Node]) -> str | None:
@@ -245,6 +278,20 @@ def _group_scales(
     return torch.exp2(torch.round(torch.log2(s))) if pow2 else s
 
 
+def _expert_scales(consumers: list[Consumer], weights: list[torch.Tensor], experts: int, channels: int,
+                   alpha: float, pow2: bool = False) -> torch.Tensor:
+    """(E, channels): ``_group_scales`` for each expert, from the tokens routed to it and its own
+    weights. An expert no calibration token reached keeps s = 1."""
+    a = torch.zeros(experts, channels)
+    w = torch.zeros(experts, channels)
+    for c, weight in zip(consumers, weights):
+        idx = c.walk.index.expand(experts, -1)
+        a.scatter_reduce_(1, idx, c.expert_absmax.float(), "amax")
+        w.scatter_reduce_(1, idx, weight_absmax(c.site, weight, per_expert=True), "amax")
+    s = smoothing_scales(a.flatten(), w.flatten(), alpha).view(experts, channels)
+    return torch.exp2(torch.round(torch.log2(s))) if pow2 else s
+
+
 def _outlier_ratio(a: torch.Tensor) -> float:
     a = a.float().abs()
     med = a.median().clamp(min=1e-12)
@@ -256,13 +303,18 @@ def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, r
     weights = [edits.weight(c.site) for c in consumers]
     pow2 = _pow2_scales(qg, config, consumers, producer)
     alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
-    s = _group_scales(qg, consumers, weights, channels, alpha, pow2)
+    if absorber.experts is not None:
+        s = _expert_scales(consumers, weights, absorber.experts, channels, alpha, pow2)
+    else:
+        s = _group_scales(qg, consumers, weights, channels, alpha, pow2)
     absorber.fold(edits, s)
     for c, w in zip(consumers, weights):
-        sc = s[c.walk.index]
+        sc = s[..., c.walk.index]
         edits.set_weight(c.site, scale_columns(c.site, w, sc))
         qg.smoothing[c.site.node] = sc
-        _record(report.row(c.site.path), absorber.kind, absorber.name, alpha, c.act_absmax, sc, "")
+        act = c.expert_absmax if sc.dim() == 2 else c.act_absmax
+        kind = f"{absorber.kind} (per expert)" if sc.dim() == 2 else absorber.kind
+        _record(report.row(c.site.path), kind, absorber.name, alpha, act, sc, "")
     report.add_match(Match(absorber.kind, absorber.name, tuple(c.site.path for c in consumers)))
 
 
@@ -288,7 +340,7 @@ def _multiply_fallback(qg, edits, unabsorbed, config, calibration, report) -> in
         weights = [edits.weight(c.site) for c in consumers]
         if len({c.site.input for c in consumers}) == 1:  # one input node: a scale per channel of it
             producer = consumers[0].site.input
-            consumers = [Consumer(c.site, None, c.act_absmax) for c in consumers]
+            consumers = [replace(c, walk=None) for c in consumers]
         channels = next((c.walk.probes[producer].shape[-1] for c in consumers if c.walk is not None),
                         consumers[0].act_absmax.numel())
         pow2 = _pow2_scales(qg, config, consumers, producer)
@@ -352,11 +404,16 @@ def _search_alpha(qg, config, calibration, consumers, weights, channels, pow2: b
         return float(alpha)
     if config.weight is None and config.activation is None:
         return 0.5  # nothing is quantized: any alpha keeps the function; take the usual one
-    stats = [calibration[c.site.path] for c in consumers]
+    # the error is measured on the quantized linears; routers stay fp32 and fused experts are
+    # scored by their linears' neighbours (their samples are per expert)
+    scored = [(c, w) for c, w in zip(consumers, weights) if not c.router and isinstance(c.site, LinearSite)]
+    if not scored:
+        return 0.5
+    stats = [calibration[c.site.path] for c, _ in scored]
     if any(st.samples is None for st in stats):
         logger.warning("%s: no calibration samples for alpha='auto'; using 0.5", consumers[0].site.path)
         return 0.5
-    problems = [_SmoothingProblem(c, w, st) for c, w, st in zip(consumers, weights, stats)]
+    problems = [_SmoothingProblem(c, w, st) for (c, w), st in zip(scored, stats)]
     best, best_err = 0.5, float("inf")
     for a in config.smoothing.alpha_grid:
         s = _group_scales(qg, consumers, weights, channels, a, pow2)

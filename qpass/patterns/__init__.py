@@ -4,7 +4,7 @@ Each pattern module holds its search (``match``), its fold, and an ``Example``
 module that exhibits it; ``walk`` holds the channel-preserving walk they share.
 """
 
-from . import gated_act, linear_linear, linear_norm
+from . import experts, gated_act, linear_linear, linear_norm
 from .base import Absorber, ArgEdits, Region
 from .walk import NotChannelPreserving, Walk, trace_channels, walk_back
 
@@ -13,6 +13,7 @@ PATTERNS = (
     linear_norm,  # norm weight (and bias) takes 1/s: free
     linear_linear,  # the previous linear's rows take 1/s: free
     gated_act,  # up's rows take 1/s through act(gate) * up: free
+    experts,  # the same inside a mixture-of-experts layer, one scale per expert: free
 )
 
 __all__ = ["PATTERNS", "Absorber", "ArgEdits", "Region", "NotChannelPreserving", "Walk", "trace_channels", "walk_back"]

@@ -36,6 +36,10 @@ class Absorber:
     name: str  # module path or node name of the absorbing op, for the report
     fold: Callable[["ArgEdits", torch.Tensor], None]
     regions: list[Region] = field(default_factory=list)
+    # A fold inside a mixture-of-experts layer: ``fold`` takes one scale per expert and channel,
+    # (experts, channels), valid for readers that are grouped matmuls over the same ``offsets``.
+    experts: int | None = None
+    offsets: fx.Node | None = None
 
 
 class ArgEdits:

@@ -156,6 +156,8 @@ def replay(node: fx.Node, env: dict[fx.Node, torch.Tensor]):
         return env[node.args[0]]  # keep the exact float64 probe
     if node.op == "call_function" and node.target is F.dropout:
         return env[node.args[0]]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], fx.Node):
+        return _gather_rows(node, env)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a] if a in env else _concrete(a))
     if node.op == "call_function" and node.target in _ATTENTION:
         return _attend(node, args, kwargs)
@@ -168,6 +170,28 @@ def replay(node: fx.Node, env: dict[fx.Node, torch.Tensor]):
         target = "reshape" if node.target == "view" else node.target
         return getattr(torch.Tensor, target)(*args, **kwargs)
     return node.target(*args, **kwargs)
+
+
+def _gather_rows(node: fx.Node, env: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    """``x[index]`` with a tensor index (a mixture-of-experts layer gathering the rows routed to
+    each expert: ``hidden[perm // top_k]``). Its values are known only at run time, so the replay
+    proves the channel map only where the index cannot reach the channels: an integer index
+    selects whole rows of the first dimension, a boolean mask covers fewer dimensions than ``x`` has."""
+    data, index = node.args
+    if index in env:
+        raise NotChannelPreserving(f"{node.name} indexes with a scaled value")
+    x = env[data]
+    val = index.meta.get("example_value", index.meta.get("val"))
+    if not isinstance(val, torch.Tensor) or x.dim() < 2:
+        raise NotChannelPreserving(f"{node.name}: a data-dependent index over the channels")
+    shape = [_hint(n) for n in val.shape]
+    if val.dtype == torch.bool:
+        if val.dim() >= x.dim():
+            raise NotChannelPreserving(f"{node.name}: a boolean mask over the channels")
+        return x[torch.ones(shape, dtype=torch.bool)]
+    if val.dtype.is_floating_point or val.dtype.is_complex:
+        raise NotChannelPreserving(f"{node.name}: indexed with a {val.dtype} tensor")
+    return x[torch.zeros(shape, dtype=torch.long)]
 
 
 def _attend(node: fx.Node, args, kwargs) -> torch.Tensor:
