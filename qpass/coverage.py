@@ -30,7 +30,7 @@ def survey(qg: QGraph, report: Report, names: Mapping[torch.Tensor, str] | None 
     path_of = {node: _canonical(qg, node, names) for node in qg.params}
     uses: dict[fx.Node, set[str]] = {node: set() for node in qg.params}
     linear_nodes: set[fx.Node] = set()  # the linears and the constant chains of their weights and biases
-    for site in qg.linears():
+    for site in [*qg.linears(), *qg.experts()]:  # fused expert weights are read like a linear's
         linear_nodes |= {site.node, site.reader}
         for role, arg in (("weight", site.weight_node), ("bias", site.bias_node)):
             chain = _constant_chain(qg, arg)

@@ -124,3 +124,16 @@ def test_parameters_in_no_graph_are_reported_as_eager():
     assert report.summary()[0] == "parameters of _EagerTail: 544 (0.00 MiB)"
     assert "  tail.weight           256   47.1%  in no compiled graph (Dynamo ran it eagerly, or it did not run)" \
         in report.summary()
+
+
+def test_summary_of_a_mixture_of_experts_model():
+    """Fused expert weights count as quantized (not lowered: no grouped int8 kernel yet, they run the
+    reference path), the routers as full precision with why."""
+    model = tiny_model("qwen2_moe")
+    backend = _compile(model, "w8a8_dynamic", qpass.calibrate(model, token_batches(2)), token_batches(1)[0])
+    stages = backend.report.stages()
+    experts = sorted(p for p, _ in model.named_parameters() if ".experts." in p)
+    assert len(experts) == 4 and set(experts) <= set(stages["quantized"]) and not set(experts) & set(stages["lowered"])
+    routers = sorted(p for p, _ in model.named_parameters() if p.endswith("mlp.gate.weight"))
+    assert routers and set(routers) <= set(stages["full precision"])
+    assert all("router: kept in full precision" in backend.report.full_precision_reason(p) for p in routers)
