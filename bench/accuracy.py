@@ -68,13 +68,32 @@ REFERENCE_POINTS: tuple[tuple[str, qpass.QuantConfig], ...] = (
      qpass.preset("w8a8_dynamic", activation=qpass.QuantSpec("int8", qpass.PerToken()))),
 )
 
+#: The levers of issue 15, each a preset changed in one way (``--variants``), measured against the preset.
+CLIP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+VARIANTS: dict[str, qpass.QuantConfig] = {
+    # static scales by output error over clipped ranges instead of the calibrated absmax
+    "w8a8_static clip": qpass.preset("w8a8_static", static_clip=CLIP_FRACTIONS),
+    # a larger per-token budget: per-token wherever the static scale loses over 2x (preset: 8x)
+    "w8a8_static fallback 2x": qpass.preset("w8a8_static", dynamic_fallback=2.0),
+    "w8a8_static fallback 1.5x": qpass.preset("w8a8_static", dynamic_fallback=1.5),
+    "w8a8_static clip fallback 2x": qpass.preset("w8a8_static", static_clip=CLIP_FRACTIONS, dynamic_fallback=2.0),
+    # where the loss sits: one kind of linear kept fp32
+    "w8a8_static fp32 down_proj": qpass.preset("w8a8_static", skip=("lm_head", "*.down_proj")),
+    "w8a8_static fp32 o_proj": qpass.preset("w8a8_static", skip=("lm_head", "*.o_proj")),
+    "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
+    "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", skip=("lm_head", "*.gate_proj", "*.up_proj")),
+    "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+}
+
 PATHS = ("reference", "lowered", "lowered-avx2")
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def configs(presets: list[str], *, reference: bool, also_unsmoothed: bool) -> list[tuple[str, qpass.QuantConfig]]:
+def configs(presets: list[str], *, reference: bool, also_unsmoothed: bool,
+            variants: list[str] = ()) -> list[tuple[str, qpass.QuantConfig]]:
     """The (label, config) list to evaluate, without duplicate configs."""
     out: list[tuple[str, qpass.QuantConfig]] = [(name, qpass.preset(name)) for name in presets]
+    out += [(name, VARIANTS[name]) for name in variants]
     if also_unsmoothed:
         out += [(f"{n} no smoothing", c.replace(smoothing=None)) for n, c in list(out) if c.smoothing is not None]
     if reference:
@@ -133,7 +152,7 @@ def _run_child(args, calib_file: Path) -> dict:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, __file__, "--child", "--calibration", str(calib_file), "--json", str(out),
                "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads", str(args.threads),
-               "--texts", *args.texts, "--presets", *args.presets]
+               "--texts", *args.texts, "--presets", *args.presets, "--variants", *args.variants]
         cmd += ["--inductor"] if args.inductor else []
         cmd += ["--also-unsmoothed"] if args.also_unsmoothed else []
         logger.info("lowered-avx2: %s", " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()))
@@ -191,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=64, help="input rows per linear kept for the searches")
-    parser.add_argument("--presets", nargs="+", default=list(qpass.PRESETS), choices=sorted(qpass.PRESETS))
+    parser.add_argument("--presets", nargs="*", default=list(qpass.PRESETS), choices=sorted(qpass.PRESETS))
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS), help="levers: presets changed")
+    parser.add_argument("--calibration-cache", type=Path,
+                        help="load the calibration from this file if it exists, else save it there")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--texts", nargs="+", default=["wiki", "news"], choices=["wiki", "news"])
     parser.add_argument("--json", type=Path, default=Path("bench/results/accuracy_paths.json"))
@@ -213,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = realdata.load_smollm2()
     texts = _texts(tokenizer, args.texts, args.windows, args.seqlen)
-    todo = configs(args.presets, reference=False, also_unsmoothed=args.also_unsmoothed)
+    todo = configs(args.presets, reference=False, also_unsmoothed=args.also_unsmoothed, variants=args.variants)
     inductor = args.inductor
 
     if args.child:
@@ -226,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = realdata.calibration_batches(tokenizer, args.calib_batches, args.calib_seqlen)
     t = time.perf_counter()
-    calib = qpass.calibrate(model, batches, samples=args.calib_samples)
+    cache = args.calibration_cache
+    if cache is not None and cache.is_file():
+        calib = qpass.Calibration.load(cache)
+        logger.info("calibration read from %s (made with the same --calib-* arguments, or the numbers mislead)", cache)
+    else:
+        calib = qpass.calibrate(model, batches, samples=args.calib_samples)
+        if cache is not None:
+            calib.save(cache)
     calib_s = time.perf_counter() - t
     logger.info(
         "SmolLM2-135M: texts %s, %d windows x %d tokens each; calibration %d x %d tokens, %d samples (%.1f s); "
