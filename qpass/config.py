@@ -206,10 +206,6 @@ class QuantConfig:
     any single static scale useless for a few layers, e.g. SmolLM2's down_proj in layers 11 and 28).
     ``dynamic_layers`` names layers that run per-token dynamic activations under a static config
     (what a saved checkpoint records for its per-token fallbacks; ``qpass.load`` sets it).
-    ``static_clip`` (static activations only): fractions of the calibrated range tried for each
-    linear's per-tensor activation scale, e.g. ``(1.0, 0.9, 0.8, 0.7)``; each linear keeps the one whose
-    output on its calibration samples is closest to the unquantized output (the absmax, 1.0, is always
-    tried, so no layer gets worse on those samples). Empty: the absmax of the calibrated range.
     To keep only the low-precision weights resident, call ``QPassBackend.release_weights(model)``
     after compiling (a backend never sees the module itself, and a recompile needs the fp32 weights).
     """
@@ -222,7 +218,6 @@ class QuantConfig:
     lower: bool = True
     dynamic_fallback: float | None = None
     dynamic_layers: tuple[str, ...] = ()  # static activations: these layers (paths or globs) run per-token dynamic
-    static_clip: tuple[float, ...] = ()  # static activations: range fractions searched per layer (() = absmax)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dynamic_layers, tuple) or not all(isinstance(s, str) for s in self.dynamic_layers):
@@ -271,11 +266,6 @@ class QuantConfig:
                 raise ValueError("QuantConfig.dynamic_fallback applies to static activations only (activation.dynamic=False)")
             if not (_is_number(self.dynamic_fallback) and self.dynamic_fallback >= 1):
                 raise ValueError(f"QuantConfig.dynamic_fallback must be >= 1 (an error ratio), got {self.dynamic_fallback!r}")
-
-        if not isinstance(self.static_clip, tuple) or not all(_is_number(r) and 0 < r <= 1 for r in self.static_clip):
-            raise ValueError(f"QuantConfig.static_clip must be a tuple of fractions in (0, 1], got {self.static_clip!r}")
-        if self.static_clip and (a is None or a.dynamic):
-            raise ValueError("QuantConfig.static_clip applies to static activations only (activation.dynamic=False)")
 
     def runs_dynamic(self, path: str) -> bool:
         """True if the layer at ``path`` is listed in ``dynamic_layers`` (per-token dynamic activations)."""

@@ -26,7 +26,6 @@ from qpass.config import (
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "fake_quant_weight", "fake_quant_act", "static_act_qparams",
-    "clipped_act_qparams",
     "layer_error", "token_error", "static_or_per_token", "choose_adadim", "describe",
 ]
 
@@ -107,22 +106,6 @@ def static_act_qparams(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor,
     return ops.qparams_from_range(lo.min().reshape(1), hi.max().reshape(1), spec.symmetric, qmin, qmax)
 
 
-def clipped_act_qparams(
-    x: Tensor, w: Tensor, lo: Tensor, hi: Tensor, spec: QuantSpec, fractions: tuple[float, ...]
-) -> tuple[Tensor, Tensor, float]:
-    """``(scale, zero_point, fraction)``: the static per-tensor qparams of ``[f * lo, f * hi]`` for the
-    ``f`` among ``fractions`` and 1.0 (the absmax) whose output ``x_q @ w.T`` on the samples ``x`` has
-    the smallest ``token_error`` against ``x @ w.T``; ties keep the wider range."""
-    ref = x @ w.T
-    best = None
-    for f in sorted({1.0, *fractions}, reverse=True):
-        scale, zp = static_act_qparams(lo * f, hi * f, spec)
-        err = token_error(fake_quant_act(x, spec, scale, zp) @ w.T, ref)
-        if best is None or err < best[3]:
-            best = (scale, zp, f, err)
-    return best[0], best[1], best[2]
-
-
 def layer_error(
     x: Tensor,
     w: Tensor,
@@ -164,14 +147,13 @@ class FallbackChoice:
         return self.spec.dynamic
 
 
-def static_or_per_token(x: Tensor, w: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor, factor: float,
-                        qparams: tuple[Tensor, Tensor] | None = None) -> FallbackChoice:
-    """The static per-tensor ``spec`` (scale from the calibrated ranges ``lo`` / ``hi``, or ``qparams``
-    where given), or per-token dynamic where the static scale's output error on the samples ``x`` is
-    over ``factor`` times per-token's. ``w`` is the quantized weight, so only the activation error counts."""
+def static_or_per_token(x: Tensor, w: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor, factor: float) -> FallbackChoice:
+    """The static per-tensor ``spec`` (scale from the calibrated ranges ``lo`` / ``hi``), or per-token
+    dynamic where the static scale's output error on the samples ``x`` is over ``factor`` times
+    per-token's. ``w`` is the quantized weight, so only the activation error counts."""
     ref = x @ w.T
     dynamic = dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
-    y_static = fake_quant_act(x, spec, *(qparams or static_act_qparams(lo, hi, spec))) @ w.T
+    y_static = fake_quant_act(x, spec, *static_act_qparams(lo, hi, spec)) @ w.T
     y_dynamic = fake_quant_act(x, dynamic) @ w.T
     static_err, dynamic_err = token_error(y_static, ref), token_error(y_dynamic, ref)
     if static_err <= factor * dynamic_err:

@@ -128,17 +128,10 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     else:
         w_main = w
     qw = qmath.quantize_weight(w_main, wspec, granularity)
-    static_qp = None
-    if aspec is not None and not aspec.dynamic and config.static_clip:
-        key = ("static_clip", site.path)  # once per layer for every graph of the backend
-        if key not in qg.memo:
-            qg.memo[key] = _clipped_qparams(aspec, config.static_clip, view, keep_mask, qw.dequantize(), row)
-        static_qp = qg.memo[key]
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
         if key not in qg.memo:
-            qg.memo[key] = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(),
-                                              site.path, row, static_qp)
+            qg.memo[key] = _static_or_dynamic(aspec, config.dynamic_fallback, view, keep_mask, qw.dequantize(), site.path, row)
             if qg.memo[key] is not aspec:
                 qg.memo.setdefault("new_per_token_fallbacks", []).append(site.path)
         aspec = qg.memo[key]
@@ -156,8 +149,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     if keep_mask is not None:
         mask = qg.constant(f"{site.path}.inlier_mask", keep_mask.to(dtype))
         x_main = qg.call(torch.mul, (x, mask), before=before)
-    x_dq = x_main if aspec is None else _fake_quant_act(qg, x_main, aspec, view, keep_mask, site, before, dtype, shared,
-                                                        static_qp)
+    x_dq = x_main if aspec is None else _fake_quant_act(qg, x_main, aspec, view, keep_mask, site, before, dtype, shared)
     y = qg.call(F.linear, (x_dq, w_dq, bias), before=before)
     if outliers is not None:
         idx = qg.constant(f"{site.path}.outlier_channels", outliers)
@@ -176,11 +168,10 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         row.outlier_channels = outliers.numel()
 
 
-def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype, shared: dict,
-                    static_qp=None) -> fx.Node:
+def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype, shared: dict) -> fx.Node:
     qmin, qmax = spec.qrange
-    static = static_qp if not spec.dynamic else None
-    if not spec.dynamic and static is None:
+    static = None
+    if not spec.dynamic:
         lo, hi = view[0], view[1]
         if keep_mask is not None:
             lo, hi = lo[keep_mask], hi[keep_mask]
@@ -201,22 +192,7 @@ def _fake_quant_act(qg, x, spec: QuantSpec, view, keep_mask, site, before, dtype
     return shared[key]
 
 
-def _clipped_qparams(spec: QuantSpec, fractions: tuple[float, ...], view, keep_mask, w_dq: torch.Tensor, row):
-    """The static per-tensor ``(scale, zero_point)`` of the range fraction with the smallest output error
-    on the calibration samples (``QuantConfig.static_clip``); None (the absmax) without samples."""
-    if view is None or view[3] is None:
-        return None
-    lo, hi, _, samples = view
-    if keep_mask is not None:
-        lo, hi, samples = lo[keep_mask], hi[keep_mask], samples * keep_mask
-    scale, zp, fraction = qmath.clipped_act_qparams(samples, w_dq, lo, hi, spec, fractions)
-    if fraction < 1.0:
-        _note(row, f"static scale clipped to {fraction:g} of the calibrated range (smallest output error on calibration samples)")
-    return scale, zp
-
-
-def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: torch.Tensor, path: str, row,
-                       static_qp=None) -> QuantSpec:
+def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: torch.Tensor, path: str, row) -> QuantSpec:
     """``spec`` (static per-tensor), or per-token dynamic where the static scale's output error
     on the calibration samples is more than ``factor`` times the dynamic one's."""
     lo, hi, _, samples = view
@@ -224,7 +200,7 @@ def _static_or_dynamic(spec: QuantSpec, factor: float, view, keep_mask, w_dq: to
         return spec
     if keep_mask is not None:
         lo, hi, samples = lo[keep_mask], hi[keep_mask], samples * keep_mask
-    choice = qmath.static_or_per_token(samples, w_dq, spec, lo, hi, factor, static_qp)
+    choice = qmath.static_or_per_token(samples, w_dq, spec, lo, hi, factor)
     if not choice.per_token:
         return spec
     why = (f"per-token dynamic activations: the static scale's error on calibration samples "
