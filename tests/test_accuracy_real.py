@@ -9,7 +9,7 @@ under Inductor, up to float summation order, without minutes of Inductor compili
   with every one of the 210 decoder linears quantized;
 - the lowered kernels (oneDNN) stay close to fp32 and to the reference path, on the 8-bit grid of
   CPUs with VNNI (where this CPU's probe finds it exact) and on the 7-bit grids of CPUs without
-  (forced, so a VNNI machine checks them too);
+  (forced, so a VNNI machine checks them too): w8a8_dynamic on both, w8a8_static on the 7-bit grids;
 - smoothing alone keeps SmolLM2's logits (one short sequence; no perplexity needed).
 
 The model is loaded, calibrated and the reference presets evaluated once per module.
@@ -52,12 +52,15 @@ LINEARS = 210  # 30 layers x 7; lm_head stays fp32
 #   weights) +1.41%, +0.42% vs the reference path (+1.80%, +1.49%).
 # Each bound fails a result 2x worse than the larger measurement; the reference path does not depend
 # on the CPU. These 1024 tokens are far from the accuracy claim (bench/accuracy.py, README): the
-# bounds guard against regressions. The whole real part takes about 1 minute on that machine, quiet.
+# bounds guard against regressions. The whole real part takes about 1 minute on that machine, quiet
+# (the lowered w8a8_static case adds one compile of about 10 s; 222 s in all on a busy machine).
 BOUNDS = {"w8a8_dynamic": 0.015, "w8a8_static": 0.09}
 MAX_FALLBACKS = 105  # the static preset keeps most linears static (measured 43 of 210 per-token)
-# Through the lowered kernels, per grid: perplexity vs fp32, and vs the reference path's.
-LOWERED_BOUND = {"8-bit": 0.015, "7-bit": 0.025}
-LOWERED_VS_REFERENCE = {"8-bit": 0.007, "7-bit": 0.025}
+# Through the lowered kernels, per preset and grid: perplexity vs fp32, and vs the reference path's.
+# w8a8_static runs on the 7-bit grids only (where it loses most; measured 2026-11-30, same machine:
+# +9.00% vs fp32, +2.94% vs its reference path); the 8-bit grid is the reference's own.
+LOWERED_BOUND = {"w8a8_dynamic": {"8-bit": 0.015, "7-bit": 0.025}, "w8a8_static": {"7-bit": 0.18}}
+LOWERED_VS_REFERENCE = {"w8a8_dynamic": {"8-bit": 0.007, "7-bit": 0.025}, "w8a8_static": {"7-bit": 0.06}}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def _exact_8bit() -> bool:
 def test_lowered_kernels_perplexity(smollm2, reference, grid, monkeypatch) -> None:
     """The same check through the real kernels (oneDNN on an exact grid) instead of the reference
     fake-quant path: the 8-bit grid where this CPU's kernels are exact (VNNI), and the 7-bit grids of
-    CPUs without VNNI, forced."""
+    CPUs without VNNI, forced. w8a8_static, which loses most on the 7-bit grids, runs on those only."""
     if grid == "8-bit" and not _exact_8bit():
         pytest.skip("this CPU's oneDNN kernel saturates on the 8-bit grid (no VNNI); the 7-bit case covers it")
     if grid == "7-bit":
@@ -128,17 +131,18 @@ def test_lowered_kernels_perplexity(smollm2, reference, grid, monkeypatch) -> No
         )
     model, windows, calib = smollm2
     by_name, ref_table = reference
-    results = evaluate(model, calib, windows, ["w8a8_dynamic"], fp32=False, lower=True, inductor=False)
-    lowered = results[0]
-    ref = by_name["w8a8_dynamic"]
+    presets = [p for p in LOWERED_BOUND if grid in LOWERED_BOUND[p]]
+    results = evaluate(model, calib, windows, presets, fp32=False, lower=True, inductor=False)
     table = f"{ref_table}\nlowered ({grid}):\n{format_table(results)}"
     print(table)
-    assert lowered.error is None and lowered.quantized == LINEARS, table
-    # every linear on oneDNN (prefill), on the grid this case is about
-    assert sum(n for k, n in lowered.kernels.items() if k.startswith("onednn")) == LINEARS, table
-    seven_bit = sum(n for k, n in lowered.kernels.items() if "7-bit" in k)
-    assert seven_bit == (LINEARS if grid == "7-bit" else 0), table
-    vs_fp32 = lowered.perplexity / by_name[FP32].perplexity - 1
-    vs_ref = lowered.perplexity / ref.perplexity - 1
-    assert 0 <= vs_fp32 < LOWERED_BOUND[grid], table
-    assert abs(vs_ref) < LOWERED_VS_REFERENCE[grid], table
+    for lowered in results:
+        ref = by_name[lowered.name]
+        assert lowered.error is None and lowered.quantized == LINEARS, table
+        # every linear on oneDNN (prefill), on the grid this case is about
+        assert sum(n for k, n in lowered.kernels.items() if k.startswith("onednn")) == LINEARS, table
+        seven_bit = sum(n for k, n in lowered.kernels.items() if "7-bit" in k)
+        assert seven_bit == (LINEARS if grid == "7-bit" else 0), table
+        vs_fp32 = lowered.perplexity / by_name[FP32].perplexity - 1
+        vs_ref = lowered.perplexity / ref.perplexity - 1
+        assert 0 <= vs_fp32 < LOWERED_BOUND[lowered.name][grid], table
+        assert abs(vs_ref) < LOWERED_VS_REFERENCE[lowered.name][grid], table

@@ -272,6 +272,19 @@ def test_calibration_and_eval_are_disjoint(smollm2) -> None:
 @pytest.mark.real
 @needs_smollm2
 @needs_gensim
+def test_news_windows_are_the_end_of_the_news_text(smollm2) -> None:
+    _, tokenizer = smollm2
+    ids = token_ids(tokenizer, news_text())
+    news = realdata.news_eval_windows(tokenizer, seqlen=512, n_tokens=4 * 512 + 100)
+    assert len(news) == 4 and all(w.shape == (1, 512) for w in news)
+    assert torch.equal(torch.cat(news, dim=1)[0], ids[-4 * 512:])
+    with pytest.raises(ValueError, match="less than one window"):
+        realdata.news_eval_windows(tokenizer, seqlen=512, n_tokens=100)
+
+
+@pytest.mark.real
+@needs_smollm2
+@needs_gensim
 def test_smollm2_fp32_perplexity_on_held_out_wikipedia(smollm2) -> None:
     model, tokenizer = smollm2
     # One window: the model and the text load right (a broken load is far outside the bounds);
