@@ -99,6 +99,29 @@ def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, gran
 ROUTER_NOTE = "router: kept in full precision (its output picks the experts; quantizing it changes the choice)"
 
 
+def _activation_spec(path: str, config: QuantConfig, aspec: QuantSpec | None, have_stats: bool, calibrated: bool,
+                     row, statistics: str) -> QuantSpec | None:
+    """The activation spec a layer runs: per-token dynamic instead of static where the config says
+    so (``dynamic_layers``) or where the layer has no usable ``statistics`` (a configuration error
+    when the backend has no calibration at all)."""
+    if aspec is None or aspec.dynamic:
+        return aspec
+    if config.runs_dynamic(path):
+        reason = "per-token dynamic activations (QuantConfig.dynamic_layers)"
+    elif not have_stats:
+        if not calibrated:
+            raise ValueError(
+                f"{path}: static activation scales need calibration statistics "
+                "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
+            )
+        reason = f"per-token dynamic activations: no usable {statistics}"
+    else:
+        return aspec
+    row.per_token_fallback = True
+    _note(row, reason)
+    return QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
+
+
 def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
     """The calibrated statistics of what reaches the linear after smoothing: (lo, hi, absmax, samples)."""
     if stats is None:
@@ -128,19 +151,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         raise ValueError(
             f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
         )
-    if aspec is not None and not aspec.dynamic and config.runs_dynamic(site.path):
-        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
-        row.per_token_fallback = True
-        _note(row, "per-token dynamic activations (QuantConfig.dynamic_layers)")
-    if aspec is not None and not aspec.dynamic and view is None:
-        if not calibrated:
-            raise ValueError(
-                f"{site.path}: static activation scales need calibration statistics "
-                "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
-            )
-        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
-        row.per_token_fallback = True
-        _note(row, "per-token dynamic activations: no usable statistics for a static scale")
+    aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row, "statistics for a static scale")
 
     if config.outliers is not None and view is None:
         if not calibrated:
@@ -284,19 +295,8 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     if stats is not None:
         s = torch.ones(k) if s is None else s
         view = (stats.min / s, stats.max / s, stats)
-    if aspec is not None and not aspec.dynamic and config.runs_dynamic(site.path):
-        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
-        row.per_token_fallback = True
-        _note(row, "per-token dynamic activations (QuantConfig.dynamic_layers)")
-    if aspec is not None and not aspec.dynamic and view is None:
-        if not calibrated:
-            raise ValueError(
-                f"{site.path}: static activation scales need calibration statistics "
-                "(pass calibration=qpass.calibrate(...), or use a dynamic activation spec)"
-            )
-        aspec = QuantSpec(aspec.dtype, PerToken(), symmetric=aspec.symmetric)
-        row.per_token_fallback = True
-        _note(row, "per-token dynamic activations: no usable per-expert statistics for static scales")
+    aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row,
+                             "per-expert statistics for static scales")
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)
         if key not in qg.memo:
