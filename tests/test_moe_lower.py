@@ -283,3 +283,27 @@ def test_experts_without_a_kernel_keep_the_reference_path_with_one_warning(name,
     warnings = [r.getMessage() for r in caplog.records if "fused expert" in r.getMessage()]
     assert warnings == [f"qpass lower: {len(experts)} fused expert weights kept on the reference quant/dequant "
                         f"path: " + ", ".join(f"{p} ({why})" for p in experts)]
+
+
+@pytest.mark.parametrize("name", ["sym per-token", "asym per-token", "static"])
+def test_lowered_experts_graph_snapshot(monkeypatch, name):
+    """The lowered grouped matmul for a fixed target (a VNNI CPU: the 8-bit grid), in
+    tests/snapshots/lowered_experts_*.txt; its numerical twin is the integer test above.
+    EXPECTTEST_ACCEPT=1 rewrites them."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.setattr(lowering.Target, "detect", staticmethod(
+        lambda device: lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=True)))
+    torch.manual_seed(0)
+    model = Grouped(False).eval()
+    offs = _offs(SEGMENTS)
+    x = _rows(offs[-1].item(), seed=3, worst_case=False)
+    calib = _static_calibration(_rows(8, seed=4, worst_case=False), _offs((2, 2, 2, 2))) if name == "static" else None
+    _, backend, _ = _lowered(model, CONFIGS[name].replace(smoothing=None), calib, x, offs)
+    text = qpass.format_graph(backend.graphs[0])
+    path = Path(__file__).parent / "snapshots" / f"lowered_experts_{name.replace(' ', '_')}.txt"
+    if os.environ.get("EXPECTTEST_ACCEPT") == "1":
+        path.write_text(text)
+    assert path.exists(), f"no snapshot {path.name}; run with EXPECTTEST_ACCEPT=1"
+    assert text == path.read_text(), f"{path.name} changed; run with EXPECTTEST_ACCEPT=1 and read the diff"
