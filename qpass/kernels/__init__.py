@@ -1,7 +1,8 @@
 """Low-level W8A8 kernels (torch.library custom ops in namespace ``qpass``) and references.
 
 Importing this package registers ``qpass::onednn_qlinear``, ``qpass::fbgemm_dynamic_linear`` and
-``qpass::fbgemm_qlinear``.
+``qpass::fbgemm_qlinear`` and
+``qpass::onednn_grouped_qlinear`` (fused mixture-of-experts weights).
 """
 
 from .capability import (
@@ -13,6 +14,7 @@ from .capability import (
     saturation_probe_operands,
 )
 from .cuda import fp8_scaled_mm, int8_scaled_mm
+from .experts import onednn_grouped_qlinear
 from .fbgemm import (
     FbgemmPacked,
     fbgemm_dynamic_linear,
@@ -64,6 +66,7 @@ __all__ = [
     "int8_scaled_mm",
     "kernel_available",
     "onednn_dynamic_linear",
+    "onednn_grouped_qlinear",
     "onednn_qlinear",
     "onednn_static_linear",
     "pack_fbgemm_dynamic",

@@ -36,7 +36,7 @@ from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lower", "Target", "Grid", "QLinear", "match", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
+__all__ = ["lower", "Target", "Grid", "QLinear", "QExperts", "match", "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -526,19 +526,214 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
         if why:
             row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
-    _experts_reference(qg, report)
+    _lower_experts(qg, config, calibration, report, emit, target, targets)
     return done
 
 
-EXPERTS_REFERENCE = "reference (no grouped int8 kernel for fused experts yet)"
+# ----------------------------------------------------------------------------- fused experts
 
 
-def _experts_reference(qg: QGraph, report: Report) -> None:
-    """Quantized fused experts keep the reference quant/dequant path around their grouped matmul:
-    the report says so, and one warning per backend lists them."""
-    paths = list(qg.quantized_experts.values())
-    for path in paths:
-        report.row(path).add_kernel(EXPERTS_REFERENCE)
-    if paths and not qg.memo.get("experts_reference_warned"):
+@dataclass
+class QExperts:
+    """One quantized grouped matmul over fused expert weights as the quantize pass left it::
+
+        grouped_mm(dequantize(quantize(x, s, ...)), transpose(dequantize(W_q, W_s, zp, group), -2, -1), offs)
+
+    ``s``: ``getitem(choose_qparams(x, ...), 0)`` (dynamic) or, static per expert,
+    ``unsqueeze(index_select(const(scales (E,)), 0, expert_of_rows(x, offs)), -1)``."""
+
+    path: str
+    node: fx.Node
+    act: ActQuant | None
+    w_q: fx.Node  # const (E, N, K)
+    w_scale: fx.Node  # const (E, N, 1) per output channel, (E, 1, 1) per tensor, (E, N, K / G) per group
+    w_zero_point: fx.Node | None
+    group_size: int
+    offs: fx.Node
+    weight_dtype: str
+    device: torch.device
+    out_dtype: torch.dtype
+
+    @property
+    def experts(self) -> int:
+        return _val(self.w_q).shape[0]
+
+
+def match_experts(node: fx.Node, path: str, config: QuantConfig) -> QExperts:
+    """Read the quantize pass's nodes around the grouped matmul ``node`` (``quantize._quantize_experts``)."""
+    x_dq, w_arg = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs["offs"]
+    w_dq = w_arg.args[0]
+    w_q, w_s, w_zp, group = w_dq.args[:4]
+    act = None
+    if isinstance(x_dq, fx.Node) and x_dq.target is ops.dequantize:
+        x_q = x_dq.args[0]
+        x, scale, zp, _qmin, _qmax, dtype = x_q.args
+        src = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
+        dynamic = src is not None and src.target is ops.choose_qparams
+        act = ActQuant(x=x, x_q=x_q, x_dq=x_dq, scale=scale, zero_point=zp, dynamic=dynamic,
+                       per_token=dynamic and bool(src.args[1]), symmetric=zp is None, dtype=dtype)
+    return QExperts(path=path, node=node, act=act, w_q=w_q, w_scale=w_s, w_zero_point=w_zp, group_size=group,
+                    offs=offs, weight_dtype=config.weight.dtype, device=_val(w_q).device, out_dtype=_val(node).dtype)
+
+
+# Why quantized fused experts keep the reference quant/dequant path: checked in order, first hit wins.
+_EXPERTS_REFERENCE_RULES: tuple[tuple[str, Callable[[QExperts, Target], bool]], ...] = (
+    ("weight-only", lambda q, t: q.act is None),
+    ("int4 weights", lambda q, t: q.weight_dtype == "int4"),
+    # A scale per block of K cannot be applied after the integer dot product.
+    ("per-group weights", lambda q, t: q.group_size > 0),
+    ("asymmetric weights", lambda q, t: q.w_zero_point is not None),
+    # Dynamic asymmetric activations run with each row's zero point subtracted after the integer
+    # product (``zp * sum_k W[e, n, k]`` of its expert); a static zero point has no 7-bit counterpart yet.
+    ("asymmetric static activations", lambda q, t: not q.act.symmetric and not q.act.dynamic),
+    ("fp8 on CPU", lambda q, t: q.act.dtype != torch.int8 and t.device == "cpu"),
+    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn),
+    ("no grouped kernel for fused experts on this device yet", lambda q, t: t.device != "cpu"),
+)
+
+#: The report's kernel column for lowered experts (the grid note added as for dense linears).
+EXPERTS_KERNEL = "onednn (per expert)"
+
+
+def experts_label(grid: Grid | None) -> str:
+    return f"{EXPERTS_KERNEL[:-1]}, {grid.note})" if grid is not None and grid.note else EXPERTS_KERNEL
+
+
+def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report, emit: _Emit,
+                   target: Target | None, targets: dict) -> None:
+    """Replace every quantized grouped matmul whose experts have a kernel; the rest keep the
+    reference path, with the reason in their row and one warning per backend listing them::
+
+        y = grouped_mm(dq(q(x, s)), dequantize(const(W_q), const(W_s)).transpose(-2, -1), offs)
+    ->  y = qpass.onednn_grouped_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), offs,
+                                         [const(packed W_q[e]) for e], const(W_s (E, N)), 128) * s
+    """
+    reference = []
+    for node, path in list(qg.quantized_experts.items()):
+        q = match_experts(node, path, config)
+        t = target or targets.setdefault(q.device, Target.detect(q.device))
+        row = report.row(path)
+        why = next((why for why, applies in _EXPERTS_REFERENCE_RULES if applies(q, t)), None)
+        if why is not None:
+            row.add_kernel(f"reference ({why})")
+            reference.append(f"{path} ({why})")
+            continue
+        y = _emit_experts_onednn(emit, q, t)
+        node.replace_all_uses_with(y)
+        qg.graph.erase_node(node)
+        del qg.quantized_experts[node]
+        grid, why = emit.grids.get(path, (None, ""))
+        row.add_kernel(experts_label(grid))
+        if why and why not in row.reason.split("; "):
+            row.reason = f"{row.reason}; {why}" if row.reason else why
+    if reference and not qg.memo.get("experts_reference_warned"):
         qg.memo["experts_reference_warned"] = True
-        logger.warning("qpass lower: %d fused expert weights run the %s: %s", len(paths), EXPERTS_REFERENCE, ", ".join(paths))
+        logger.warning("qpass lower: %d fused expert weights kept on the reference quant/dequant path: %s",
+                       len(reference), ", ".join(reference))
+
+
+def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tensor) -> Grid:
+    """``_Emit.grid`` for fused experts: the exact grid of oneDNN with the smallest output error on
+    the calibration samples, each sample multiplied by its own expert's weight (and static scale);
+    errors averaged over the sampled tokens."""
+    if q.path in e.grids:
+        return e.grids[q.path][0]
+    grids = cpu_grids(target, "onednn")
+    stats = e.calibration.get(q.path) if e.calibration is not None else None
+    if len(grids) == 1 or stats is None or stats.samples is None or stats.sample_experts is None:
+        e.grids[q.path] = (grids[0], "")
+        return grids[0]
+    s = e.qg.smoothing.get(q.node)
+    static = None if q.act.dynamic else _static_expert_scales(e.qg, q)[0]
+    errors, total = [0.0] * len(grids), 0
+    for ex in range(q.experts):
+        rows = stats.sample_experts == ex
+        n = int(rows.sum())
+        if not n:
+            continue
+        x = stats.samples[rows].float()
+        if s is not None:
+            x = x / (s[ex] if s.dim() == 2 else s)
+        for i, g in enumerate(grids):
+            errors[i] += n * grid_error(x, w_q[ex], w_s[ex], g, per_token=q.act.per_token, symmetric=q.act.symmetric,
+                                        static_scale=None if static is None else float(static[ex]))
+        total += n
+    if not total:
+        e.grids[q.path] = (grids[0], "")
+        return grids[0]
+    best = min(range(len(grids)), key=errors.__getitem__)
+    why = "kernel grid by calibration error: " + ", ".join(f"{g.note} {100 * err / total:.2f}%" for g, err in zip(grids, errors))
+    e.grids[q.path] = (grids[best], why)
+    return grids[best]
+
+
+def _static_expert_scales(qg: QGraph, q: QExperts) -> tuple[Tensor, fx.Node]:
+    """``(scales (E,), ids)`` of static per-expert activations: ``s = unsqueeze(index_select(const(scales), 0, ids), -1)``."""
+    gather = q.act.scale.args[0]
+    if q.act.scale.target is not torch.unsqueeze or gather.target is not torch.index_select:
+        raise AssertionError(f"{q.path}: unexpected static expert activation scale {q.act.scale.format_node()}")
+    return qg.value(gather.args[0]), gather.args[2]
+
+
+def _emit_experts_onednn(e: _Emit, q: QExperts, target: Target) -> fx.Node:
+    before, a, qg = q.node, q.act, e.qg
+    w_q = qg.value(q.w_q)  # (E, N, K) int8
+    experts, n = w_q.shape[:2]
+    w_s = qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
+    grid = _experts_grid(e, q, target, w_q, w_s)
+    pws, scales, w_ks = [], [], []
+    for ex in range(experts):
+        wq_e, ws_e = narrow_weight(w_q[ex], w_s[ex], grid.w_qmax)
+        w_ks.append(wq_e)
+        packed = e.packed("onednn", f"{q.path}.{ex}", wq_e, ws_e,
+                          lambda wq_e=wq_e, ws_e=ws_e: kernels.pack_onednn_int8(wq_e, ws_e))
+        pws.append(qg.constant(f"{q.path}.{ex}.weight_onednn", packed.packed))
+        scales.append(packed.scales)
+    ws = qg.constant(f"{q.path}.weight_scale_onednn", torch.stack(scales))
+    if not a.symmetric:
+        return _emit_experts_asymmetric(e, q, grid, torch.stack(w_ks), pws, ws)
+    lo, hi = grid.act_range
+    if grid.act_qmax == 127:
+        s_node = a.scale
+    elif a.dynamic:
+        pair = e.call(ops.choose_qparams, (a.x, a.per_token, True, lo, hi), before)
+        s_node = e.call(operator.getitem, (pair, 0), before)
+    else:  # each expert's static scale, widened to the grid
+        static, ids = _static_expert_scales(qg, q)
+        const = qg.constant(f"{q.path}.input_scale_{grid.act_qmax}", (static.double() * (127.0 / grid.act_qmax)).float())
+        s_node = e.call(torch.unsqueeze, (e.call(torch.index_select, (const, 0, ids), before), -1), before)
+    zp = e.zero_point(grid.act_zp)
+    x_u8 = e.call(ops.quantize, (a.x, s_node, zp, lo + grid.act_zp, hi + grid.act_zp, torch.uint8), before)
+    y = e.call(torch.ops.qpass.onednn_grouped_qlinear.default, (x_u8, q.offs, pws, ws, grid.act_zp), before)
+    return _experts_finish(e, q, y, s_node)
+
+
+def _emit_experts_asymmetric(e: _Emit, q: QExperts, grid: Grid, w_k: Tensor, pws: list[fx.Node], ws: fx.Node) -> fx.Node:
+    """Dynamic activations with zero points (``_Emit._asymmetric_act``): the kernel multiplies the
+    stored integers in ``[0, 2 * act_qmax + 1]``; each row's ``zp * colsum[e]`` of its expert ``e``
+    (``ops.expert_of_rows``) is subtracted after it, then the activation scale applied."""
+    before, a, qg = q.node, q.act, e.qg
+    qmax = float(2 * grid.act_qmax + 1)
+    if grid.act_qmax == 127:  # the reference's int8 grid [-128, 127] shifted by 128: the same integers
+        scale, zp = a.scale, e.call(torch.add, (a.zero_point, 128.0), before)
+    else:
+        pair = e.call(ops.choose_qparams, (a.x, a.per_token, False, 0.0, qmax), before)
+        scale, zp = (e.call(operator.getitem, (pair, i), before) for i in (0, 1))
+    x_u8 = e.call(ops.quantize, (a.x, scale, zp, 0.0, qmax, torch.uint8), before)
+    y = e.call(torch.ops.qpass.onednn_grouped_qlinear.default, (x_u8, q.offs, pws, ws, 0), before)
+    colsum = (w_k.double().sum(dim=2) * qg.value(ws).double()).float()  # (E, N): w_s[e, n] * sum_k W_k[e, n, k]
+    colsum = qg.constant(f"{q.path}.weight_colsum_onednn", colsum)
+    ids = e.call(ops.expert_of_rows, (a.x, q.offs), before)
+    per_row = e.call(torch.index_select, (colsum, 0, ids), before)
+    y = e.call(torch.sub, (y, e.call(torch.mul, (zp, per_row), before)), before)
+    return _experts_finish(e, q, y, scale)
+
+
+def _experts_finish(e: _Emit, q: QExperts, y: fx.Node, scale: fx.Node) -> fx.Node:
+    """``y * scale`` (each row's activation scale) in the grouped matmul's output dtype."""
+    before = q.node
+    y = e.call(torch.mul, (y, scale), before)
+    if q.out_dtype != torch.float32:
+        y = e.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
+    return y
