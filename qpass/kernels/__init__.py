@@ -10,6 +10,7 @@ from .capability import (
     PROBED_KERNELS,
     available_kernels,
     int8_dot_exact,
+    int_mm_exact,
     kernel_available,
     saturation_probe_operands,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "fbgemm_qlinear",
     "fp8_scaled_mm",
     "int8_dot_exact",
+    "int_mm_exact",
     "int8_scaled_mm",
     "kernel_available",
     "onednn_dynamic_linear",

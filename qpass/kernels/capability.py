@@ -92,6 +92,21 @@ def int8_dot_exact(kernel: str) -> bool:
     return err == 0
 
 
+@functools.lru_cache(maxsize=None)
+def int_mm_exact() -> bool:
+    """Whether ``torch._int_mm`` on CPU multiplies full-range int8 operands exactly (it runs
+    oneDNN, which without VNNI, or limited by ``ONEDNN_MAX_CPU_ISA``, can sum pairs in saturating
+    int16). Found once per process on worst-case operands against the int64 product."""
+    x, w = saturation_probe_operands()
+    xs = (x.to(torch.int16) - 128).to(torch.int8).repeat(11, 1)  # 33 rows: _int_mm wants M > 16
+    ws = torch.cat([w, -w.clamp(min=-127)]).repeat(2, 1)  # 16 columns, both signs
+    exact = xs.long() @ ws.long().T
+    got = torch._int_mm(xs, ws.T)
+    err = int((got.long() - exact).abs().max())
+    logger.debug("saturation probe of torch._int_mm: max error %d", err)
+    return err == 0
+
+
 def kernel_available(name: str) -> bool:
     """Whether the kernel family ``name`` (one of :data:`KERNEL_NAMES`) can run here."""
     if name == "onednn":
