@@ -220,20 +220,24 @@ def _val(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def match_act(x_dq) -> ActQuant | None:
+    """The quantize pass's activation quant/dequant whose dequantized output is ``x_dq``; None where
+    the input is not quantized (weight-only)."""
+    if not (isinstance(x_dq, fx.Node) and x_dq.target is ops.dequantize):
+        return None
+    x_q = x_dq.args[0]
+    x, scale, zp, _qmin, _qmax, dtype = x_q.args
+    src = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
+    dynamic = src is not None and src.target is ops.choose_qparams
+    return ActQuant(x=x, x_q=x_q, x_dq=x_dq, scale=scale, zero_point=zp, dynamic=dynamic,
+                    per_token=dynamic and bool(src.args[1]), symmetric=zp is None, dtype=dtype)
+
+
 def match(qg: QGraph, out: fx.Node, path: str, config: QuantConfig) -> QLinear:
     """Read the quantize pass's nodes around the linear ``out``."""
     lin = out if out.target is F.linear else next(a for a in out.args if isinstance(a, fx.Node) and a.target is F.linear)
     x_dq, w_dq, bias = (list(lin.args) + [None])[:3]
-    act = None
-    if isinstance(x_dq, fx.Node) and x_dq.target is ops.dequantize:
-        x_q = x_dq.args[0]
-        x, scale, zp, _qmin, _qmax, dtype = x_q.args
-        src = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
-        dynamic = src is not None and src.target is ops.choose_qparams
-        act = ActQuant(
-            x=x, x_q=x_q, x_dq=x_dq, scale=scale, zero_point=zp, dynamic=dynamic,
-            per_token=dynamic and bool(src.args[1]), symmetric=zp is None, dtype=dtype,
-        )
+    act = match_act(x_dq)
     x_val = _val(act.x if act else x_dq)
     lead = x_val.shape[:-1]
     m = 1
@@ -565,14 +569,7 @@ def match_experts(node: fx.Node, path: str, config: QuantConfig) -> QExperts:
     offs = node.args[2] if len(node.args) > 2 else node.kwargs["offs"]
     w_dq = w_arg.args[0]
     w_q, w_s, w_zp, group = w_dq.args[:4]
-    act = None
-    if isinstance(x_dq, fx.Node) and x_dq.target is ops.dequantize:
-        x_q = x_dq.args[0]
-        x, scale, zp, _qmin, _qmax, dtype = x_q.args
-        src = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
-        dynamic = src is not None and src.target is ops.choose_qparams
-        act = ActQuant(x=x, x_q=x_q, x_dq=x_dq, scale=scale, zero_point=zp, dynamic=dynamic,
-                       per_token=dynamic and bool(src.args[1]), symmetric=zp is None, dtype=dtype)
+    act = match_act(x_dq)
     return QExperts(path=path, node=node, act=act, w_q=w_q, w_scale=w_s, w_zero_point=w_zp, group_size=group,
                     offs=offs, weight_dtype=config.weight.dtype, device=_val(w_q).device, out_dtype=_val(node).dtype)
 
