@@ -60,10 +60,12 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     @torch.compiler.disable
     @functools.wraps(type(model).forward)
     def forward(*args, **kwargs):
-        out = compiled(*args, **kwargs)
+        with backend.lend():
+            out = compiled(*args, **kwargs)
         _check_coverage(backend, linears, warned)
         return out
 
+    forward.qpass_backend = backend  # release_weights knows the model runs through ``backend.lend``
     model.forward = forward
     return backend
 

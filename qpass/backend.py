@@ -85,6 +85,7 @@ class QPassBackend:
         # low-precision copies), for ``release_weights``: id -> weak reference.
         self._read: dict[int, weakref.ref] = {}
         self._superseded: dict[int, weakref.ref] = {}
+        self._lent: list[nn.Parameter] = []  # released parameters of a qpass.compile model (see ``lend``)
         if calibration is None and self.config.smoothing is not None:
             logger.warning("qpass: no calibration given; smoothing is off (pass calibration=qpass.calibrate(...))")
 
@@ -165,11 +166,31 @@ class QPassBackend:
             if holds:  # an ancestor: refuse before touching anything, not half-way through its children
                 _guard_ancestor(module, holds[0])
         model.qpass_released = tuple(released)
+        if getattr(model.__dict__.get("forward"), "qpass_backend", None) is self:
+            # qpass.compile's forward lends them their class back for each call (Dynamo's guards on the
+            # compiled graphs check it); between calls every read of their values raises
+            for _, p in victims.values():
+                p.__class__ = ReleasedParameter
+                self._lent.append(p)
         logger.warning(
             "qpass: released the fp32 storage of %d parameters (%.1f MB) of %s; run the compiled model, "
             "calling the module itself now raises", len(released), freed / 2**20, type(model).__name__,
         )
         return freed
+
+
+    @contextlib.contextmanager
+    def lend(self):
+        """Give the released parameters of a ``qpass.compile`` model their ``nn.Parameter`` class for
+        the length of one compiled call, whose guards check it (the graphs never read their values)."""
+        lent = self._lent
+        for p in lent:
+            p.__class__ = nn.Parameter
+        try:
+            yield
+        finally:
+            for p in lent:
+                p.__class__ = ReleasedParameter
 
 
 def _param_key(example_inputs: list) -> tuple:
@@ -241,6 +262,38 @@ def _poison(p: nn.Parameter, nan_path: str, name: str) -> None:
     with torch.no_grad():
         p.set_(storage, p.storage_offset(), p.shape, p.stride())
     p.qpass_released = name
+
+
+# What a released parameter still answers: its metadata, never its values.
+_METADATA = frozenset({
+    "shape", "dtype", "device", "layout", "ndim", "requires_grad", "is_leaf", "grad", "grad_fn", "names",
+    "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "is_mkldnn", "is_nested", "itemsize", "nbytes",
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex", "is_signed", "get_device", "requires_grad_", "__len__", "__hash__",
+})
+
+
+class ReleasedParameter(nn.Parameter):
+    """A parameter whose fp32 storage ``QPassBackend.release_weights`` dropped, on a model compiled
+    with ``qpass.compile``: its metadata (shape, dtype, device, ``numel``) still answers, and every
+    read of its values (printing, arithmetic, ``float()``, ``.numpy()``, calling a function on it)
+    raises a RuntimeError naming ``release_weights`` and the parameter. ``qpass_released`` holds its
+    path. (On a model compiled with a plain ``torch.compile`` the class cannot change, since the
+    compiled graphs' guards check it, and a read gives NaN.)"""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" else None
+        name = name or func.__name__
+        if name in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        released = next(
+            (a for a in (*args, *(kwargs or {}).values()) if isinstance(a, ReleasedParameter)),
+            None,
+        )
+        where = getattr(released, "qpass_released", "a parameter")
+        raise _released_error(where, f"reading its values ({name})")
 
 
 def _released_error(path: str, what: str) -> RuntimeError:

@@ -271,13 +271,48 @@ def test_released_weights_raise_instead_of_crashing(tmp_path):
     with pytest.raises(RuntimeError, match=message.format(r"pickling \(torch\.save\)")):
         torch.save(layer.weight, tmp_path / "w.pt")
     assert not (tmp_path / "sd.pt").exists()
-    # a direct read of a released tensor cannot raise (its class must stay for the compiled model's
-    # guards) but gets NaN pages instead of freed memory, which crashed the process
+    # under a plain torch.compile a direct read of a released tensor cannot raise (its class must stay
+    # for the compiled model's guards; qpass.compile lends it back per call, see the next test) but
+    # gets NaN pages instead of freed memory, which crashed the process
     assert layer.weight.qpass_released == "model.layers.0.mlp.down_proj.weight"
     assert torch.isnan(layer.weight.sum()) and "nan" in repr(layer.weight)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # .to() refused before touching anything
     with torch.no_grad():  # and the compiled model runs on, without a recompile
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, ref, rtol=0, atol=0)
+
+
+def test_released_weights_of_a_qpass_compile_model_raise_on_every_read(tmp_path):
+    """Through ``qpass.compile`` a released parameter changes class between calls: every read of
+    its values raises, its metadata still answers, and the compiled model runs on unchanged."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=1)
+    ids = token_batches(1)[0]
+    backend = qpass.compile(model, "w8a8_dynamic", dynamic=False)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    n_params = sum(p.numel() for p in model.parameters())
+    assert backend.release_weights(model) > 0
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(w, qpass.ReleasedParameter) and isinstance(w, torch.nn.Parameter)
+    assert (w.shape, w.dtype, w.numel(), w.device.type) == ((64, 96), torch.float32, 64 * 96, "cpu")
+    assert sum(p.numel() for p in model.parameters()) == n_params and model.dtype == torch.float32
+    message = (r"the fp32 weights of model\.layers\.0\.mlp\.down_proj\.weight were released by "
+               r"QPassBackend\.release_weights\(\); reading its values \({}\) needs them")
+    reads = {
+        "sum": lambda: w.sum(), "__repr__": lambda: print(w), "__format__": lambda: f"{w}",
+        "__float__": lambda: float(w), "add": lambda: w + 1,
+        "mul": lambda: torch.mul(torch.ones(1), w), "numpy": lambda: w.numpy(), "tolist": lambda: w.tolist(),
+        "data": lambda: w.data, "detach": lambda: w.detach(), "__getitem__": lambda: w[0], "__eq__": lambda: w == 0,
+        "linear": lambda: torch.nn.functional.linear(torch.zeros(1, 96), w), "isnan": lambda: torch.isnan(w),
+    }
+    for what, read in reads.items():
+        with pytest.raises(RuntimeError, match=message.format(what)):
+            read()
+    with pytest.raises(RuntimeError, match=r"pickling \(torch\.save\)"):
+        torch.save(w, tmp_path / "w.pt")
+    with torch.no_grad():  # the compiled model runs on, without a recompile
+        torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=0)
+    assert backend.report.graphs == 1 and isinstance(w, qpass.ReleasedParameter)
 
 
 # -- grad mode ---------------------------------------------------------------------------------
