@@ -84,6 +84,9 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
     "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.gate_proj", "*.up_proj")),
     "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+    # the preset's integer zero points (what compressed-tensors stores) against float ones (GGUF Q4_1's d * q + m)
+    "w4a16 float zero points": qpass.preset(
+        "w4a16", weight=qpass.QuantSpec("int4", qpass.PerGroup(32), symmetric=False, zero_point="float")),
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")

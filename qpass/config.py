@@ -106,12 +106,17 @@ class QuantSpec:
     dynamic=False)`` uses one scale taken from calibration. For weights,
     ``QuantSpec("int4", PerGroup(32), symmetric=False)`` gives each group of 32 a
     scale and a zero point, mapping its [min, max] onto the 16 levels (weight-only).
+    ``zero_point`` says what kind of zero point an asymmetric weight gets: ``"float"`` puts the
+    block's minimum and maximum exactly on the grid (GGUF Q4_1's ``d * q + m``); ``"int"`` is an
+    integer on the grid itself, for a range widened to hold 0 (what the compressed-tensors format
+    stores, so ``qpass.save`` can write it).
     """
 
     dtype: Literal["int8", "uint8", "int4", "fp8_e4m3"]
     granularity: Granularity
     symmetric: bool = True
     dynamic: bool = True
+    zero_point: Literal["float", "int"] = "float"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -121,6 +126,8 @@ class QuantSpec:
                 raise TypeError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.granularity, (*WEIGHT_GRANULARITIES, *ACTIVATION_GRANULARITIES)):
             raise TypeError(f"QuantSpec.granularity must be a granularity, got {self.granularity!r}")
+        if self.zero_point not in ("float", "int"):
+            raise ValueError(f"QuantSpec.zero_point must be 'float' or 'int', got {self.zero_point!r}")
         if self.dtype == "fp8_e4m3" and not self.symmetric:
             raise ValueError("QuantSpec: fp8_e4m3 has no zero point; use symmetric=True")
         if isinstance(self.granularity, PerToken) and not self.dynamic:

@@ -20,7 +20,7 @@ from torch import nn
 from qpass.api import compile as qpass_compile
 from qpass.backend import QPassBackend
 from qpass.calibration import Calibration, ChannelStats, is_linear_module
-from qpass.config import PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.config import PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
 from qpass.qmath import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -59,12 +59,16 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     config, layers = _config(qc, linears, directory)
     state, stats, stored = {}, {}, {}
     for path, static in layers.items():
-        q = tensors.pop(f"{path}.weight")
-        scale = tensors.pop(f"{path}.weight_scale").float()
-        if q.dtype not in (torch.int8, torch.float8_e4m3fn) or f"{path}.weight_zero_point" in tensors:
-            raise ValueError(f"qpass.load: {path}: {q.dtype} weights are not read yet (int8 / float8_e4m3fn, symmetric)")
-        scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
-        stored[path] = QuantizedWeight(q, scale, 0)
+        if isinstance(config.weight.granularity, PerGroup):
+            stored[path] = _unpacked(tensors, path, config.weight)
+        else:
+            q = tensors.pop(f"{path}.weight")
+            scale = tensors.pop(f"{path}.weight_scale").float()
+            if q.dtype not in (torch.int8, torch.float8_e4m3fn) or f"{path}.weight_zero_point" in tensors:
+                raise ValueError(f"qpass.load: {path}: {q.dtype} weights are not read yet (int8 / float8_e4m3fn, symmetric)")
+            scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
+            stored[path] = QuantizedWeight(q, scale, 0)
+        q = stored[path].q
         state[f"{path}.weight"] = stored[path].dequantize()
         input_scale = tensors.pop(f"{path}.input_scale", None)
         if static:
@@ -129,8 +133,36 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path) -> tuple[Q
     return QuantConfig(weight, activation, None, skip=skip, dynamic_layers=dynamic_layers), layers
 
 
+def _unpacked(tensors: dict[str, torch.Tensor], path: str, spec: QuantSpec) -> QuantizedWeight:
+    """A ``pack-quantized`` layer's 4-bit groups: values and integer zero points unpacked from int32."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    try:
+        packed, shape = tensors.pop(f"{path}.weight_packed"), tensors.pop(f"{path}.weight_shape")
+        scale = tensors.pop(f"{path}.weight_scale").float()
+    except KeyError as e:
+        raise ValueError(f"qpass.load: {path}: a pack-quantized layer without {e.args[0]}") from None
+    shape = torch.Size(int(s) for s in shape)
+    group = spec.granularity.group_size
+    if len(shape) != 2 or shape[1] % group or tuple(scale.shape) != (shape[0], shape[1] // group):
+        raise ValueError(f"qpass.load: {path}: weight_shape {tuple(shape)} and weight_scale {tuple(scale.shape)} "
+                         f"do not make groups of {group}")
+    q = unpack_from_int32(packed, 4, shape)
+    zp = tensors.pop(f"{path}.weight_zero_point", None)
+    if (zp is None) != spec.symmetric:
+        raise ValueError(f"qpass.load: {path}: weight_zero_point {'missing' if zp is None else 'present'} "
+                         f"for {'asymmetric' if zp is None else 'symmetric'} weights")
+    if zp is not None:
+        zp = unpack_from_int32(zp, 4, scale.shape, packed_dim=0).float()
+    return QuantizedWeight(q, scale, group, zp)
+
+
 def _weight_spec(args: dict, group: str) -> QuantSpec:
     dtype = _dtype(args, group)
+    if dtype == "int4" and args.get("strategy") == "group" and args.get("group_size"):
+        symmetric = bool(args.get("symmetric", True))
+        return QuantSpec("int4", PerGroup(int(args["group_size"])), symmetric=symmetric,
+                         zero_point="float" if symmetric else "int")
     if not args.get("symmetric", True) or args.get("strategy") not in ("channel", "tensor"):
         raise ValueError(f"qpass.load: config group {group}: {args.get('strategy')} weights are not read yet")
     return QuantSpec(dtype, PerOutputChannel() if args["strategy"] == "channel" else PerTensor())
@@ -153,4 +185,6 @@ def _dtype(args: dict, group: str) -> str:
         return "int8"
     if args.get("num_bits") == 8 and args.get("type") == "float":
         return "fp8_e4m3"
+    if args.get("num_bits") == 4 and args.get("type") == "int":
+        return "int4"
     raise ValueError(f"qpass.load: config group {group}: {args.get('num_bits')}-bit {args.get('type')} is not read yet")

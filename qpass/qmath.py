@@ -58,7 +58,9 @@ def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None 
     (``spec.symmetric=False``): ``scale = (max - min) / (qmax - qmin)`` and a float zero
     point ``zp = qmin - min / scale`` per block, so ``(q - zp) * scale`` puts both the
     block's minimum and maximum exactly on the grid (GGUF Q4_1's ``d * q + m``; torchao's
-    float zero-point domain). Dequantize: ``(q - zp) * scale``.
+    float zero-point domain). With ``spec.zero_point == "int"`` the range is widened to hold 0 and
+    ``zp = qmin - round(min / scale)`` is an integer on the grid (the compressed-tensors format's
+    asymmetric scheme). Dequantize: ``(q - zp) * scale``.
     """
     g = granularity or spec.granularity
     if isinstance(g, AdaDim):
@@ -75,14 +77,25 @@ def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None 
         zero_point = None
     else:
         lo, hi = blocks.amin(dim=dims, keepdim=True), blocks.amax(dim=dims, keepdim=True)
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)
-        q = (torch.round((blocks - lo) / scale) + qmin).clamp(qmin, qmax).to(spec.storage_dtype)
-        zero_point = qmin - lo / scale
+        if spec.zero_point == "int":
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+            scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)
+            zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+            q = (torch.round(blocks / scale) + zero_point).clamp(qmin, qmax).to(spec.storage_dtype)
+        else:
+            scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-12)
+            q = (torch.round((blocks - lo) / scale) + qmin).clamp(qmin, qmax).to(spec.storage_dtype)
+            zero_point = qmin - lo / scale
     q = q.reshape(w.shape)
     if group:  # scales (N, K // g, 1) -> (N, K // g)
         scale = scale.squeeze(-1)
         zero_point = None if zero_point is None else zero_point.squeeze(-1)
     return QuantizedWeight(q, scale, group, zero_point)
+
+
+def asym_label(spec: QuantSpec) -> str:
+    """The report's note on a weight's zero point: none, float (`` asym``) or integer (`` asym int-zp``)."""
+    return "" if spec.symmetric else " asym int-zp" if spec.zero_point == "int" else " asym"
 
 
 def fake_quant_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None = None) -> Tensor:

@@ -4,10 +4,12 @@ The smoothing is folded into the saved weights (norms, v_proj / up_proj rows, th
 so the directory holds an ordinary W8A8 checkpoint: ``config.json`` with a ``quantization_config``
 that the ``compressed-tensors`` package parses, and ``model.safetensors`` with, per quantized linear,
 ``weight`` (int8 or float8_e4m3fn), ``weight_scale`` (N, 1) and, for static activations,
-``input_scale`` (1,). Layers run per-token where a static preset fell back get a config group of
-their own. What the format cannot express (a multiply inserted for smoothing, an outlier split,
-per-input-channel or float-zero-point weights, asymmetric static activations) is refused with an
-error naming the layer.
+``input_scale`` (1,); 4-bit weights in groups (weight-only) are packed eight to an int32
+(``weight_packed``, ``weight_shape``, ``weight_scale`` per group and, when asymmetric, the integer
+``weight_zero_point`` packed likewise). Layers run per-token where a static preset fell back get a
+config group of their own. What the format cannot express (a multiply inserted for smoothing, an
+outlier split, per-input-channel or float-zero-point weights, asymmetric static activations) is
+refused with an error naming the layer.
 """
 
 from __future__ import annotations
@@ -24,21 +26,21 @@ from torch import nn
 
 from qpass.backend import QPassBackend
 from qpass.calibration import Calibration
-from qpass.config import PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.config import PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save"]
 
 # constants of the rewritten graph (by name suffix) that the format holds, and the tensor name
-_TENSORS = {".weight_q": "weight", ".weight_scale": "weight_scale", ".input_scale": "input_scale"}
+_TENSORS = {".weight_q": "weight", ".weight_scale": "weight_scale", ".weight_zero_point": "weight_zero_point",
+            ".input_scale": "input_scale"}
 # constants it cannot hold: suffix -> why
 _REFUSED = {
     ".smooth_inv_scale": "its smoothing is a multiply inserted before it (nothing could absorb 1/s)",
     ".outlier_channels": "it has an outlier split (LLM.int8())",
     ".outlier_weight": "it has an outlier split (LLM.int8())",
     ".inlier_mask": "it has an outlier split (LLM.int8())",
-    ".weight_zero_point": "its weights have float zero points",
     ".input_zero_point": "its static activations are asymmetric",
 }
 
@@ -120,20 +122,25 @@ def save(
     groups: dict[tuple, list[str]] = {}
     for path, layer in linears.items():
         row = backend.report.rows[path]
-        if "per-output-channel" not in row.weight and "per-tensor" not in row.weight:
-            raise ValueError(f"qpass.save: {path}: {row.weight} weights; the compressed-tensors format holds per-channel or per-tensor")
+        if not any(g in row.weight for g in ("per-output-channel", "per-tensor", "per-group(")):
+            raise ValueError(
+                f"qpass.save: {path}: {row.weight} weights; the compressed-tensors format holds per-channel, "
+                "per-tensor or per-group (along the input)"
+            )
         weight = _weight_args(config.weight, "per-tensor" not in row.weight)
         act = _act_args(config.activation, layer.per_token)
         state.pop(f"{path}.weight")
+        if config.weight.dtype == "int4":
+            layer.tensors = _packed(layer.tensors)
         for tensor, value in layer.tensors.items():
-            if tensor == "weight_scale" and value.dim() == 2 and value.shape[1] != 1:
+            if tensor == "weight_scale" and value.dim() == 2 and value.shape[1] != 1 and config.weight.dtype != "int4":
                 value = value.reshape(-1, 1)
             if tensor == "input_scale":
                 value = value.reshape(1)
             state[f"{path}.{tensor}"] = value.contiguous()
         groups.setdefault((json.dumps(weight, sort_keys=True), json.dumps(act, sort_keys=True)), []).append(path)
 
-    fmt = "float-quantized" if config.weight.dtype == "fp8_e4m3" else "int-quantized"
+    fmt = {"fp8_e4m3": "float-quantized", "int4": "pack-quantized"}.get(config.weight.dtype, "int-quantized")
     config_groups = {
         f"group_{i}": QuantizationScheme(
             targets=paths,
@@ -189,11 +196,19 @@ def _check_config(config: QuantConfig) -> None:
     if config.weight is None:
         raise ValueError("qpass.save: the config quantizes no weights; save the model with save_pretrained instead")
     w, a = config.weight, config.activation
-    if w.dtype not in ("int8", "fp8_e4m3") or not isinstance(w.granularity, (PerOutputChannel, PerTensor)):
+    int4_groups = w.dtype == "int4" and isinstance(w.granularity, PerGroup)
+    if not int4_groups and (w.dtype not in ("int8", "fp8_e4m3") or not isinstance(w.granularity, (PerOutputChannel, PerTensor))):
         raise ValueError(
             f"qpass.save: {w.dtype} {type(w.granularity).__name__} weights are not written yet "
-            "(int8 / fp8_e4m3, per-output-channel or per-tensor are)"
+            "(int8 / fp8_e4m3 per-output-channel or per-tensor, int4 per-group are)"
         )
+    if not w.symmetric and w.zero_point != "int":
+        raise ValueError(
+            "qpass.save: the weights have float zero points; the compressed-tensors format stores integer ones "
+            "(QuantSpec(..., symmetric=False, zero_point='int'), as the w4a16 preset has)"
+        )
+    if not w.symmetric and w.dtype != "int4":
+        raise ValueError("qpass.save: asymmetric 8-bit weights are not written (the format packs zero points of 4-bit groups)")
     if config.outliers is not None:
         raise ValueError("qpass.save: an outlier split (LLM.int8()) has no compressed-tensors form")
     if a is not None and not a.dynamic and not a.symmetric:
@@ -201,8 +216,28 @@ def _check_config(config: QuantConfig) -> None:
 
 
 def _weight_args(spec: QuantSpec, per_channel: bool) -> dict:
+    if isinstance(spec.granularity, PerGroup):
+        return dict(num_bits=4, type="int", symmetric=spec.symmetric, strategy="group",
+                    group_size=spec.granularity.group_size, dynamic=False)
     kind = "float" if spec.dtype == "fp8_e4m3" else "int"
     return dict(num_bits=8, type=kind, symmetric=True, strategy="channel" if per_channel else "tensor", dynamic=False)
+
+
+def _packed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int4 values (one per int8) -> the format's ``weight_packed`` (eight to an int32 along the
+    input), ``weight_shape`` and ``weight_zero_point`` (integers, packed along the output)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = tensors.pop("weight")
+    out = {"weight_packed": pack_to_int32(q.to(torch.int8), 4), "weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
+    out["weight_scale"] = tensors.pop("weight_scale").reshape(q.shape[0], -1)
+    zp = tensors.pop("weight_zero_point", None)
+    if zp is not None:
+        zp = zp.reshape(q.shape[0], -1)
+        if not torch.equal(zp, zp.round()):
+            raise ValueError("qpass.save: float zero points cannot be packed")
+        out["weight_zero_point"] = pack_to_int32(zp.round().to(torch.int8), 4, packed_dim=0)
+    return {**out, **tensors}
 
 
 def _act_args(spec: QuantSpec | None, per_token_fallback: bool) -> dict | None:

@@ -190,12 +190,36 @@ def test_asymmetric_groups_beat_symmetric_on_skewed_weights():
     torch.testing.assert_close(back, grid, rtol=0, atol=1e-5)
 
 
+def test_integer_zero_points_sit_on_the_grid():
+    """``zero_point="int"``: the range widened to hold 0, an integer zero point in [-8, 7], and the
+    integers of a grid that has one (step s, zero at level z) come back exactly."""
+    step, zero = torch.rand(16, 4, 1) + 0.1, torch.randint(-8, 8, (16, 4, 1)).float()
+    levels = torch.randint(-8, 8, (16, 4, 32)).float()
+    levels[..., 0], levels[..., 1] = -8, 7
+    grid = ((levels - zero) * step).reshape(16, 128)
+    spec = QuantSpec("int4", PerGroup(32), symmetric=False, zero_point="int")
+    qw = qmath.quantize_weight(grid, spec)
+    assert torch.equal(qw.zero_point, qw.zero_point.round()) and qw.zero_point.min() >= -8 and qw.zero_point.max() <= 7
+    torch.testing.assert_close(qw.zero_point, zero.squeeze(-1), rtol=0, atol=0)
+    torch.testing.assert_close(qw.q.float().reshape(16, 4, 32), levels, rtol=0, atol=0)
+    torch.testing.assert_close(qw.dequantize(), grid, rtol=0, atol=1e-5)
+    positive = torch.rand(2, 32) + 1.0  # all above 0: the range still starts at 0
+    qw = qmath.quantize_weight(positive, spec)
+    assert qw.zero_point.tolist() == [[-8.0], [-8.0]]
+    with pytest.raises(ValueError, match="QuantSpec.zero_point must be 'float' or 'int', got 'integer'"):
+        QuantSpec("int4", PerGroup(32), symmetric=False, zero_point="integer")
+
+
 def test_asymmetric_weights_through_the_graph(llama):
     model, calib, ids, ref = llama
     sym, _ = _run(model, qpass.preset("w4a16", weight=QuantSpec("int4", PerGroup(32))), calib, ids)
     asym, backend = _run(model, qpass.preset("w4a16"), calib, ids)
-    assert backend.report.rows["model.layers.0.mlp.down_proj"].weight == "int4 per-group(32) asym"
+    assert backend.report.rows["model.layers.0.mlp.down_proj"].weight == "int4 per-group(32) asym int-zp"
     assert 0 < _rel(asym, ref) < _rel(sym, ref)
+    float_zp, backend = _run(model, qpass.preset("w4a16", weight=QuantSpec("int4", PerGroup(32), symmetric=False,
+                                                                           zero_point="float")), calib, ids)
+    assert backend.report.rows["model.layers.0.mlp.down_proj"].weight == "int4 per-group(32) asym"
+    assert 0 < _rel(float_zp, ref) < _rel(sym, ref)
     # per-channel int8 asymmetric weights work weight-only too
     out, backend = _run(model, qpass.preset("w8a16", weight=QuantSpec("int8", PerOutputChannel(), symmetric=False)), calib, ids)
     assert 0 < _rel(out, ref) <= BOUNDS["w8a16"]

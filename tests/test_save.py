@@ -83,7 +83,10 @@ def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path):
     "arch, name, message",
     [
         ("llama", "llm_int8", r"outlier split \(LLM.int8\(\)\) has no compressed-tensors form"),
-        ("llama", "w4a16", r"int4 PerGroup weights are not written yet"),
+        ("llama", qpass.preset("w4a16", weight=qpass.QuantSpec("int4", qpass.PerGroup(32), symmetric=False)),
+         r"the weights have float zero points; the compressed-tensors format stores integer ones"),
+        ("llama", qpass.preset("w4a16", weight=qpass.QuantSpec("int4", qpass.PerInputChannel())),
+         r"int4 PerInputChannel weights are not written yet"),
         ("opt", "w8a8_dynamic", r"model\.decoder\.layers\.0\.fc2: its smoothing is a multiply inserted before it"),
         ("gemma", "w8a8_dynamic", r"model\.layers\.0\.input_layernorm: smoothing folded into a scale computed from"),
     ],
@@ -122,6 +125,53 @@ def test_load_reproduces_the_saved_quantization(name, llama, tmp_path):
     if name == "w8a8_static":  # the per-token fallbacks come back as such
         fallbacks = [p for p, r in rows.items() if r.per_token_fallback]
         assert fallbacks and all("dynamic_layers" in rows[p].reason for p in fallbacks)
+
+
+def test_w4a16_groups_round_trip_packed(llama, tmp_path):
+    """4-bit groups with integer zero points are written packed as the format defines (the same
+    tensors compressed-tensors' own compressor writes for these integers), reload bit-equal, and
+    load in transformers when it decompresses them."""
+    import transformers
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model, calib = llama
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    backend = qpass.save(model, "w4a16", tmp_path, calibration=calib)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert group["format"] == "pack-quantized" and qc["format"] == "pack-quantized"
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size")} == dict(
+        num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    path = "model.layers.0.mlp.down_proj"  # (64, 96): 3 groups per row
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f"{path}.weight" not in f.keys()
+        packed, shape = f.get_tensor(f"{path}.weight_packed"), f.get_tensor(f"{path}.weight_shape")
+        scale, zp = f.get_tensor(f"{path}.weight_scale"), f.get_tensor(f"{path}.weight_zero_point")
+    assert (packed.dtype, tuple(packed.shape), shape.tolist()) == (torch.int32, (64, 12), [64, 96])
+    assert tuple(scale.shape) == (64, 3) and (zp.dtype, tuple(zp.shape)) == (torch.int32, (8, 3))
+    q, z = unpack_from_int32(packed, 4, torch.Size([64, 96])), unpack_from_int32(zp, 4, torch.Size([64, 3]), packed_dim=0)
+    assert q.min() >= -8 and q.max() <= 7 and z.min() >= -8 and z.max() <= 7
+    w = (q.float().reshape(64, 3, 32) - z.float()[..., None]) * scale[..., None]
+    # weight-only, so no smoothing: the stored groups are the layer's own weight within half a step
+    torch.testing.assert_close(w.reshape(64, 96), model.get_submodule(path).weight, rtol=0, atol=scale.max().item() / 2 + 1e-6)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ours = torch.compile(model, backend=qpass.backend("w4a16", calibration=calib, inductor=False), dynamic=False)(
+            ids, use_cache=False).logits
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        assert _rel(reloaded(ids, use_cache=False).logits, ours) <= 1e-6
+    assert backend.report.rows[path].weight == "int4 per-group(32) asym int-zp"
+    # transformers' compressed route re-initialises packed zero points at the unpacked shape and
+    # refuses the checkpoint; decompressing on load reads it exactly
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    with torch.no_grad():
+        assert _rel(loaded(ids, use_cache=False).logits, ours) <= 1e-6
 
 
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path):

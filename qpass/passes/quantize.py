@@ -201,7 +201,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     qg.graph.erase_node(site.node)
     qg.quantized[y] = site.path
 
-    row.weight = f"{wspec.dtype} {qmath.describe(granularity)}{'' if wspec.symmetric else ' asym'}"
+    row.weight = f"{wspec.dtype} {qmath.describe(granularity)}{qmath.asym_label(wspec)}"
     row.activation = "fp32" if aspec is None else _describe_act(aspec)
     if outliers is not None:
         row.activation += f" + {outliers.numel()} fp32 outlier channels"
@@ -323,7 +323,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     site.node.update_arg(1, w_arg)
     qg.quantized_experts[site.node] = site.path
 
-    row.weight = f"{wspec.dtype} {qmath.describe(granularity)} per expert{'' if wspec.symmetric else ' asym'}"
+    row.weight = f"{wspec.dtype} {qmath.describe(granularity)} per expert{qmath.asym_label(wspec)}"
     row.activation = "fp32" if aspec is None else _describe_act(aspec) + ("" if aspec.dynamic else " per expert")
 
 
