@@ -291,6 +291,46 @@ def test_load_a_checkpoint_the_compressed_tensors_package_wrote(scheme, tmp_path
     assert not torch.equal(requantized, stored["model.layers.0.mlp.down_proj.weight"])  # the test can fail
 
 
+def test_load_a_w4a16_checkpoint_the_compressed_tensors_package_wrote(tmp_path):
+    """4-bit asymmetric groups packed by the package's own compressor (its observer: the range
+    widened to 0 over 14 levels, not qpass's 15), read back with their integers as they are."""
+    import transformers
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import apply_quantization_config
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = tiny_model("llama")
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=False, strategy="group", group_size=32))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                                        format="pack-quantized"))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                g = module.weight.reshape(module.weight.shape[0], -1, 32)
+                lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+                module.weight_scale.copy_((hi - lo) / 14)
+                module.weight_zero_point.copy_((-7 - torch.round(lo / module.weight_scale)).to(module.weight_zero_point.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path)
+    compressor.update_config(tmp_path)
+
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        ours = reloaded(ids, use_cache=False).logits
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))(ids, use_cache=False).logits
+    assert _rel(ours, theirs) < 1e-5
+    stored = backend.stored_weights["model.layers.0.mlp.down_proj"]
+    assert stored.q.min() >= -8 and stored.q.max() <= 7 and stored.group_size == 32
+    requantized = qpass.qmath.quantize_weight(reloaded.model.layers[0].mlp.down_proj.weight, backend.config.weight)
+    assert not torch.equal(requantized.q, stored.q)  # the file's integers, not qpass's own choice: the test can fail
+
+
 def test_a_weight_changed_after_loading_is_quantized_again(tmp_path, caplog):
     model = tiny_model("llama", layers=1)
     qpass.save(model, "w8a8_dynamic", tmp_path, calibration=qpass.calibrate(model, token_batches(2)))
