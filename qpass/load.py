@@ -46,7 +46,10 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
         raise ValueError(f"qpass.load: {directory} is not a compressed-tensors checkpoint (no quantization_config)")
     config_cls = transformers.AutoConfig.for_model(hf["model_type"]).__class__
     model_config = config_cls.from_dict(hf)
-    model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is read from the files below; random init took 13 s of startup (SmolLM2)
+        model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
