@@ -84,6 +84,11 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
     "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.gate_proj", "*.up_proj")),
     "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+    # issue 18: smoothing factors learned by block reconstruction (FSBR) against the presets' auto alpha;
+    # 64 Adam steps per block keep learning to minutes on SmolLM2 (60 blocks)
+    "w8a8_static learned": qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
+    "w8a8_tensor_dynamic learned": qpass.preset(
+        "w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     logging.getLogger("qpass.accuracy").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("qpass.passes.learned").setLevel(logging.INFO)  # per block: error before / after, seconds
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
