@@ -28,7 +28,6 @@ folds read by a router, the multiply fallback, and folds whose linears have no c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -98,9 +97,8 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         # tensors made outside inference mode (``_build_block`` copies them)
         with torch.inference_mode(False), torch.enable_grad():
             block, how = _build_block(qg, edits, members, calibration, config)
-            with _threads_for(block):
-                fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
-                result = fsbr.learn(block, sm.learn_steps, sm.learn_lr)
+            fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
+            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr)
         seconds = time.perf_counter() - start
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
                 f"(step {result.steps} of {sm.learn_steps}){how}")
@@ -110,22 +108,6 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
             calibration.learned[it.key] = s
             out[it.producer] = (s, note)
     return out
-
-
-@contextlib.contextmanager
-def _threads_for(block: fsbr.Block):
-    """One thread while learning a block whose weights are small (up to SmolLM2's 576 x 1536): its
-    ops are too short to share. A hidden-64 MLP block took 46 s with 2 threads on a loaded 2-core
-    machine against 1.3 s with 1; SmolLM2's MLP block 152 s against 14.5 s (50 steps). Restored after."""
-    before = torch.get_num_threads()
-    small = max(lin.w.numel() for lin in block.linears.values()) <= 1 << 20
-    if small and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _not_learnable(consumers, absorber: Absorber, calibration: Calibration) -> str | None:
