@@ -13,6 +13,9 @@ After::
 Where nothing before the linears can take ``1/s`` (``fc1 -> relu -> fc2``), the
 fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
 
+``Smoothing("learned")`` folds the same way; only ``s`` differs: one factor per channel of every
+fold, learned by block reconstruction from the auto-alpha start (``qpass.passes.learned``).
+
 Half-precision models (bf16 / fp16): every folded value is computed in fp32 from the original
 weights and rounded to the model's dtype once, when the pass writes it (v_proj's columns and rows,
 up's columns and rows are two folds of one weight, never two roundings); the quantize pass reads
