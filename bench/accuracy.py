@@ -87,6 +87,11 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     # the preset's integer zero points (what compressed-tensors stores) against float ones (GGUF Q4_1's d * q + m)
     "w4a16 float zero points": qpass.preset(
         "w4a16", weight=qpass.QuantSpec("int4", qpass.PerGroup(32), symmetric=False, zero_point="float")),
+    # issue 18: smoothing factors learned by block reconstruction (FSBR) against the presets' auto alpha;
+    # 64 Adam steps per block keep learning to minutes on SmolLM2 (60 blocks)
+    "w8a8_static learned": qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
+    "w8a8_tensor_dynamic learned": qpass.preset(
+        "w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     logging.getLogger("qpass.accuracy").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("qpass.passes.learned").setLevel(logging.INFO)  # per block: error before / after, seconds
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 

@@ -7,7 +7,9 @@ over all tokens, plus a small strided sample of input rows that the searches
 ``attention_mask`` marks as padding are left out.
 
 ``Calibration.save`` writes a safetensors file (format version 2) whose header holds the
-token counts and a sha256 checksum; ``Calibration.load`` refuses any file that is corrupt,
+token counts and a sha256 checksum, and the smoothing factors ``Smoothing("learned")`` learned
+from these statistics (``Calibration.learned``; tensors ``learned/<key>``, their keys in the
+header's ``learned`` entry, covered by the checksum); ``Calibration.load`` refuses any file that is corrupt,
 truncated, foreign or of another format version with one ``CalibrationFileError`` naming it.
 """
 
@@ -37,6 +39,7 @@ __all__ = ["ChannelStats", "Calibration", "CalibrationFileError", "calibrate", "
 _FORMAT = "qpass.calibration"
 _FORMAT_VERSION = 2
 _TENSORS = ("absmax", "min", "max", "samples", "expert_tokens", "sample_experts")  # stored as "<module path>/<field>"
+_LEARNED = "learned"  # tensor name prefix of learned smoothing factors (no module path is "learned")
 _RECALIBRATE = "recalibrate and save again: qpass.calibrate(model, batches).save(path)"
 
 
@@ -84,6 +87,9 @@ class Calibration(Mapping[str, ChannelStats]):
         # lets the backend name layers by their full path in graphs Dynamo traced inside a submodule.
         self.param_paths: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.model_class = ""  # class name of that model, for the report and warnings (not saved)
+        # Smoothing factors learned from these statistics (``Smoothing("learned")``), keyed by the config
+        # they were learned for and the linears of their fold (``qpass.passes.smooth``); saved and loaded.
+        self.learned: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, path: str) -> ChannelStats:
         return self._stats[path]
@@ -110,7 +116,14 @@ class Calibration(Mapping[str, ChannelStats]):
                 if (t := getattr(st, field)) is not None:
                     tensors[f"{p}/{field}"] = t.detach().contiguous().clone()  # clone: no shared storage
         table = json.dumps(layers)  # in module order, which load keeps
-        meta = {"format": _FORMAT, "version": str(_FORMAT_VERSION), "layers": table, "sha256": _checksum(table, tensors)}
+        meta = {"format": _FORMAT, "version": str(_FORMAT_VERSION), "layers": table}
+        if self.learned:
+            keys = list(self.learned)
+            meta["learned"] = json.dumps(keys)
+            for i, key in enumerate(keys):
+                tensors[f"{_LEARNED}/{i}"] = self.learned[key].detach().float().contiguous().clone()
+            table = f"{table}\n{meta['learned']}"
+        meta["sha256"] = _checksum(table, tensors)
         data = safetensors.torch.save(tensors, metadata=meta)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
@@ -127,8 +140,8 @@ class Calibration(Mapping[str, ChannelStats]):
         """Read a file written by ``save``. Raises ``FileNotFoundError`` for a missing path and
         ``CalibrationFileError`` (a ``ValueError``) naming the file for anything else wrong with it."""
         path = Path(path)
-        layers, tensors = _read(path, path.read_bytes())
-        return cls({
+        layers, tensors, learned = _read(path, path.read_bytes())
+        calibration = cls({
             p: ChannelStats(
                 absmax=tensors[f"{p}/absmax"], min=tensors[f"{p}/min"], max=tensors[f"{p}/max"],
                 tokens=info["tokens"], samples=tensors.get(f"{p}/samples"), nonfinite=info["nonfinite"],
@@ -136,6 +149,8 @@ class Calibration(Mapping[str, ChannelStats]):
             )
             for p, info in layers.items()
         })
+        calibration.learned = {key: tensors[f"{_LEARNED}/{i}"] for i, key in enumerate(learned)}
+        return calibration
 
 
 def _checksum(table: str, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -197,10 +212,14 @@ def _read(path: Path, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = safetensors.torch.load(data)
     except safetensors.SafetensorError as e:
         raise error(f"corrupt: {e}") from None
-    table, checksum = meta.get("layers"), meta.get("sha256")
-    if not isinstance(table, str) or _checksum(table, tensors) != checksum:
+    table, checksum, learned = meta.get("layers"), meta.get("sha256"), meta.get("learned")
+    signed = table if learned is None or not isinstance(table, str) else f"{table}\n{learned}"
+    if not isinstance(table, str) or _checksum(signed, tensors) != checksum:
         raise error("checksum mismatch: the file is corrupt (its contents differ from what was saved)")
-    return json.loads(table), tensors
+    keys = json.loads(learned) if isinstance(learned, str) else []
+    if any(f"{_LEARNED}/{i}" not in tensors for i in range(len(keys))):
+        raise error("corrupt: its learned smoothing factors are listed but not all stored")
+    return json.loads(table), tensors, keys
 
 
 def _on_cpu(stats: ChannelStats) -> ChannelStats:

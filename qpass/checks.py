@@ -109,7 +109,9 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
             "; ".join(f"{_CAUSES[c]}: {', '.join(paths)}" for c, paths in by_cause.items()),
         )
     bad = {p.path for p in problems}
-    return Calibration({path: st for path, st in calibration.items() if path not in bad})
+    vetted = Calibration({path: st for path, st in calibration.items() if path not in bad})
+    vetted.learned = calibration.learned  # shared: factors learned on the vetted copy are kept with the original
+    return vetted
 
 
 def _needs_no_stats(config: QuantConfig, path: str) -> bool:

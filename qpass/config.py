@@ -16,6 +16,7 @@ Shapes, for a linear ``y = x @ W.T`` with ``x: (tokens, K)`` and ``W: (N, K)``::
 from __future__ import annotations
 
 import dataclasses
+import math
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -151,21 +152,43 @@ class Smoothing:
     each layer scored static or per-token as it will run at that alpha). Where no preceding op can absorb
     ``1/s``, ``fallback="multiply"`` inserts ``x * (1/s)`` before the linears and
     ``"skip"`` leaves them unsmoothed.
+
+    ``alpha="learned"`` (FSBR, ``qpass.fsbr``): starts from the auto-alpha factors and learns one factor
+    per channel of every fold by block reconstruction on the calibration samples: ``steps`` Adam steps
+    (default 200) on ``log s`` with learning rate ``lr`` (default 0.01) per block. The folds are the
+    same; the learned factors are kept in the calibration (``Calibration.save`` writes them), so a
+    second compile with the same config does not learn again. ``Smoothing("learned", steps=100)``.
     """
 
-    alpha: float | Literal["auto"] = 0.5
+    alpha: float | Literal["auto", "learned"] = 0.5
     fallback: Literal["multiply", "skip"] = "multiply"
     alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+    steps: int | None = None  # alpha="learned" only; None: 200
+    lr: float | None = None  # alpha="learned" only; None: 0.01
 
     def __post_init__(self) -> None:
-        if self.alpha != "auto" and not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"Smoothing.alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.alpha not in ("auto", "learned") and not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"Smoothing.alpha must be in [0, 1], 'auto' or 'learned', got {self.alpha!r}")
+        if (self.steps is not None or self.lr is not None) and self.alpha != "learned":
+            raise ValueError(f"Smoothing: steps and lr apply to alpha='learned' only, got alpha={self.alpha!r}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 0):
+            raise ValueError(f"Smoothing.steps must be an int >= 0, got {self.steps!r}")
+        if self.lr is not None and not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Smoothing.lr must be a finite number > 0, got {self.lr!r}")
         if self.fallback not in ("multiply", "skip"):
             raise ValueError(f"Smoothing.fallback must be 'multiply' or 'skip', got {self.fallback!r}")
         if not isinstance(self.alpha_grid, tuple) or not self.alpha_grid or not all(
             _is_number(a) and 0.0 <= a <= 1.0 for a in self.alpha_grid
         ):
             raise ValueError(f"Smoothing.alpha_grid must be non-empty values in [0, 1], got {self.alpha_grid!r}")
+
+    @property
+    def learn_steps(self) -> int:
+        return 200 if self.steps is None else self.steps
+
+    @property
+    def learn_lr(self) -> float:
+        return 0.01 if self.lr is None else float(self.lr)
 
 
 @dataclass(frozen=True)

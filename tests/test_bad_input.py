@@ -355,7 +355,7 @@ def test_wrong_argument_types_raise_type_error(call, message):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: qpass.Smoothing(alpha=True), r"Smoothing.alpha must be in \[0, 1\] or 'auto', got True"),
+        (lambda: qpass.Smoothing(alpha=True), r"Smoothing.alpha must be in \[0, 1\], 'auto' or 'learned', got True"),
         (lambda: qpass.Smoothing(alpha=float("nan")), r"Smoothing.alpha must be in \[0, 1\]"),
         (lambda: qpass.PerGroup(True), r"PerGroup.group_size must be a positive int, got True"),
         (lambda: qpass.OutlierSplit(threshold=None, top_k=True), r"OutlierSplit.top_k must be a positive int"),

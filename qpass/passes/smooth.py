@@ -13,6 +13,9 @@ After::
 Where nothing before the linears can take ``1/s`` (``fc1 -> relu -> fc2``), the
 fallback inserts ``y = mul(x, const(1/s))`` in front of them instead.
 
+``Smoothing("learned")`` folds the same way; only ``s`` differs: one factor per channel of every
+fold, learned by block reconstruction from the auto-alpha start (``qpass.passes.learned``).
+
 Half-precision models (bf16 / fp16): every folded value is computed in fp32 from the original
 weights and rounded to the model's dtype once, when the pass writes it (v_proj's columns and rows,
 up's columns and rows are two folds of one weight, never two roundings); the quantize pass reads
@@ -157,12 +160,20 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
 
     smoothed = 0
     unabsorbed: list[tuple[Consumer, str]] = []
+    folds: list[tuple[fx.Node, list[Consumer], Absorber]] = []
     for producer, consumers in groups.items():
         absorber, reason = _absorber(qg, producer, consumers)
         if absorber is None:
             unabsorbed += [(c, reason) for c in consumers]
             continue
-        _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report)
+        folds.append((producer, consumers, absorber))
+    learned = {}
+    if sm.alpha == "learned" and (config.weight is not None or config.activation is not None):
+        from qpass.passes.learned import learned_scales
+
+        learned = learned_scales(qg, edits, folds, config, calibration)
+    for producer, consumers, absorber in folds:
+        _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report, learned.get(producer))
         smoothed += len(consumers)
     smoothed += _multiply_fallback(qg, edits, unabsorbed, config, calibration, report)
     edits.commit()
@@ -298,12 +309,16 @@ def _outlier_ratio(a: torch.Tensor) -> float:
     return float(a.max() / med)
 
 
-def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report) -> None:
+def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, report, learned=None) -> None:
+    """Fold one group's factors: closed form, or ``learned`` ((factors, note) from ``Smoothing("learned")``)."""
     channels = consumers[0].walk.probes[producer].shape[-1]
     weights = [edits.weight(c.site) for c in consumers]
     pow2 = _pow2_scales(qg, config, consumers, producer)
     alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
-    if absorber.experts is not None:
+    note = ""
+    if learned is not None:
+        s, note = learned
+    elif absorber.experts is not None:
         s = _expert_scales(consumers, weights, absorber.experts, channels, alpha, pow2)
     else:
         s = _group_scales(qg, consumers, weights, channels, alpha, pow2)
@@ -314,7 +329,7 @@ def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, r
         qg.smoothing[c.site.node] = sc
         act = c.expert_absmax if sc.dim() == 2 else c.act_absmax
         kind = f"{absorber.kind} (per expert)" if sc.dim() == 2 else absorber.kind
-        _record(report.row(c.site.path), kind, absorber.name, alpha, act, sc, "")
+        _record(report.row(c.site.path), kind, absorber.name, alpha, act, sc, note)
     report.add_match(Match(absorber.kind, absorber.name, tuple(c.site.path for c in consumers)))
 
 
@@ -400,7 +415,7 @@ def _search_alpha(qg, config, calibration, consumers, weights, channels, pow2: b
     outputs are closest to fp32 on the calibration samples of this group (the sum over
     its consumers of the per-token relative error, ``_smoothed_error``)."""
     alpha = config.smoothing.alpha
-    if alpha != "auto":
+    if alpha not in ("auto", "learned"):  # learned factors start from the auto-alpha ones
         return float(alpha)
     if config.weight is None and config.activation is None:
         return 0.5  # nothing is quantized: any alpha keeps the function; take the usual one

@@ -40,6 +40,10 @@ class Absorber:
     # (experts, channels), valid for readers that are grouped matmuls over the same ``offsets``.
     experts: int | None = None
     offsets: fx.Node | None = None
+    # An absorbing linear (linear-linear, gated-act): its site, and ``rows[p]``, the output row that
+    # takes ``1 / s[p]`` (what learned smoothing needs to see the fold as numbers).
+    site: object | None = None
+    rows: torch.Tensor | None = None
 
 
 class ArgEdits:

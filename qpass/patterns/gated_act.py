@@ -46,7 +46,7 @@ def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | Non
             Region([up_producer, *up_path], walk.probes, up_rows),
             Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
         ]
-        return Absorber("gated-act", site.path, row_fold(site, walk.index), regions)
+        return Absorber("gated-act", site.path, row_fold(site, walk.index), regions, site=site, rows=walk.index)
     return None
 
 

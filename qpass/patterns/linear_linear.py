@@ -26,8 +26,9 @@ def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | Non
     if site is None:
         return None
     probe = probe_for(producer)
+    rows = torch.arange(probe.shape[-1])
     return Absorber(
-        "linear-linear", site.path, row_fold(site, torch.arange(probe.shape[-1])), [Region([producer], {producer: probe}, scaled)]
+        "linear-linear", site.path, row_fold(site, rows), [Region([producer], {producer: probe}, scaled)], site=site, rows=rows
     )
 
 
