@@ -94,6 +94,24 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
         "w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
 }
 
+
+def _low_bit_variants() -> dict[str, qpass.QuantConfig]:
+    """Grouped AdaDim (issue 18) as its paper compares it: per-output-channel groups everywhere, per-input-channel
+    groups everywhere, AdaDim's per-layer choice; 4 and 3 bits, asymmetric (w4a16's scheme). SmolLM2's 576 is no
+    multiple of the presets' 128 (their error names q_proj), so groups of 64 and of 192, the divisors of 576,
+    192 and 1536 on either side of 128."""
+    out = {}
+    for bits in (4, 3):
+        for g in (64, 192):
+            for label, granularity in (("per-OC groups", qpass.PerGroup(g)), ("per-IC groups", qpass.PerInputChannelGroup(g)),
+                                       ("adadim", qpass.AdaDim(g))):
+                out[f"w{bits}a16 {label} {g}"] = qpass.preset(
+                    f"w{bits}a16_adadim", weight=qpass.QuantSpec(f"int{bits}", granularity, symmetric=False))
+    return out
+
+
+VARIANTS.update(_low_bit_variants())
+
 PATHS = ("reference", "lowered", "lowered-avx2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}

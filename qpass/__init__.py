@@ -12,6 +12,7 @@ from qpass.config import (
     OutlierSplit,
     PerGroup,
     PerInputChannel,
+    PerInputChannelGroup,
     PerOutputChannel,
     PerTensor,
     PerToken,
@@ -27,6 +28,6 @@ from qpass.save import save
 
 __all__ = [
     "compile", "PIPELINE", "QPassBackend", "ReleasedParameter", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
-    "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
+    "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerInputChannelGroup", "PerOutputChannel", "PerTensor", "PerToken",
     "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save", "load",
 ]

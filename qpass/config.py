@@ -9,8 +9,10 @@ Shapes, for a linear ``y = x @ W.T`` with ``x: (tokens, K)`` and ``W: (N, K)``::
     PerToken()          one scale per row of x                     x: (tokens, 1)
     PerOutputChannel()  one scale per row of W         W: (N, 1)
     PerInputChannel()   one scale per column of W      W: (1, K)
-    PerGroup(128)       one scale per 128 columns      W: (N, K // 128)
+    PerGroup(128)       one scale per 128 columns      W: (N, K // 128)   (per-output-channel groups)
+    PerInputChannelGroup(128)  one per 128 rows        W: (N // 128, K)   (per-input-channel groups)
     AdaDim()            PerInputChannel or PerOutputChannel, chosen per layer
+    AdaDim(128)         PerInputChannelGroup(128) or PerGroup(128), chosen per layer
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "PerOutputChannel",
     "PerInputChannel",
     "PerGroup",
+    "PerInputChannelGroup",
     "AdaDim",
     "Granularity",
     "QuantSpec",
@@ -79,22 +82,46 @@ class PerGroup:
 
 
 @dataclass(frozen=True)
+class PerInputChannelGroup:
+    """One scale per ``group_size`` consecutive output channels of each weight column: the
+    transpose of ``PerGroup``. A weight ``(N, K)`` has ``(N // group_size, K)`` scales, so a
+    column behind an outlier activation channel (or holding outlier weights) gets scales of its own."""
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.group_size) or self.group_size <= 0:
+            raise ValueError(f"PerInputChannelGroup.group_size must be a positive int, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
 class AdaDim:
-    """Per layer, PerInputChannel or PerOutputChannel, whichever reconstructs the
-    layer's output on calibration data with the smaller error."""
+    """Per layer, whichever of two granularities reconstructs the layer's output on the
+    calibration samples with the smaller error: PerInputChannel or PerOutputChannel, or with
+    ``group_size=g``, PerInputChannelGroup(g) or PerGroup(g) (per-input-channel against
+    per-output-channel groups, for low-bit weights)."""
+
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
+            raise ValueError(f"AdaDim.group_size must be a positive int or None, got {self.group_size!r}")
 
 
-Granularity = Union[PerTensor, PerToken, PerOutputChannel, PerInputChannel, PerGroup, AdaDim]
+Granularity = Union[PerTensor, PerToken, PerOutputChannel, PerInputChannel, PerGroup, PerInputChannelGroup, AdaDim]
 
 # dtype name -> (storage dtype, qmin, qmax); float8 ranges are the format's finite max.
 DTYPES: dict[str, tuple[torch.dtype, float, float]] = {
     "int8": (torch.int8, -128, 127),
     "uint8": (torch.uint8, 0, 255),
     "int4": (torch.int8, -8, 7),  # stored one value per int8
+    "int3": (torch.int8, -4, 3),  # stored one value per int8
     "fp8_e4m3": (torch.float8_e4m3fn, -448.0, 448.0),
 }
 
-WEIGHT_GRANULARITIES = (PerTensor, PerOutputChannel, PerInputChannel, PerGroup, AdaDim)
+WEIGHT_GRANULARITIES = (PerTensor, PerOutputChannel, PerInputChannel, PerGroup, PerInputChannelGroup, AdaDim)
+#: Weight dtypes below 8 bits: weight-only (no integer kernel takes them with quantized activations).
+LOW_BIT = ("int4", "int3")
 ACTIVATION_GRANULARITIES = (PerTensor, PerToken)
 
 
@@ -106,14 +133,15 @@ class QuantSpec:
     own symmetric scale computed at run time; ``QuantSpec("int8", PerTensor(),
     dynamic=False)`` uses one scale taken from calibration. For weights,
     ``QuantSpec("int4", PerGroup(32), symmetric=False)`` gives each group of 32 a
-    scale and a zero point, mapping its [min, max] onto the 16 levels (weight-only).
+    scale and a zero point, mapping its [min, max] onto the 16 levels (weight-only);
+    ``"int3"`` does the same on 8 levels [-4, 3].
     ``zero_point`` says what kind of zero point an asymmetric weight gets: ``"float"`` puts the
     block's minimum and maximum exactly on the grid (GGUF Q4_1's ``d * q + m``); ``"int"`` is an
     integer on the grid itself, for a range widened to hold 0 (what the compressed-tensors format
     stores, so ``qpass.save`` can write it).
     """
 
-    dtype: Literal["int8", "uint8", "int4", "fp8_e4m3"]
+    dtype: Literal["int8", "uint8", "int4", "int3", "fp8_e4m3"]
     granularity: Granularity
     symmetric: bool = True
     dynamic: bool = True
@@ -281,14 +309,14 @@ class QuantConfig:
                     f"QuantConfig.activation: {type(a.granularity).__name__} is not an activation granularity "
                     "(use PerTensor or PerToken)"
                 )
-            if a.dtype == "int4":
-                raise ValueError("QuantConfig.activation: int4 activations are not supported")
+            if a.dtype in LOW_BIT:
+                raise ValueError(f"QuantConfig.activation: {a.dtype} activations are not supported")
             if w is None:
                 raise ValueError("QuantConfig: activation quantization needs weight quantization too")
             if (a.dtype == "fp8_e4m3") != (w.dtype == "fp8_e4m3"):
                 raise ValueError("QuantConfig: fp8_e4m3 activations need fp8_e4m3 weights and vice versa")
-            if a.dtype.startswith("int") and w.dtype == "int4":
-                raise ValueError("QuantConfig: int4 weights are weight-only (activation=None)")
+            if a.dtype.startswith("int") and w.dtype in LOW_BIT:
+                raise ValueError(f"QuantConfig: {w.dtype} weights are weight-only (activation=None)")
         if self.outliers is not None and a is None:
             raise ValueError("QuantConfig.outliers needs activation quantization")
         if self.dynamic_fallback is not None:

@@ -9,8 +9,9 @@ Semantics (``zp`` = zero point, all scales > 0)::
 
     quantize(x, scale, zp, qmin, qmax, dtype)   = clamp(round(x / scale) + zp, qmin, qmax).to(dtype)
                                                   (float8: clamp(x / scale, qmin, qmax).to(float8), no rounding)
-    dequantize(q, scale, zp, group, out_dtype)  = ((q - zp) * scale).to(out_dtype)
-                                                  (group > 0: each scale column covers ``group`` columns of q)
+    dequantize(q, scale, zp, group, out_dtype, group_dim=-1) = ((q - zp) * scale).to(out_dtype)
+                                                  (group > 0: each scale column covers ``group`` columns of q;
+                                                   group_dim=-2: each scale row covers ``group`` rows of q)
     choose_qparams(x, per_token, symmetric, qmin, qmax) -> (scale, zp)   from x's range at run time
     expert_of_rows(x, offs)                     = e per row r of x with offs[e-1] <= r < offs[e]
                                                   (a grouped matmul's expert segments; int64, (rows,))
@@ -25,7 +26,9 @@ __all__ = ["quantize", "dequantize", "choose_qparams", "expert_of_rows"]
 
 _lib = torch.library.Library("qpass", "FRAGMENT")
 _lib.define("quantize(Tensor x, Tensor scale, Tensor? zero_point, float qmin, float qmax, ScalarType dtype) -> Tensor")
-_lib.define("dequantize(Tensor q, Tensor scale, Tensor? zero_point, int group_size, ScalarType out_dtype) -> Tensor")
+_lib.define(
+    "dequantize(Tensor q, Tensor scale, Tensor? zero_point, int group_size, ScalarType out_dtype, int group_dim=-1) -> Tensor"
+)
 _lib.define("choose_qparams(Tensor x, bool per_token, bool symmetric, float qmin, float qmax) -> (Tensor, Tensor)")
 _lib.define("expert_of_rows(Tensor x, Tensor offs) -> Tensor")
 
@@ -48,7 +51,13 @@ def _quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: float, 
 
 
 @torch.library.impl(_lib, "dequantize", "CompositeImplicitAutograd")
-def _dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int, out_dtype: torch.dtype) -> Tensor:
+def _dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int, out_dtype: torch.dtype,
+                group_dim: int = -1) -> Tensor:
+    if group_size > 0 and group_dim == -2:  # groups of rows (per-input-channel groups): the transpose's column groups
+        zp = None if zero_point is None else zero_point.transpose(-2, -1)
+        return _dequantize(q.transpose(-2, -1), scale.transpose(-2, -1), zp, group_size, out_dtype).transpose(-2, -1)
+    if group_size > 0 and group_dim != -1:
+        raise ValueError(f"qpass.dequantize: group_dim must be -1 or -2, got {group_dim}")
     y = q.float()
     if group_size > 0:
         shape = q.shape

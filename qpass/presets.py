@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qpass.config import OutlierSplit, PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec, Smoothing
+from qpass.config import AdaDim, OutlierSplit, PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec, Smoothing
 
 __all__ = ["PRESETS", "preset"]
 
@@ -32,6 +32,13 @@ PRESETS: dict[str, QuantConfig] = {
     # INT4 weights in groups of 32 input channels with a scale and an integer zero point each (asymmetric, the
     # compressed-tensors scheme, so it saves), fp32 activations. zero_point="float" fits GGUF Q4_1 blocks exactly.
     "w4a16": QuantConfig(QuantSpec("int4", PerGroup(32), symmetric=False, zero_point="int"), None, None),
+    # Grouped AdaDim (weight-only, 4 and 3 bits, asymmetric with float zero points): per layer, groups of 128 consecutive
+    # input channels of a row (PerGroup) or of 128 consecutive output channels of a column (PerInputChannelGroup),
+    # whichever reconstructs the layer's output on the calibration samples better; needs calibration samples
+    # (without them: PerGroup). 128 must divide both dimensions of every quantized linear (not SmolLM2's 576:
+    # use ``.replace(weight=QuantSpec("int3", AdaDim(64), symmetric=False))`` there).
+    "w4a16_adadim": QuantConfig(QuantSpec("int4", AdaDim(128), symmetric=False), None, None),
+    "w3a16_adadim": QuantConfig(QuantSpec("int3", AdaDim(128), symmetric=False), None, None),
     # LLM.int8(): outlier input channels (calibrated absmax > 2x the layer's median channel) stay fp32,
     # the rest INT8 per-token. On SmolLM2 that keeps 5.5% of the input channels fp32 (3x: about half as
     # many, +0.68% perplexity against +0.29%). The absolute threshold 6 suits OPT-scale hidden states; on

@@ -18,6 +18,7 @@ from qpass.config import (
     Granularity,
     PerGroup,
     PerInputChannel,
+    PerInputChannelGroup,
     PerOutputChannel,
     PerTensor,
     PerToken,
@@ -26,18 +27,21 @@ from qpass.config import (
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "fake_quant_weight", "fake_quant_act", "static_act_qparams",
-    "layer_error", "token_error", "static_or_per_token", "choose_adadim", "describe",
+    "layer_error", "token_error", "static_or_per_token", "choose_adadim", "adadim_candidates", "describe",
 ]
 
 
 @dataclass
 class QuantizedWeight:
     q: Tensor  # (N, K) in the storage dtype
-    scale: Tensor  # broadcastable to (N, K); (N, K // g) for groups
+    scale: Tensor  # broadcastable to (N, K); (N, K // g) for groups, (N // g, K) for per-input-channel groups
     group_size: int  # 0 unless grouped
     zero_point: Tensor | None = None  # like scale; float32, None when symmetric
+    group_dim: int = -1  # -2: groups of g rows within a column (PerInputChannelGroup)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.group_dim != -1:
+            return ops.dequantize(self.q, self.scale, self.zero_point, self.group_size, dtype, self.group_dim)
         return ops.dequantize(self.q, self.scale, self.zero_point, self.group_size, dtype)
 
 
@@ -48,6 +52,7 @@ _WEIGHT_BLOCKS: dict[type, Callable[[Tensor, Granularity], tuple[Tensor, tuple[i
     PerOutputChannel: lambda w, g: (w, (1,)),
     PerInputChannel: lambda w, g: (w, (0,)),
     PerGroup: lambda w, g: (w.reshape(w.shape[0], -1, g.group_size), (2,)),
+    PerInputChannelGroup: lambda w, g: (w.reshape(-1, g.group_size, w.shape[1]), (1,)),
 }
 
 
@@ -67,10 +72,12 @@ def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None 
         raise ValueError("quantize_weight: resolve AdaDim with choose_adadim first")
     if isinstance(g, PerGroup) and w.shape[1] % g.group_size:
         raise ValueError(f"group size {g.group_size} does not divide {w.shape[1]} input channels")
+    if isinstance(g, PerInputChannelGroup) and w.shape[0] % g.group_size:
+        raise ValueError(f"group size {g.group_size} does not divide {w.shape[0]} output channels")
     qmin, qmax = spec.qrange
     w = w.detach().float()
     blocks, dims = _WEIGHT_BLOCKS[type(g)](w, g)
-    group = g.group_size if isinstance(g, PerGroup) else 0
+    group = g.group_size if isinstance(g, (PerGroup, PerInputChannelGroup)) else 0
     if spec.symmetric:
         scale = (blocks.abs().amax(dim=dims, keepdim=True) / qmax).clamp(min=1e-12)
         q = ops.quantize(blocks, scale, None, qmin, qmax, spec.storage_dtype)
@@ -87,10 +94,10 @@ def quantize_weight(w: Tensor, spec: QuantSpec, granularity: Granularity | None 
             q = (torch.round((blocks - lo) / scale) + qmin).clamp(qmin, qmax).to(spec.storage_dtype)
             zero_point = qmin - lo / scale
     q = q.reshape(w.shape)
-    if group:  # scales (N, K // g, 1) -> (N, K // g)
-        scale = scale.squeeze(-1)
-        zero_point = None if zero_point is None else zero_point.squeeze(-1)
-    return QuantizedWeight(q, scale, group, zero_point)
+    if group:  # scales (N, K // g, 1) -> (N, K // g); per-input-channel groups (N // g, 1, K) -> (N // g, K)
+        scale = scale.squeeze(dims[0])
+        zero_point = None if zero_point is None else zero_point.squeeze(dims[0])
+    return QuantizedWeight(q, scale, group, zero_point, -2 if isinstance(g, PerInputChannelGroup) else -1)
 
 
 def asym_label(spec: QuantSpec) -> str:
@@ -174,11 +181,23 @@ def static_or_per_token(x: Tensor, w: Tensor, spec: QuantSpec, lo: Tensor, hi: T
     return FallbackChoice(dynamic, y_dynamic, static_err, dynamic_err)
 
 
-def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: QuantSpec | None) -> tuple[Granularity, str]:
-    """AdaDim: per-input-channel or per-output-channel, whichever reconstructs ``x @ w.T`` better."""
+def adadim_candidates(a: AdaDim) -> tuple[Granularity, Granularity]:
+    """(per-input-channel side, per-output-channel side) of AdaDim; the second is its default
+    (no calibration samples, fused experts, auto alpha's scoring)."""
+    if a.group_size is None:
+        return PerInputChannel(), PerOutputChannel()
+    return PerInputChannelGroup(a.group_size), PerGroup(a.group_size)
+
+
+def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: QuantSpec | None,
+                  adadim: AdaDim = AdaDim()) -> tuple[Granularity, str]:
+    """AdaDim: the per-input-channel or per-output-channel side (scales, or groups of
+    ``adadim.group_size``), whichever reconstructs the layer output ``x @ w.T`` on the samples ``x``
+    better (relative squared error, ``layer_error``)."""
+    ic, oc = adadim_candidates(adadim)
     if x is None:
-        return PerOutputChannel(), "no calibration samples: per-output-channel"
-    errors = {g: layer_error(x, w, weight, activation, g) for g in (PerInputChannel(), PerOutputChannel())}
+        return oc, f"no calibration samples: {describe(oc)}"
+    errors = {g: layer_error(x, w, weight, activation, g) for g in (ic, oc)}
     best = min(errors, key=errors.get)
     return best, ", ".join(f"{describe(g)} err {e:.2e}" for g, e in errors.items())
 
@@ -186,6 +205,10 @@ def choose_adadim(x: Tensor | None, w: Tensor, weight: QuantSpec, activation: Qu
 def describe(g: Granularity) -> str:
     if isinstance(g, PerGroup):
         return f"per-group({g.group_size})"
+    if isinstance(g, PerInputChannelGroup):
+        return f"per-input-channel-group({g.group_size})"
+    if isinstance(g, AdaDim) and g.group_size is not None:
+        return f"adadim({g.group_size})"
     return {
         PerTensor: "per-tensor", PerToken: "per-token", PerOutputChannel: "per-output-channel",
         PerInputChannel: "per-input-channel", AdaDim: "adadim",

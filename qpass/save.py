@@ -8,8 +8,8 @@ that the ``compressed-tensors`` package parses, and ``model.safetensors`` with, 
 (``weight_packed``, ``weight_shape``, ``weight_scale`` per group and, when asymmetric, the integer
 ``weight_zero_point`` packed likewise). Layers run per-token where a static preset fell back get a
 config group of their own. What the format cannot express (a multiply inserted for smoothing, an
-outlier split, per-input-channel or float-zero-point weights, asymmetric static activations) is
-refused with an error naming the layer.
+outlier split, per-input-channel weights or groups (what AdaDim may choose per layer),
+float-zero-point weights, asymmetric static activations) is refused with an error naming the layer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from qpass.backend import QPassBackend
 from qpass.calibration import Calibration
-from qpass.config import PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ def save(
     ids = example_input if example_input is not None else torch.zeros(1, 8, dtype=torch.long)
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
+    _check_layers(backend.report.rows, config)
 
-    experts = [p for p, r in backend.report.rows.items() if r.weight.endswith(("per expert", "per expert asym"))]
+    experts = [p for p, r in backend.report.rows.items() if "per expert" in r.weight]
     if experts:
         raise ValueError(
             f"qpass.save: {experts[0]}: fused expert weights quantized per expert; writing them in the "
@@ -197,22 +198,46 @@ def _check_config(config: QuantConfig) -> None:
         raise ValueError("qpass.save: the config quantizes no weights; save the model with save_pretrained instead")
     w, a = config.weight, config.activation
     int4_groups = w.dtype == "int4" and isinstance(w.granularity, PerGroup)
-    if not int4_groups and (w.dtype not in ("int8", "fp8_e4m3") or not isinstance(w.granularity, (PerOutputChannel, PerTensor))):
+    if not (int4_groups or _per_layer(w)) and (
+            w.dtype not in ("int8", "fp8_e4m3") or not isinstance(w.granularity, (PerOutputChannel, PerTensor))):
         raise ValueError(
             f"qpass.save: {w.dtype} {type(w.granularity).__name__} weights are not written yet "
             "(int8 / fp8_e4m3 per-output-channel or per-tensor, int4 per-group are)"
         )
-    if not w.symmetric and w.zero_point != "int":
+    if not w.symmetric and w.zero_point != "int" and not _per_layer(w):
         raise ValueError(
             "qpass.save: the weights have float zero points; the compressed-tensors format stores integer ones "
             "(QuantSpec(..., symmetric=False, zero_point='int'), as the w4a16 preset has)"
         )
-    if not w.symmetric and w.dtype != "int4":
+    if not w.symmetric and w.dtype != "int4" and not _per_layer(w):
         raise ValueError("qpass.save: asymmetric 8-bit weights are not written (the format packs zero points of 4-bit groups)")
     if config.outliers is not None:
         raise ValueError("qpass.save: an outlier split (LLM.int8()) has no compressed-tensors form")
     if a is not None and not a.dynamic and not a.symmetric:
         raise ValueError("qpass.save: asymmetric static activations are not written (their zero points are floats)")
+
+
+def _per_layer(w: QuantSpec) -> bool:
+    """Per-input-channel groups, or AdaDim's per-layer choice: refused layer by layer, naming the
+    layer, once the model is traced (``_check_layers``)."""
+    return isinstance(w.granularity, (AdaDim, PerInputChannelGroup))
+
+
+def _check_layers(rows: dict, config: QuantConfig) -> None:
+    """What ``_check_config`` left to the trace: the first layer with per-input-channel weights
+    (scales or groups; compressed-tensors has scales per output channel, per tensor or per
+    group of input channels only), then the config's dtype."""
+    w = config.weight
+    if not _per_layer(w):
+        return
+    for path, row in rows.items():
+        if "per-input-channel" in row.weight:
+            raise ValueError(
+                f"qpass.save: {path}: {row.weight} weights; the compressed-tensors format has no per-input-channel "
+                "scales (per output channel, per tensor, or per group of input channels only)"
+            )
+    if w.dtype not in ("int8", "fp8_e4m3"):
+        raise ValueError(f"qpass.save: {w.dtype} AdaDim weights are not written yet (int8 / fp8_e4m3 are)")
 
 
 def _weight_args(spec: QuantSpec, per_channel: bool) -> dict:

@@ -18,6 +18,9 @@ _GQA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_
 def _config(arch: str, layers: int):
     if arch == "llama":
         return transformers.LlamaConfig(**_GQA, num_hidden_layers=layers)
+    if arch == "llama_wide":  # every linear's dimensions divisible by 128 (groups of 128: the low-bit presets)
+        return transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                        num_key_value_heads=4, num_hidden_layers=layers)
     if arch == "mistral":
         return transformers.MistralConfig(**_GQA, num_hidden_layers=layers)
     if arch == "qwen2":
@@ -100,6 +103,20 @@ def tiny_model(arch: str, layers: int = 2, seed: int = 0, outliers: float = 20.0
                     boost[torch.randperm(p.numel(), generator=g)[:3]] = outliers
                     p.mul_(boost)
     return model
+
+
+def fits_tiny(name: str) -> bool:
+    """Whether preset ``name``'s weight groups tile the tiny models' linears (dimensions 32, 64, 96):
+    the low-bit AdaDim presets' groups of 128 do not (``llama_wide`` is their tiny model)."""
+    import qpass
+
+    weight = qpass.preset(name).weight
+    g = getattr(weight.granularity, "group_size", None) if weight is not None else None
+    return g is None or 32 % g == 0
+
+
+#: The presets the tiny models run.
+TINY_PRESETS = tuple(name for name in __import__("qpass").PRESETS if fits_tiny(name))
 
 
 def token_batches(n: int, batch: int = 2, seq: int = 16, seed: int = 1) -> list[torch.Tensor]:

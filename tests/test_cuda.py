@@ -13,7 +13,7 @@ import torch
 
 import qpass
 from qpass.passes import lower as lowering
-from tests.models import tiny_model, token_batches
+from tests.models import TINY_PRESETS, tiny_model, token_batches
 from tests.test_lower import EXPECTED, KERNEL_CONFIGS, Proj, _inputs, _int_reference, _worst_case_weight
 from tests.test_quantize import BOUNDS
 
@@ -40,7 +40,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("name", sorted(qpass.PRESETS))
+@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
 def test_preset_on_cuda_matches_cpu_reference_and_lowers(name):
     """A 2-layer Llama on CUDA through Inductor: the reference path's logits equal the same config's
     on CPU (plain aten ops on either device), the lowered model gets this GPU's kernel for every

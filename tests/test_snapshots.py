@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qpass
-from tests.models import tiny_model, token_batches
+from tests.models import TINY_PRESETS, tiny_model, token_batches
 
 
 def _graph(arch: str, config: qpass.QuantConfig) -> str:
@@ -113,11 +113,12 @@ const h.0.mlp.c_proj.weight : f32[256,64]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("preset", sorted(qpass.PRESETS))
+@pytest.mark.parametrize("arch, preset", [(arch, p) for p in sorted(TINY_PRESETS) for arch in ("llama", "opt")]
+                         + [("llama_wide", p) for p in sorted(qpass.PRESETS) if p not in TINY_PRESETS])
 def test_preset_graph_snapshot(arch, preset):
-    """Every preset's quant/dequant graph on a 1-layer Llama and OPT, one file each
-    (tests/snapshots/); EXPECTTEST_ACCEPT=1 rewrites them."""
+    """Every preset's quant/dequant graph on a 1-layer Llama and OPT (the low-bit AdaDim presets'
+    groups of 128: a 1-layer Llama of hidden 128), one file each (tests/snapshots/);
+    EXPECTTEST_ACCEPT=1 rewrites them."""
     text = _graph(arch, qpass.preset(preset))
     path = SNAPSHOTS / f"{arch}_{preset}.txt"
     if os.environ.get("EXPECTTEST_ACCEPT") == "1":

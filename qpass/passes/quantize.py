@@ -31,7 +31,7 @@ from torch import fx
 
 from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
-from qpass.config import AdaDim, PerGroup, PerOutputChannel, PerToken, QuantConfig, QuantSpec
+from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerToken, QuantConfig, QuantSpec
 from qpass.graph import ExpertsSite, LinearSite, QGraph
 from qpass.passes.smooth import fp32_value
 from qpass.report import Report
@@ -144,13 +144,10 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     samples = view[3] if view is not None else None
 
     granularity = wspec.granularity
+    _check_groups(site.path, granularity, w.shape[0], w.shape[1])
     if isinstance(granularity, AdaDim):
-        granularity, why = qmath.choose_adadim(samples, w, wspec, aspec)
+        granularity, why = qmath.choose_adadim(samples, w, wspec, aspec, granularity)
         row.reason = f"{row.reason}; adadim: {why}" if row.reason else f"adadim: {why}"
-    if isinstance(granularity, PerGroup) and w.shape[1] % granularity.group_size:
-        raise ValueError(
-            f"{site.path}: PerGroup({granularity.group_size}) does not divide its {w.shape[1]} input channels"
-        )
     aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row, "statistics for a static scale")
 
     if config.outliers is not None and view is None:
@@ -183,7 +180,7 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
     wq = qg.constant(f"{site.path}.weight_q", qw.q)
     ws = qg.constant(f"{site.path}.weight_scale", qw.scale)
     wz = None if qw.zero_point is None else qg.constant(f"{site.path}.weight_zero_point", qw.zero_point)
-    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qw.group_size, dtype), before=before)
+    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qw.group_size, dtype, *_group_dim(qw)), before=before)
 
     x_main = x
     if keep_mask is not None:
@@ -279,10 +276,9 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     experts, k = w.shape[0], w.shape[2]
     granularity = wspec.granularity
     if isinstance(granularity, AdaDim):
-        granularity = PerOutputChannel()
-        _note(row, "adadim: per-output-channel for fused experts (no per-expert search)")
-    if isinstance(granularity, PerGroup) and k % granularity.group_size:
-        raise ValueError(f"{site.path}: PerGroup({granularity.group_size}) does not divide its {k} input channels")
+        granularity = qmath.adadim_candidates(granularity)[1]
+        _note(row, f"adadim: {qmath.describe(granularity)} for fused experts (no per-expert search)")
+    _check_groups(site.path, granularity, w.shape[1], k)
     if config.outliers is not None:
         _note(row, "no outlier split for fused expert weights")
     qws = [qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
@@ -311,7 +307,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     wq = qg.constant(f"{site.path}_q", q)
     ws = qg.constant(f"{site.path}_scale", scale)
     wz = None if zero_point is None else qg.constant(f"{site.path}_zero_point", zero_point)
-    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qws[0].group_size, wdtype), before=before)
+    w_dq = qg.call(ops.dequantize, (wq, ws, wz, qws[0].group_size, wdtype, *_group_dim(qws[0])), before=before)
     w_arg = qg.call(torch.transpose, (w_dq, -2, -1), before=before)
     if aspec is None:
         x_dq = x
@@ -388,6 +384,25 @@ def _experts_static_or_dynamic(spec, factor, view, s, q, scale, zero_point, qws,
     _note(row, why)
     row.per_token_fallback = True
     return QuantSpec(spec.dtype, PerToken(), symmetric=spec.symmetric)
+
+
+def _check_groups(path: str, granularity, n: int, k: int) -> None:
+    """Groups must tile the weight: PerGroup(g) its ``k`` input channels, PerInputChannelGroup(g) its
+    ``n`` output channels, AdaDim(group_size=g) both (it may pick either)."""
+    g = getattr(granularity, "group_size", None)
+    if g is None:
+        return
+    name = f"{type(granularity).__name__}({g})"
+    if not isinstance(granularity, PerInputChannelGroup) and k % g:
+        raise ValueError(f"{path}: {name} does not divide its {k} input channels")
+    if not isinstance(granularity, PerGroup) and n % g:
+        raise ValueError(f"{path}: {name} does not divide its {n} output channels")
+
+
+def _group_dim(qw: qmath.QuantizedWeight) -> tuple[int, ...]:
+    """The dequantize op's ``group_dim`` argument, given only for per-input-channel groups (so the
+    graphs of every other granularity read as before)."""
+    return () if qw.group_dim == -1 else (qw.group_dim,)
 
 
 def _note(row, why: str) -> None:

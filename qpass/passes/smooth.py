@@ -33,7 +33,7 @@ from torch import fx
 
 from qpass.calibration import Calibration
 from qpass import qmath
-from qpass.config import AdaDim, PerOutputChannel, QuantConfig
+from qpass.config import AdaDim, QuantConfig
 from qpass.graph import ExpertsSite, LinearSite, QGraph
 from qpass.report import Match, Report
 
@@ -464,7 +464,7 @@ def _smoothed_error(config, p: _SmoothingProblem, s: torch.Tensor) -> float:
     x = stats.samples / sc
     w = p.w * sc
     if weight is not None:
-        g = PerOutputChannel() if isinstance(weight.granularity, AdaDim) else weight.granularity
+        g = qmath.adadim_candidates(weight.granularity)[1] if isinstance(weight.granularity, AdaDim) else weight.granularity
         w = qmath.fake_quant_weight(w, weight, g)
     if act is None:
         y = x @ w.T
