@@ -9,6 +9,7 @@ from qpass.backend import PIPELINE, QPassBackend, backend, qpass
 from qpass.calibration import Calibration, CalibrationFileError, ChannelStats, calibrate
 from qpass.config import (
     AdaDim,
+    IntegerOnly,
     OutlierSplit,
     PerGroup,
     PerInputChannel,
@@ -27,6 +28,6 @@ from qpass.save import save
 
 __all__ = [
     "compile", "PIPELINE", "QPassBackend", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
-    "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
+    "AdaDim", "IntegerOnly", "OutlierSplit", "PerGroup", "PerInputChannel", "PerOutputChannel", "PerTensor", "PerToken",
     "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save", "load",
 ]
