@@ -84,6 +84,13 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
     "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.gate_proj", "*.up_proj")),
     "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+    # I-LLM ablations (issue 18): one integer-only component at a time back in float (dequantize, float op, quantize)
+    "illm_w8a8 float softmax": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False)),
+    "illm_w8a8 float norm": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(norm=False)),
+    "illm_w8a8 float SiLU": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(act=False)),
+    "illm_w8a8 all three float": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False, norm=False,
+                                                                                            act=False)),
+    "illm_w8a8 no smoothing": qpass.preset("illm_w8a8", smoothing=None),
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")

@@ -13,7 +13,9 @@ import torch
 import qpass
 from tests.models import tiny_model, token_batches
 
-PRESETS_UNDER_TEST = tuple(qpass.PRESETS)
+# integer_only is not here: its region runs from the embedding to lm_head in one graph, so a graph break
+# inside the decoder, or a skipped down_proj, raises (tests/test_integer.py)
+PRESETS_UNDER_TEST = tuple(n for n, c in qpass.PRESETS.items() if c.integer_only is None)
 # every preset with a break inside a norm (Dynamo then compiles each layer's frames on their own);
 # breaks inside a layer and an activation with the presets that depend most on calibration
 BREAK_CASES = [("norm", name) for name in PRESETS_UNDER_TEST] + [
