@@ -51,23 +51,22 @@ _I64 = torch.int64
 
 # -- integer helpers (plain tensor code, no float) ------------------------------------------------
 def bitlength(x: Tensor) -> Tensor:
-    """Bits of each non-negative int64 (0 -> 0, 1 -> 1, 255 -> 8), by a six-step binary search."""
-    x = x.to(_I64)
-    n = torch.zeros_like(x)
-    for s in (32, 16, 8, 4, 2, 1):
-        t = x >> s
-        big = t > 0
-        x = torch.where(big, t, x)
-        n = n + big.to(_I64) * s
-    return n + (x > 0).to(_I64)
+    """Bits of each non-negative int64 (0 -> 0, 1 -> 1, 255 -> 8): how many of 2**0 .. 2**62 are <= x,
+    by one integer binary search (``bucketize``)."""
+    powers = torch.ones(63, dtype=_I64, device=x.device) << torch.arange(63, dtype=_I64, device=x.device)
+    return torch.bucketize(x.to(_I64), powers, right=True)
+
+
+def rshift(x: Tensor, s: Tensor | int) -> Tensor:
+    """``x / 2**s`` for ``s >= 0`` (per element), rounding half up."""
+    s = torch.as_tensor(s, dtype=_I64, device=x.device).clamp(0, 62)
+    return (x + ((torch.ones_like(s) << s) >> 1)) >> s
 
 
 def shift(x: Tensor, s: Tensor | int) -> Tensor:
     """``x * 2**s`` for integer ``s`` (per element): a left shift, or a right shift rounding half up."""
     s = torch.as_tensor(s, dtype=_I64, device=x.device)
-    left, right = s.clamp(0, 62), (-s).clamp(0, 62)
-    half = (torch.ones_like(right) << right) >> 1
-    return torch.where(s >= 0, x << left, (x + half) >> right)
+    return rshift(x << s.clamp(0, 62), (-s).clamp(0, 62))
 
 
 def normalize(m: Tensor, e: Tensor | int, bits: int = M_BITS) -> tuple[Tensor, Tensor]:
@@ -87,9 +86,10 @@ def div_scale(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def squeeze(q: Tensor, e: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Per element: shift ``q`` right until ``|q| < 2**bits``, adding the shift to ``e``."""
-    s = (bitlength(q.abs()) - bits).clamp(min=0)
-    return shift(q, -s), e + s
+    """Per row (last dim): shift ``q`` right until ``|q| < 2**bits``, adding the shift to ``e``."""
+    big = q.abs().amax(dim=-1, keepdim=True) if q.dim() else q.abs()
+    s = (bitlength(big) - bits).clamp(min=0)
+    return rshift(q, s), e + s
 
 
 def isqrt(n: Tensor) -> Tensor:
@@ -113,7 +113,8 @@ def exp2_neg(z: Tensor, k: Tensor | int, frac_bits: int = EXP_BITS) -> Tensor:
     n = (z >> k).clamp(max=62)
     f = z - ((z >> k) << k)
     base = (torch.ones_like(f) << (k + 1)) - f  # 2**(k+1) * (1 + r / 2)
-    return shift(base, frac_bits - (k + 1) - n)
+    left = (frac_bits - (k + 1)).clamp(min=0)
+    return rshift(base << left, n + (k + 1 - frac_bits).clamp(min=0))
 
 
 # -- dyadic constants (offline, when the graph is rewritten) ---------------------------------------
@@ -202,9 +203,9 @@ def _align(q: Tensor, zp: Tensor, m: Tensor, e: Tensor, dims: list[int], bits: i
     a = a * m  # < 2**46
     e = e.expand_as(a)
     e_row = e.amax(dim=dims, keepdim=True)
-    a = shift(a, e - e_row)
+    a = rshift(a, e_row - e)
     s = (bitlength(a.abs().amax(dim=dims, keepdim=True)) - bits).clamp(min=0)
-    return shift(a, -s), e_row + s
+    return rshift(a, s), e_row + s
 
 
 def _requant_aligned(a: Tensor, e_row: Tensor, dims: list[int], bits: int, signed: bool):
@@ -217,8 +218,8 @@ def _requant_aligned(a: Tensor, e_row: Tensor, dims: list[int], bits: int, signe
     # (levels - 1) / r as a dyadic with mq below 2**bits; one rounding per element (q - zp = round(a mq / 2**kq)),
     # and round(hi mq) - round(lo mq) <= levels - 1 + 1 keeps q inside [0, levels]
     mq = (torch.full_like(kq, levels - 1) << kq) // r
-    zp = -shift(lo * mq, -kq)
-    q = (shift(a * mq, -kq) + zp).clamp(0, levels)
+    zp = -rshift(lo * mq, kq)
+    q = (rshift(a * mq, kq) + zp).clamp(0, levels)
     if signed:
         q, zp = q - (1 << (bits - 1)), zp - (1 << (bits - 1))
     m, e = div_scale(torch.ones_like(mq), mq)
@@ -242,11 +243,12 @@ def _row_of(t: Tensor, dim: int) -> Tensor:
 @_impl("di_matmul")
 def _di_matmul(qa, za, ma, ea, qb, zb, mb, eb):
     """DI-MatMul: ``a @ b`` with a's scale constant along its last dim and b's along its second to
-    last (per-token a, per-column b): int32 accumulation, output scale ``ma * mb * 2**(ea + eb)``."""
+    last (per-token a, per-column b; mb < 2**25): int32 accumulation, then b's per-column mantissa
+    multiplied into the integers, so the output keeps a's per-row mantissa: ``(acc * mb) * ma *
+    2**(ea + eb)`` (with one exponent for all of a weight's columns, the scale stays per row)."""
     acc = torch.matmul(qa.to(torch.int32) - za.to(torch.int32), qb.to(torch.int32) - zb.to(torch.int32))
-    m = _row_of(ma, -1) * _row_of(mb, -2)
-    m, e = normalize(m, _row_of(ea, -1) + _row_of(eb, -2))
-    return acc.to(_I64), _zeros(acc), m, e
+    out = acc.to(_I64) * _row_of(mb, -2)
+    return out, _zeros(out), _row_of(ma, -1).clone(), _row_of(ea, -1) + _row_of(eb, -2)
 
 
 @_impl("di_add")
@@ -256,7 +258,7 @@ def _di_add(qa, za, ma, ea, qb, zb, mb, eb):
     b, eb = squeeze(qb.to(_I64) - zb, eb.to(_I64), 31)
     a, b = a * ma, b * mb
     e = torch.maximum(ea, eb)
-    out = shift(a, ea - e) + shift(b, eb - e)
+    out = rshift(a, e - ea) + rshift(b, e - eb)
     return out, _zeros(out), torch.ones_like(e), e
 
 
@@ -292,7 +294,7 @@ def _di_softmax(q, zp, m, e, mask, grid_m: int, grid_k: int, log2e_m: int, log2e
     if mask is not None:
         ex = torch.where(mask, ex, torch.zeros_like(ex))
     total = ex.sum(dim=-1, keepdim=True).clamp(min=1)
-    p = shift(ex * 255, -EXP_BITS).clamp(0, 255)
+    p = rshift(ex * 255, EXP_BITS).clamp(0, 255)
     pm, pe = div_scale(torch.full_like(total, 1 << EXP_BITS), total * 255)
     return p.to(torch.uint8), _zeros(p), pm, pe
 

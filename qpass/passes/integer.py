@@ -326,8 +326,10 @@ class _Rewriter:
             w = w.t()
         s = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         wq = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
-        m, e = I.const(s.double())
-        weight = self.const4(f"{site.path}.weight_int8", wq.t().contiguous(), m[None], e[None])
+        # one exponent for the layer, 24-bit mantissas per channel: DI-MatMul's output scale stays per token
+        e = torch.floor(torch.log2(s.max().double())).to(torch.int64) - 23
+        m = torch.round(s.double() / torch.pow(2.0, e.double())).to(torch.int64)
+        weight = self.const4(f"{site.path}.weight_int8", wq.t().contiguous(), m[None], e.reshape(1, 1))
         x8 = self.requant(self.ints[site.input], [-1], node)
         out = self.op4(I.di_matmul, (*x8, *weight), node)
         bias = self.qg.value(site.bias_node) if site.bias_node is not None else None
