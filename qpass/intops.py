@@ -4,7 +4,8 @@ Every value between the integer region's input quantization and its output dequa
 integer tensor with a dyadic scale, four tensors that broadcast against each other::
 
     x = (q - zp) * m * 2**e      q: int8 / uint8 / int64, zp: int64 zero point,
-                                 m: int64 mantissa (< 2**15), e: int64 exponent (signed)
+                                 m: int64 mantissa (< 2**15; a weight's per-channel
+                                 mantissas < 2**25 under one exponent), e: int64 exponent
 
 Per-token scales have shape (..., 1); after a movement op (view, transpose, cat) they are
 expanded to q's shape, so every element carries its scale and any view of q stays exact. The ops
