@@ -92,6 +92,13 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "w8a8_static learned": qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
     "w8a8_tensor_dynamic learned": qpass.preset(
         "w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
+    # I-LLM ablations (issue 18): one integer-only component at a time back in float (dequantize, float op, quantize)
+    "illm_w8a8 float softmax": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False)),
+    "illm_w8a8 float norm": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(norm=False)),
+    "illm_w8a8 float SiLU": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(act=False)),
+    "illm_w8a8 all three float": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False, norm=False,
+                                                                                            act=False)),
+    "illm_w8a8 no smoothing": qpass.preset("illm_w8a8", smoothing=None),
 }
 
 

@@ -9,6 +9,7 @@ from qpass.backend import PIPELINE, QPassBackend, ReleasedParameter, backend, qp
 from qpass.calibration import Calibration, CalibrationFileError, ChannelStats, calibrate
 from qpass.config import (
     AdaDim,
+    IntegerOnly,
     OutlierSplit,
     PerGroup,
     PerInputChannel,
@@ -28,6 +29,6 @@ from qpass.save import save
 
 __all__ = [
     "compile", "PIPELINE", "QPassBackend", "ReleasedParameter", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
-    "AdaDim", "OutlierSplit", "PerGroup", "PerInputChannel", "PerInputChannelGroup", "PerOutputChannel", "PerTensor", "PerToken",
+    "AdaDim", "IntegerOnly", "OutlierSplit", "PerGroup", "PerInputChannel", "PerInputChannelGroup", "PerOutputChannel", "PerTensor", "PerToken",
     "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save", "load",
 ]

@@ -22,6 +22,7 @@ from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, placeholder_sources
 from qpass.qmath import QuantizedWeight
+from qpass.passes.integer import integer_only
 from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
@@ -38,7 +39,10 @@ PIPELINE: tuple[tuple[str, Pass], ...] = (
     ("smooth", smooth),  # fold SmoothQuant scales into norms / previous linears (exact)
     ("quantize", quantize),  # quant/dequant around every quantized linear (reference semantics)
     ("lower", lower),  # quantized linears -> oneDNN / FBGEMM / _int_mm / _scaled_mm kernels where one fits
+    ("integer", integer_only),  # config.integer_only (I-LLM): everything between embedding and lm_head on integers
 )
+# integer_only replaces quantize and lower: its linears are DI-MatMuls on qpass.intops
+_INTEGER_SKIPS = ("quantize", "lower")
 
 
 class QPassBackend:
@@ -121,6 +125,8 @@ class QPassBackend:
             logger.warning(warning)
         for name, run in PIPELINE:
             if name == "smooth" and calibration is None:
+                continue
+            if self.config.integer_only is not None and name in _INTEGER_SKIPS:
                 continue
             n = run(qg, self.config, calibration, self.report)
             logger.info("qpass %s: %d linears rewritten", name, n)

@@ -37,6 +37,7 @@ __all__ = [
     "QuantSpec",
     "Smoothing",
     "OutlierSplit",
+    "IntegerOnly",
     "QuantConfig",
     "DTYPES",
 ]
@@ -250,6 +251,27 @@ class OutlierSplit:
 
 
 @dataclass(frozen=True)
+class IntegerOnly:
+    """I-LLM integer-only inference: between the embedding and ``lm_head`` every op runs on integers
+    (qpass.intops). Each switch set to False runs that component in float between a dequantize and a
+    quantize instead (an ablation; the integer-region check then reports those float ops):
+    ``softmax`` DI-ClippedSoftmax (clip ``clip`` below the row max), ``norm`` DI-Norm,
+    ``act`` DI-SiLU / DI-GELU."""
+
+    softmax: bool = True
+    norm: bool = True
+    act: bool = True
+    clip: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("softmax", "norm", "act"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"IntegerOnly.{name} must be a bool, got {getattr(self, name)!r}")
+        if not (_is_number(self.clip) and 0 < self.clip <= 64):
+            raise ValueError(f"IntegerOnly.clip must be in (0, 64], got {self.clip!r}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What qpass does to every linear of the captured graph.
 
@@ -276,6 +298,7 @@ class QuantConfig:
     lower: bool = True
     dynamic_fallback: float | None = None
     dynamic_layers: tuple[str, ...] = ()  # static activations: these layers (paths or globs) run per-token dynamic
+    integer_only: IntegerOnly | None = None  # I-LLM: no float op between embedding and lm_head (qpass.passes.integer)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dynamic_layers, tuple) or not all(isinstance(s, str) for s in self.dynamic_layers):
@@ -317,6 +340,15 @@ class QuantConfig:
                 raise ValueError("QuantConfig: fp8_e4m3 activations need fp8_e4m3 weights and vice versa")
             if a.dtype.startswith("int") and w.dtype in LOW_BIT:
                 raise ValueError(f"QuantConfig: {w.dtype} weights are weight-only (activation=None)")
+        if self.integer_only is not None:
+            if not isinstance(self.integer_only, IntegerOnly):
+                raise TypeError(f"QuantConfig.integer_only must be a qpass.IntegerOnly or None, got {self.integer_only!r}")
+            if w is None or w.dtype != "int8" or not isinstance(w.granularity, PerOutputChannel) or not w.symmetric:
+                raise ValueError("QuantConfig.integer_only needs int8 symmetric PerOutputChannel weights")
+            if a is None or a.dtype != "int8" or not isinstance(a.granularity, PerToken):
+                raise ValueError("QuantConfig.integer_only needs int8 PerToken activations (DI-MatMul quantizes per token)")
+            if self.outliers is not None:
+                raise ValueError("QuantConfig.integer_only: an outlier split keeps channels in float; use outliers=None")
         if self.outliers is not None and a is None:
             raise ValueError("QuantConfig.outliers needs activation quantization")
         if self.dynamic_fallback is not None:

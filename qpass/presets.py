@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qpass.config import AdaDim, OutlierSplit, PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec, Smoothing
+from qpass.config import AdaDim, IntegerOnly, OutlierSplit, PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec, Smoothing
 
 __all__ = ["PRESETS", "preset"]
 
@@ -43,6 +43,13 @@ PRESETS: dict[str, QuantConfig] = {
     # the rest INT8 per-token. On SmolLM2 that keeps 5.5% of the input channels fp32 (3x: about half as
     # many, +0.68% perplexity against +0.29%). The absolute threshold 6 suits OPT-scale hidden states; on
     # SmolLM2 it kept 7.2% of channels fp32, most of some late down_proj, and missed the outliers below 6.
+    # I-LLM integer-only: int8 per-channel weights, int8 per-token asymmetric activations, and every op between the
+    # embedding and lm_head on integers (DI-MatMul, DI-ClippedSoftmax, DI-Norm, DI-SiLU); auto-alpha smoothing where
+    # it folds exactly ("skip": a float multiply in front of a linear would be a float op in the integer region).
+    "illm_w8a8": QuantConfig(
+        _INT8_W, QuantSpec("int8", PerToken(), symmetric=False), Smoothing("auto", fallback="skip"),
+        integer_only=IntegerOnly(),
+    ),
     "llm_int8": QuantConfig(_INT8_W, QuantSpec("int8", PerToken()), None, outliers=OutlierSplit(threshold=None, ratio=2.0)),
 }
 

@@ -13,7 +13,10 @@ import torch
 import qpass
 from tests.models import TINY_PRESETS, tiny_model, token_batches
 
-PRESETS_UNDER_TEST = TINY_PRESETS  # the low-bit AdaDim presets' groups of 128 do not tile the tiny models
+# integer_only is not here: its region runs from the embedding to lm_head in one graph, so a graph break
+# inside the decoder, or a skipped down_proj, raises (tests/test_integer.py)
+# and the low-bit AdaDim presets' groups of 128 do not tile the tiny models
+PRESETS_UNDER_TEST = tuple(n for n in TINY_PRESETS if qpass.PRESETS[n].integer_only is None)
 # every preset with a break inside a norm (Dynamo then compiles each layer's frames on their own);
 # breaks inside a layer and an activation with the presets that depend most on calibration
 BREAK_CASES = [("norm", name) for name in PRESETS_UNDER_TEST] + [

@@ -40,7 +40,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
+# integer_only (illm_w8a8) is not here: its DI-MatMul is an int32 torch.matmul, which CUDA does not implement
+@pytest.mark.parametrize("name", sorted(n for n in TINY_PRESETS if qpass.PRESETS[n].integer_only is None))
 def test_preset_on_cuda_matches_cpu_reference_and_lowers(name):
     """A 2-layer Llama on CUDA through Inductor: the reference path's logits equal the same config's
     on CPU (plain aten ops on either device), the lowered model gets this GPU's kernel for every
