@@ -12,6 +12,10 @@ weights requantized to 7 bits)::
 
     s = qpass.choose_qparams(x, True, True, -128, 127)[0]
     y = qpass.onednn_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), 1.0, 128, const(packed W7), const(W7_s), None) * s + b
+
+Weight-only linears with bf16 activations run ATen's weight-only CPU kernels
+(``y = _weight_int8pack_mm(x, const(W_q), const(W_s bf16)) + b``, or ``_weight_int4pack_mm_for_cpu``);
+an outlier split (LLM.int8()) lowers its inlier linear and keeps the outlier columns' float linear.
 """
 
 from __future__ import annotations
