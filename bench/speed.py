@@ -348,6 +348,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+        if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
+            continue
         torch._dynamo.reset()
         try:
             c = make()
@@ -401,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the contenders whose label contains one of these (the torch.compile baseline always runs)")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
