@@ -2,7 +2,7 @@
 
     python bench/speed.py [--models smollm2 llama2048] [--layers 4] [--presets w8a8_static w8a8_dynamic]
                           [--prefill 512] [--context 512] [--reps 10] [--warmup 3] [--threads N]
-                          [--device cpu|cuda] [--json bench/results/speed_cpu.json]
+                          [--device cpu|cuda] [--dtype fp32|bf16] [--json bench/results/speed_cpu.json]
 
 Workloads (batch 1):
   prefill  ``model(ids[1 x 512], use_cache=False, logits_to_keep=1)``: the prompt, keeping the last
@@ -11,11 +11,16 @@ Workloads (batch 1):
   decode   one new token against a ``StaticCache`` holding ``--context`` tokens (filled once by the
            fp32 model); every repetition writes the same cache slot, so each step does the same work.
 Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them):
-  fp32 eager; fp32 ``torch.compile`` (Inductor, default settings); torchao
+  eager and ``torch.compile`` (Inductor, default settings) in the model's dtype; torchao
   ``Int8DynamicActivationInt8WeightConfig`` on a copy of the model, compiled with Inductor freezing
   (scoped with ``config.patch`` around its compiles; without freezing it runs ATen's reference
   ``_int_mm``); each qpass preset on a copy of the model, calibrated on real text (SmolLM2) or random
-  tokens (the random Llama), with ``release_weights`` after both workloads have compiled.
+  tokens (the random Llama; weight-only presets need no calibration), with ``release_weights`` after
+  both workloads have compiled.
+  ``--dtype bf16`` (a bf16 model; default presets ``w8a16 w4a16``): torchao's weight-only configs
+  instead, with freezing: ``Int8WeightOnlyConfig``, ``Int4WeightOnlyConfig`` (no CPU layout in
+  torchao 0.18: its row records the error) and ``PrototypeInt4WeightOnlyConfig`` (group 32, the
+  same ``_weight_int4pack_mm_for_cpu`` kernel; ``set_inductor_config=False``, no global settings).
 Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
 (first call of each workload), resident weight MB (parameters with storage plus the compiled graphs'
 constants; torchao: its quantized tensors), process RSS, and the relative error and cosine of the
@@ -239,10 +244,46 @@ class _null:
         return False
 
 
+def _dtype_name(model: nn.Module) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
+
+
+def _torchao_weight_only(model: nn.Module):
+    """torchao's weight-only configs (for bf16 models), each on a copy compiled with freezing."""
+    def make(label, config_fn):
+        def build():
+            from torchao.quantization import quantize_
+
+            copy_ = copy.deepcopy(model)
+            quantize_(copy_, config_fn(), filter_fn=_not_lm_head)
+            return Contender(label, copy_, torch.compile(copy_, dynamic=False),
+                             scope=lambda: torch._inductor.config.patch(freezing=True))
+        return label, build
+
+    def int8():
+        from torchao.quantization import Int8WeightOnlyConfig
+        return Int8WeightOnlyConfig()
+
+    def int4():
+        from torchao.quantization import Int4WeightOnlyConfig
+        return Int4WeightOnlyConfig(group_size=32)
+
+    def int4_cpu():
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        return PrototypeInt4WeightOnlyConfig(group_size=32, set_inductor_config=False)
+
+    yield make("torchao int8 weight-only (freezing)", int8)
+    yield make("torchao int4 weight-only (freezing)", int4)
+    yield make("torchao prototype CPU int4 weight-only, group 32 (freezing)", int4_cpu)
+
+
 def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool):
-    yield "fp32 eager", lambda: Contender("fp32 eager", model, model)
-    yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
-    if torchao:
+    dt = _dtype_name(model)
+    yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
+    yield f"{dt} torch.compile", lambda: Contender(f"{dt} torch.compile", model, torch.compile(model, dynamic=False))
+    if torchao and dt != "fp32":
+        yield from _torchao_weight_only(model)
+    elif torchao:
         def make_torchao():
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -255,11 +296,13 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
     for name in presets:
         def make_qpass(name=name):
             nonlocal calib
-            if calib is None:
+            config = qpass.preset(name)
+            needs_calib = config.activation is not None or config.outliers is not None or config.smoothing is not None
+            if calib is None and needs_calib:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(qpass.preset(name), calibration=calib)
+            backend = qpass.backend(config, calibration=calib if needs_calib else None)
             return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
         yield f"qpass {name}", make_qpass
@@ -305,6 +348,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+        if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
+            continue
         torch._dynamo.reset()
         try:
             c = make()
@@ -315,18 +360,19 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         finally:
             torch._dynamo.reset()
         logger.info("%s", rows[-1])
-    base = next((r for r in rows if r.name == "fp32 torch.compile"), None)
+    base = next((r for r in rows if r.name == f"{_dtype_name(model)} torch.compile"), None)
     for r in rows:
         if base is not None:
             r.prefill_speedup = base.prefill_ms / r.prefill_ms
             r.decode_speedup = base.decode_ms / r.decode_ms
-    return {"model": name, "description": desc, "rows": [asdict(r) for r in rows]}
+    return {"model": name, "description": desc, "dtype": _dtype_name(model), "rows": [asdict(r) for r in rows]}
 
 
 def format_table(result: dict[str, Any], args) -> str:
     head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
             f"{args.context}; median of {args.reps} / {args.decode_reps} runs\n\n")
-    cols = ("contender", "prefill ms", "prefill vs fp32 compile", "decode ms", "decode vs fp32 compile",
+    dt = result.get("dtype", "fp32")
+    cols = ("contender", "prefill ms", f"prefill vs {dt} compile", "decode ms", f"decode vs {dt} compile",
             "compile s", "weights MB", "logits rel. err (prefill / decode)")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
@@ -345,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random hidden-2048 Llama")
-    parser.add_argument("--presets", nargs="+", default=["w8a8_static", "w8a8_dynamic"], choices=sorted(qpass.PRESETS))
+    parser.add_argument("--presets", nargs="+", default=None, choices=sorted(qpass.PRESETS),
+                        help="default: w8a8_static w8a8_dynamic (fp32), w8a16 w4a16 (bf16)")
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                        help="the model's dtype: the baseline and what the presets run in (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens")
     parser.add_argument("--context", type=int, default=512, help="tokens in the KV cache before the decode step")
     parser.add_argument("--reps", type=int, default=10, help="timed prefill runs")
@@ -354,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the contenders whose label contains one of these (the torch.compile baseline always runs)")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -361,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: torch.float32 if device.type == "cpu" else torch.bfloat16}[args.dtype]
+    if args.presets is None:
+        args.presets = ["w8a16", "w4a16"] if dtype == torch.bfloat16 and device.type == "cpu" else ["w8a8_static", "w8a8_dynamic"]
     if device.type == "cuda" and not any(p.startswith("fp8") for p in args.presets):
         args.presets += ["fp8_dynamic", "fp8_static"]
 

@@ -30,11 +30,16 @@ GRIDS = {g.note: g for g in (lowering.GRID_8BIT, lowering.GRID_W7, lowering.GRID
 
 
 def _split(label: str) -> tuple[str, lowering.Grid | None]:
-    """``"onednn (7-bit act)"`` -> ``("onednn", GRID_A7)``; reference and CUDA labels stay whole."""
-    for note, grid in GRIDS.items():
-        if note and label.endswith(f" ({note})"):
-            return label[: -len(note) - 3], grid
-    return label, (lowering.GRID_8BIT if label in ("onednn", "fbgemm") else None)
+    """``"onednn (7-bit act)"`` -> ``("onednn", GRID_A7)``; reference and CUDA labels stay whole; an
+    outlier split's note stays on the kernel (``"onednn (7-bit act) + float outlier columns"`` ->
+    ``("onednn + float outlier columns", GRID_A7)``)."""
+    split = label.endswith(lowering.SPLIT_NOTE)
+    label = label.removesuffix(lowering.SPLIT_NOTE)
+    note = lowering.SPLIT_NOTE if split else ""
+    for grid_note, grid in GRIDS.items():
+        if grid_note and label.endswith(f" ({grid_note})"):
+            return label[: -len(grid_note) - 3] + note, grid
+    return label + note, (lowering.GRID_8BIT if label in ("onednn", "fbgemm") else None)
 KERNEL_PRESETS = ("w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic")
 #: The int8 kernel configs: the presets plus dynamic activations with zero points (subtracted after
 #: the integer product), per token and per tensor.
@@ -231,10 +236,14 @@ EXPECTED = {
                     "reference (fp8 needs CUDA compute capability 8.9+)"),
     "fp8_static": ("reference (fp8 on CPU)", "reference (fp8 on CPU)", "cuda fp8 (_scaled_mm)",
                    "reference (fp8 needs CUDA compute capability 8.9+)"),
-    "w8a16": ("reference (weight-only)",) * 4,
-    "w4a16": ("reference (weight-only)",) * 4,
-    # Linears with no calibrated channel above the threshold have no split and get the int8 kernel.
-    "llm_int8": ("reference (outlier split)",) * 4,
+    # The tiny model is fp32: the weight-only kernels are for bf16 activations (tests/test_weight_only_lower.py).
+    "w8a16": ("reference (weight-only with float32 activations (its kernels are fast with bfloat16 only))",) * 2
+    + ("reference (weight-only (its kernels here are CPU kernels))",) * 2,
+    "w4a16": ("reference (weight-only with float32 activations (its kernels are fast with bfloat16 only))",) * 2
+    + ("reference (weight-only (its kernels here are CPU kernels))",) * 2,
+    # The inlier linear on the int8 kernel; linears with no calibrated channel above the threshold
+    # have no split and get the int8 kernel alone.
+    "llm_int8": tuple(f"{k}{lowering.SPLIT_NOTE}" for k in ("fbgemm", "onednn", "cuda int8 (_int_mm)", "cuda int8 (_int_mm)")),
 }
 
 
@@ -412,7 +421,7 @@ def test_lowering_leaves_user_weights_untouched():
 
 
 def test_kernels_registry_keys_match_report_labels():
-    assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cuda_int8", "cuda_fp8"}
+    assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cuda_int8", "cuda_fp8", "cpu_w8", "cpu_w4"}
     assert kernels.kernel_available("onednn") == CPU.onednn
 
 

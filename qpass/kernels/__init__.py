@@ -2,7 +2,8 @@
 
 Importing this package registers ``qpass::onednn_qlinear``, ``qpass::fbgemm_dynamic_linear`` and
 ``qpass::fbgemm_qlinear`` and
-``qpass::onednn_grouped_qlinear`` (fused mixture-of-experts weights).
+``qpass::onednn_grouped_qlinear`` (fused mixture-of-experts weights). ``weight_only`` describes
+ATen's weight-only int8 / int4 CPU kernels and packs for them.
 """
 
 from .capability import (
@@ -42,6 +43,7 @@ from .quant import (
     quantize_act_u7_per_token,
     quantize_weight_int8_per_channel,
 )
+from .weight_only import INT4_GROUP_SIZES, WEIGHT_ONLY_DTYPES, int4_refusal, int8_refusal, pack_int4
 from .reference import (
     fbgemm_act_qparams,
     reference_fbgemm_dynamic_linear,
@@ -82,4 +84,9 @@ __all__ = [
     "retain_fbgemm",
     "fbgemm_registry_bytes",
     "saturation_probe_operands",
+    "INT4_GROUP_SIZES",
+    "WEIGHT_ONLY_DTYPES",
+    "int4_refusal",
+    "int8_refusal",
+    "pack_int4",
 ]

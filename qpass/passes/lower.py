@@ -12,10 +12,15 @@ weights requantized to 7 bits)::
 
     s = qpass.choose_qparams(x, True, True, -128, 127)[0]
     y = qpass.onednn_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), 1.0, 128, const(packed W7), const(W7_s), None) * s + b
+
+Weight-only linears with bf16 activations run ATen's weight-only CPU kernels
+(``y = _weight_int8pack_mm(x, const(W_q), const(W_s bf16)) + b``, or ``_weight_int4pack_mm_for_cpu``);
+an outlier split (LLM.int8()) lowers its inlier linear and keeps the outlier columns' float linear.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -182,6 +187,13 @@ class QLinear:
     m: int | None  # tokens (product of the leading dims); None when symbolic
     device: torch.device
     out_dtype: torch.dtype
+    w_zero_point: fx.Node | None = None  # const (N, K / G) float zero points (asymmetric weights)
+    linear: fx.Node | None = None  # the quantized linear: ``out`` itself, or its inlier part in an outlier split
+
+    @property
+    def split(self) -> bool:
+        """An outlier split: ``out`` adds the inlier linear and the outlier columns' float linear."""
+        return self.linear is not self.out
 
     @property
     def per_channel(self) -> bool:
@@ -193,13 +205,10 @@ class QLinear:
         return _val(self.w_scale).numel() == 1
 
 
-# Why a quantized linear keeps the reference quant/dequant path: checked in order, first hit wins.
-# ``None`` as the linear's act means weight-only.
+# Why a linear with quantized activations keeps the reference quant/dequant path: checked in order,
+# first hit wins. (Weight-only linears: ``_choose_weight_only``. An outlier split lowers its inlier
+# linear by these rules; its outlier columns' linear stays in floating point.)
 _REFERENCE_RULES: tuple[tuple[str, Callable[[QLinear, Target], bool]], ...] = (
-    # Two partial products (quantized inliers + fp32 outliers); the kernels compute one.
-    ("outlier split", lambda q, t: q.out.target is not F.linear),
-    # The int kernels need both operands quantized.
-    ("weight-only", lambda q, t: q.act is None),
     ("int4 weights", lambda q, t: q.weight_dtype == "int4"),
     # A scale per block of K (or per column of W) cannot be applied after the integer dot product.
     ("per-group weights", lambda q, t: q.group_size > 0),
@@ -246,11 +255,14 @@ def match(qg: QGraph, out: fx.Node, path: str, config: QuantConfig) -> QLinear:
     return QLinear(
         path=path, out=out, act=act, w_q=w_dq.args[0], w_scale=w_dq.args[1], group_size=w_dq.args[3], bias=bias,
         weight_dtype=config.weight.dtype, m=m, device=_val(w_dq.args[0]).device, out_dtype=_val(lin).dtype,
+        w_zero_point=w_dq.args[2], linear=lin,
     )
 
 
 def choose(q: QLinear, target: Target) -> tuple[str, str]:
     """``(kernel, why)``: the kernel name from ``KERNELS``, or ``"reference"`` and the reason."""
+    if q.act is None:
+        return _choose_weight_only(q, target)
     for why, applies in _REFERENCE_RULES:
         if applies(q, target):
             return "reference", why
@@ -258,6 +270,36 @@ def choose(q: QLinear, target: Target) -> tuple[str, str]:
         return ("cuda_int8" if q.act.dtype == torch.int8 else "cuda_fp8"), ""
     decode = q.m is not None and q.m <= DECODE_M
     return ("fbgemm" if decode and target.fbgemm else "onednn"), ""
+
+
+#: Weight-only kernels per weight dtype (CPU; ``qpass.kernels.weight_only``).
+_WEIGHT_ONLY_KERNELS = {"int8": "cpu_w8", "int4": "cpu_w4"}
+
+
+def _choose_weight_only(q: QLinear, target: Target) -> tuple[str, str]:
+    """``choose`` for a linear with unquantized activations: ATen's weight-only CPU kernels where
+    they are fast (bf16 activations) and take the weight's shape and scheme."""
+    kernel = _WEIGHT_ONLY_KERNELS.get(q.weight_dtype)
+    if target.device != "cpu":
+        return "reference", "weight-only (its kernels here are CPU kernels)"
+    if kernel is None:
+        return "reference", f"weight-only {q.weight_dtype}: no kernel"
+    dtype = _val(q.linear.args[0]).dtype
+    if dtype not in kernels.WEIGHT_ONLY_DTYPES:
+        # Measured: 10-80x slower than a float linear with float32 / float16 activations (kernels.weight_only).
+        return "reference", f"weight-only with {str(dtype).removeprefix('torch.')} activations (its kernels are fast with bfloat16 only)"
+    n, k = _val(q.w_q).shape
+    if kernel == "cpu_w8":
+        if q.group_size > 0:
+            return "reference", "per-group int8 weights (the int8 weight-only kernel takes a scale per output channel)"
+        if q.w_zero_point is not None:
+            return "reference", "asymmetric int8 weights (the int8 weight-only kernel has no zero points)"
+        if not (q.per_channel or q.per_tensor):
+            return "reference", "per-input-channel weights"
+        why = kernels.int8_refusal(n, k)
+    else:
+        why = kernels.int4_refusal(n, k, q.group_size)
+    return ("reference", why) if why else (kernel, "")
 
 
 # ----------------------------------------------------------------------------- emitters
@@ -286,6 +328,8 @@ class _Emit:
             return grids[0]
         s = self.smoothing.get(q.path)
         x = stats.samples.float() / (s if s is not None else 1.0)
+        if q.split:  # what reaches the inlier linear: the outlier channels masked out
+            x = x * self.qg.value(q.act.x.args[1])
         static = None if q.act.dynamic else float(self.qg.value(q.act.scale))
         w_q, w_s = self.qg.value(q.w_q), self.qg.value(q.w_scale).float()
         errors = [grid_error(x, w_q, w_s, g, per_token=q.act.per_token, static_scale=static,
@@ -476,6 +520,37 @@ def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
     return e.finish(q, y, None, q.bias, before)
 
 
+def _emit_cpu_w8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
+    """``linear(x, dequantize(W_q, W_s), b)`` -> ``_weight_int8pack_mm(x (M, K), W_q, W_s as x's dtype) + b``."""
+    before, x = q.out, q.linear.args[0]
+    w_q, w_s = e.weight(q, GRID_8BIT)
+    n, k = w_q.shape
+    dtype = _val(x).dtype
+    scales = e.qg.constant(f"{q.path}.weight_scale_int8pack", w_s.to(dtype))
+    x2 = e.call(torch.reshape, (x, (-1, k)), before)
+    y2 = e.call(torch.ops.aten._weight_int8pack_mm.default, (x2, q.w_q, scales), before)
+    y = e.call(torch.reshape, (y2, (*e.sizes(x, before)[:-1], n)), before)
+    return e.finish(q, y, None, q.bias, before)
+
+
+def _emit_cpu_w4(e: _Emit, q: QLinear, target: Target) -> fx.Node:
+    """``linear(x, dequantize(W_q, W_s, W_zp, G), b)`` -> ``_weight_int4pack_mm_for_cpu(x (M, K), packed, G,
+    scales_and_zeros) + b`` (``kernels.pack_int4``: ``W = (W_q + 8 - 8) * W_s - W_zp * W_s``)."""
+    before, x, qg = q.out, q.linear.args[0], e.qg
+    w_q, w_s = qg.value(q.w_q), qg.value(q.w_scale).float()
+    w_zp = None if q.w_zero_point is None else qg.value(q.w_zero_point).float()
+    n, k = w_q.shape
+    dtype = _val(x).dtype
+    key = w_s if w_zp is None else torch.cat([w_s.flatten(), w_zp.flatten()])
+    packed, sz = e.packed(f"int4 {dtype}", q.path, w_q, key, lambda: kernels.pack_int4(w_q, w_s, w_zp, dtype))
+    packed = qg.constant(f"{q.path}.weight_int4pack", packed)
+    sz = qg.constant(f"{q.path}.weight_scales_and_zeros", sz)
+    x2 = e.call(torch.reshape, (x, (-1, k)), before)
+    y2 = e.call(torch.ops.aten._weight_int4pack_mm_for_cpu.default, (x2, packed, q.group_size, sz), before)
+    y = e.call(torch.reshape, (y2, (*e.sizes(x, before)[:-1], n)), before)
+    return e.finish(q, y, None, q.bias, before)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A lowering: what the report calls it and how it rewrites one linear."""
@@ -489,12 +564,18 @@ KERNELS: dict[str, Kernel] = {
     "fbgemm": Kernel("fbgemm", _emit_fbgemm),
     "cuda_int8": Kernel("cuda int8 (_int_mm)", _emit_cuda_int8),
     "cuda_fp8": Kernel("cuda fp8 (_scaled_mm)", _emit_cuda_fp8),
+    "cpu_w8": Kernel("int8 weight-only (_weight_int8pack_mm)", _emit_cpu_w8),
+    "cpu_w4": Kernel("int4 weight-only (_weight_int4pack_mm_for_cpu)", _emit_cpu_w4),
 }
 
+#: Added to the kernel label of an outlier split's inlier linear: its outlier columns' linear stays in floating point.
+SPLIT_NOTE = " + float outlier columns"
 
-def kernel_label(name: str, grid: Grid | None = None) -> str:
+
+def kernel_label(name: str, grid: Grid | None = None, *, split: bool = False) -> str:
     label = KERNELS[name].label
-    return f"{label} ({grid.note})" if grid is not None and grid.note else label
+    label = f"{label} ({grid.note})" if grid is not None and grid.note else label
+    return label + SPLIT_NOTE if split else label
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -520,13 +601,18 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
             row.add_kernel(f"reference ({why})")
             logger.warning("%s: kept on the reference quant/dequant path: %s", path, why)
             continue
-        y = KERNELS[name].emit(emit, q, t)
-        out.replace_all_uses_with(y)
-        qg.graph.erase_node(out)
-        del qg.quantized[out]
-        qg.quantized[y] = path
+        if q.split:  # the inlier linear on the kernel; the outlier columns' float linear and the add stay
+            y = KERNELS[name].emit(emit, dataclasses.replace(q, out=q.linear), t)
+            q.linear.replace_all_uses_with(y)
+            qg.graph.erase_node(q.linear)
+        else:
+            y = KERNELS[name].emit(emit, q, t)
+            out.replace_all_uses_with(y)
+            qg.graph.erase_node(out)
+            del qg.quantized[out]
+            qg.quantized[y] = path
         grid, why = emit.grids.get(path, (None, ""))
-        row.add_kernel(kernel_label(name, grid))
+        row.add_kernel(kernel_label(name, grid, split=q.split))
         if why:
             row.reason = f"{row.reason}; {why}" if row.reason else why
         done += 1
