@@ -15,7 +15,9 @@ Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them)
   ``Int8DynamicActivationInt8WeightConfig`` on a copy of the model, compiled with Inductor freezing
   (scoped with ``config.patch`` around its compiles; without freezing it runs ATen's reference
   ``_int_mm``); each qpass preset on a copy of the model, calibrated on real text (SmolLM2) or random
-  tokens (the random Llama), with ``release_weights`` after both workloads have compiled.
+  tokens (the random Llama), with ``release_weights`` after both workloads have compiled; on SmolLM2,
+  llama.cpp on the model's own GGUF requantized to Q8_0 (``bench/llamacpp_contender.py``; skipped, with
+  the reason printed, when ``llama_cpp`` is not installed: ``pip install 'qpass[bench]'``).
 Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
 (first call of each workload), resident weight MB (parameters with storage plus the compiled graphs'
 constants; torchao: its quantized tensors), process RSS, and the relative error and cosine of the
@@ -42,8 +44,9 @@ import torch
 import transformers
 from torch import nn
 
-import qpass
-from qpass import realdata
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # this checkout
+import qpass  # noqa: E402
+from qpass import realdata  # noqa: E402
 
 logger = logging.getLogger("bench.speed")
 
@@ -296,6 +299,27 @@ def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, devi
     return row
 
 
+def measure_llamacpp(w: Workloads, ref: dict[str, torch.Tensor], args) -> Row:
+    """llama.cpp on the same token ids, threads and reps; weights MB is its Q8_0 file (every tensor)."""
+    import llamacpp_contender
+
+    row = Row(llamacpp_contender.LlamaCpp.name)
+    start = time.perf_counter()
+    m = llamacpp_contender.LlamaCpp(torch.get_num_threads(), w.context, w.ids.shape[1])
+    row.compile_s = time.perf_counter() - start  # load (and, the first time, the Q8_0 conversion)
+    ids, prompt, token = w.ids[0].tolist(), w.prompt[0].tolist(), int(w.token)
+    m.prefill(ids)
+    pre = torch.from_numpy(m.llm.scores[len(ids) - 1].copy()).float().reshape(ref["prefill"].shape)
+    row.prefill_ms = _median_ms(lambda: m.prefill(ids), args.reps, args.warmup, torch.device("cpu"))
+    m.fill(prompt)
+    m.decode(token)
+    dec = torch.from_numpy(m.llm.scores[w.context].copy()).float().reshape(ref["decode"].shape)
+    row.decode_ms = _median_ms(lambda: m.decode(token), args.decode_reps, args.warmup, torch.device("cpu"))
+    row.prefill_err, row.prefill_cos, row.decode_err = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"]), _rel(dec, ref["decode"])
+    row.weight_mb, row.rss_mb = m.bytes / 2**20, rss_mb()
+    return row
+
+
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     model, desc, calib_batches = load(name, args.layers, device, dtype)
     logger.info("%s: %s", name, desc)
@@ -315,6 +339,19 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         finally:
             torch._dynamo.reset()
         logger.info("%s", rows[-1])
+    if name == "smollm2" and device.type == "cpu" and not args.no_llamacpp:
+        import llamacpp_contender
+
+        why = llamacpp_contender.why_unavailable()
+        if why:
+            print(why)
+        else:
+            try:
+                rows.append(measure_llamacpp(w, ref, args))
+            except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
+                logger.exception("llama.cpp failed")
+                rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
+            logger.info("%s", rows[-1])
     base = next((r for r in rows if r.name == "fp32 torch.compile"), None)
     for r in rows:
         if base is not None:
@@ -354,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
