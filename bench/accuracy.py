@@ -84,6 +84,9 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "w8a8_static fp32 q/k/v": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.q_proj", "*.k_proj", "*.v_proj")),
     "w8a8_static fp32 gate/up": qpass.preset("w8a8_static", dynamic_fallback=8.0, skip=("lm_head", "*.gate_proj", "*.up_proj")),
     "w8a8_dynamic fp32 down_proj": qpass.preset("w8a8_dynamic", skip=("lm_head", "*.down_proj")),
+    # lm_head quantized too (bench/speed.py --int8-lm-head): decode reads a quarter of its bytes
+    "w8a8_dynamic int8 lm_head": qpass.preset("w8a8_dynamic", skip=()),
+    "w8a8_static int8 lm_head": qpass.preset("w8a8_static", skip=()),
 }
 
 PATHS = ("reference", "lowered", "lowered-avx2")

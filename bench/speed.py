@@ -73,11 +73,12 @@ class Row:
 # ----------------------------------------------------------------------------- models and inputs
 
 
-def load(name: str, layers: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str, Callable]:
+def load(name: str, layers: int, device: torch.device, dtype: torch.dtype,
+         calib_batches: int = 8) -> tuple[nn.Module, str, Callable]:
     """``(model, description, calibration batches factory)``."""
     if name == "smollm2":
         model, tok = realdata.load_smollm2()
-        batches = lambda: realdata.calibration_batches(tok, 8, 512)  # noqa: E731
+        batches = lambda: realdata.calibration_batches(tok, calib_batches, 512)  # noqa: E731
         desc = "SmolLM2-135M (real weights, 30 layers, hidden 576)"
     elif name == "llama2048":
         torch.manual_seed(0)
@@ -242,7 +243,7 @@ class _null:
         return False
 
 
-def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool):
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False):
     yield "fp32 eager", lambda: Contender("fp32 eager", model, model)
     yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
     if torchao:
@@ -255,17 +256,19 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                              scope=lambda: torch._inductor.config.patch(freezing=True))
         yield "torchao int8 dynamic (freezing)", make_torchao
     calib = None
-    for name in presets:
-        def make_qpass(name=name):
+    variants = [(name, "") for name in presets] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
+    for name, variant in variants:
+        def make_qpass(name=name, variant=variant):
             nonlocal calib
             if calib is None:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(qpass.preset(name), calibration=calib)
-            return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
+            config = qpass.preset(name, skip=()) if variant else qpass.preset(name)
+            backend = qpass.backend(config, calibration=calib)
+            return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
-        yield f"qpass {name}", make_qpass
+        yield f"qpass {name}{variant}", make_qpass
 
 
 def _not_lm_head(module: nn.Module, fqn: str) -> bool:
@@ -321,14 +324,14 @@ def measure_llamacpp(w: Workloads, ref: dict[str, torch.Tensor], args) -> Row:
 
 
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    model, desc, calib_batches = load(name, args.layers, device, dtype)
+    model, desc, calib_batches = load(name, args.layers, device, dtype, args.calib_batches)
     logger.info("%s: %s", name, desc)
     w = Workloads(model, args.prefill, args.context, device)
     with torch.no_grad():
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head):
         torch._dynamo.reset()
         try:
             c = make()
@@ -392,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--calib-batches", type=int, default=8, help="SmolLM2 calibration batches of 512 tokens")
+    parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
