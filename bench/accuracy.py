@@ -99,6 +99,9 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     "illm_w8a8 all three float": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False, norm=False,
                                                                                             act=False)),
     "illm_w8a8 no smoothing": qpass.preset("illm_w8a8", smoothing=None),
+    # lm_head quantized too (bench/speed.py --int8-lm-head): decode reads a quarter of its bytes
+    "w8a8_dynamic int8 lm_head": qpass.preset("w8a8_dynamic", skip=()),
+    "w8a8_static int8 lm_head": qpass.preset("w8a8_static", skip=()),
 }
 
 

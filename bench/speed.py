@@ -21,6 +21,8 @@ Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them)
   instead, with freezing: ``Int8WeightOnlyConfig``, ``Int4WeightOnlyConfig`` (no CPU layout in
   torchao 0.18: its row records the error) and ``PrototypeInt4WeightOnlyConfig`` (group 32, the
   same ``_weight_int4pack_mm_for_cpu`` kernel; ``set_inductor_config=False``, no global settings).
+  On SmolLM2 (fp32, CPU), llama.cpp on the model's own GGUF requantized to Q8_0 (``bench/llamacpp_contender.py``; skipped, with
+  the reason printed, when ``llama_cpp`` is not installed: ``pip install 'qpass[bench]'``).
 Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
 (first call of each workload), resident weight MB (parameters with storage plus the compiled graphs'
 constants; torchao: its quantized tensors), process RSS, and the relative error and cosine of the
@@ -47,8 +49,9 @@ import torch
 import transformers
 from torch import nn
 
-import qpass
-from qpass import realdata
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # this checkout
+import qpass  # noqa: E402
+from qpass import realdata  # noqa: E402
 
 logger = logging.getLogger("bench.speed")
 
@@ -75,11 +78,12 @@ class Row:
 # ----------------------------------------------------------------------------- models and inputs
 
 
-def load(name: str, layers: int, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str, Callable]:
+def load(name: str, layers: int, device: torch.device, dtype: torch.dtype,
+         calib_batches: int = 8) -> tuple[nn.Module, str, Callable]:
     """``(model, description, calibration batches factory)``."""
     if name == "smollm2":
         model, tok = realdata.load_smollm2()
-        batches = lambda: realdata.calibration_batches(tok, 8, 512)  # noqa: E731
+        batches = lambda: realdata.calibration_batches(tok, calib_batches, 512)  # noqa: E731
         desc = "SmolLM2-135M (real weights, 30 layers, hidden 576)"
     elif name == "llama2048":
         torch.manual_seed(0)
@@ -277,7 +281,7 @@ def _torchao_weight_only(model: nn.Module):
     yield make("torchao prototype CPU int4 weight-only, group 32 (freezing)", int4_cpu)
 
 
-def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool):
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
     yield f"{dt} torch.compile", lambda: Contender(f"{dt} torch.compile", model, torch.compile(model, dynamic=False))
@@ -293,19 +297,20 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                              scope=lambda: torch._inductor.config.patch(freezing=True))
         yield "torchao int8 dynamic (freezing)", make_torchao
     calib = None
-    for name in presets:
-        def make_qpass(name=name):
+    variants = [(name, "") for name in presets] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
+    for name, variant in variants:
+        def make_qpass(name=name, variant=variant):
             nonlocal calib
-            config = qpass.preset(name)
+            config = qpass.preset(name, skip=()) if variant else qpass.preset(name)
             needs_calib = config.activation is not None or config.outliers is not None or config.smoothing is not None
             if calib is None and needs_calib:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
             backend = qpass.backend(config, calibration=calib if needs_calib else None)
-            return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
+            return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
-        yield f"qpass {name}", make_qpass
+        yield f"qpass {name}{variant}", make_qpass
 
 
 def _not_lm_head(module: nn.Module, fqn: str) -> bool:
@@ -339,15 +344,36 @@ def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, devi
     return row
 
 
+def measure_llamacpp(w: Workloads, ref: dict[str, torch.Tensor], args) -> Row:
+    """llama.cpp on the same token ids, threads and reps; weights MB is its Q8_0 file (every tensor)."""
+    import llamacpp_contender
+
+    row = Row(llamacpp_contender.LlamaCpp.name)
+    start = time.perf_counter()
+    m = llamacpp_contender.LlamaCpp(torch.get_num_threads(), w.context, w.ids.shape[1])
+    row.compile_s = time.perf_counter() - start  # load (and, the first time, the Q8_0 conversion)
+    ids, prompt, token = w.ids[0].tolist(), w.prompt[0].tolist(), int(w.token)
+    m.prefill(ids)
+    pre = torch.from_numpy(m.llm.scores[len(ids) - 1].copy()).float().reshape(ref["prefill"].shape)
+    row.prefill_ms = _median_ms(lambda: m.prefill(ids), args.reps, args.warmup, torch.device("cpu"))
+    m.fill(prompt)
+    m.decode(token)
+    dec = torch.from_numpy(m.llm.scores[w.context].copy()).float().reshape(ref["decode"].shape)
+    row.decode_ms = _median_ms(lambda: m.decode(token), args.decode_reps, args.warmup, torch.device("cpu"))
+    row.prefill_err, row.prefill_cos, row.decode_err = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"]), _rel(dec, ref["decode"])
+    row.weight_mb, row.rss_mb = m.bytes / 2**20, rss_mb()
+    return row
+
+
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    model, desc, calib_batches = load(name, args.layers, device, dtype)
+    model, desc, calib_batches = load(name, args.layers, device, dtype, args.calib_batches)
     logger.info("%s: %s", name, desc)
     w = Workloads(model, args.prefill, args.context, device)
     with torch.no_grad():
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -360,6 +386,19 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         finally:
             torch._dynamo.reset()
         logger.info("%s", rows[-1])
+    if name == "smollm2" and device.type == "cpu" and not args.no_llamacpp:
+        import llamacpp_contender
+
+        why = llamacpp_contender.why_unavailable()
+        if why:
+            print(why)
+        else:
+            try:
+                rows.append(measure_llamacpp(w, ref, args))
+            except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
+                logger.exception("llama.cpp failed")
+                rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
+            logger.info("%s", rows[-1])
     base = next((r for r in rows if r.name == f"{_dtype_name(model)} torch.compile"), None)
     for r in rows:
         if base is not None:
@@ -405,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only the contenders whose label contains one of these (the torch.compile baseline always runs)")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--calib-batches", type=int, default=8, help="SmolLM2 calibration batches of 512 tokens")
+    parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -113,7 +113,11 @@ def test_graphs_share_one_packed_weight_per_layer():
             model(token_batches(1, batch=1, seq=seq)[0], use_cache=False)
     packed = [{n.target: getattr(gm, n.target) for n in gm.graph.nodes
                if n.op == "get_attr" and n.target.endswith("weight_onednn")} for gm in backend.graphs]
-    assert len(packed) == 2 and len(packed[0]) == 14 and packed[0].keys() == packed[1].keys()
+    # one packed weight per kernel call: 14 linears, as few as 8 GEMMs where q / k / v and gate / up
+    # share one (always on the 8-bit grid; without VNNI where their calibration chose one grid)
+    calls = [sum(n.target is torch.ops.qpass.onednn_qlinear.default for n in gm.graph.nodes) for gm in backend.graphs]
+    assert len(packed) == 2 and len(packed[0]) == calls[0] and 8 <= calls[0] <= 14, calls
+    assert packed[0].keys() == packed[1].keys()
     assert all(packed[0][k] is packed[1][k] for k in packed[0])  # one packed tensor, not a copy each
     del model.forward
     torch._dynamo.reset()
@@ -123,7 +127,8 @@ def test_graphs_share_one_packed_weight_per_layer():
     model.generate(token_batches(1, batch=1, seq=24)[0], max_new_tokens=4, do_sample=False)
     assert backend.report.graphs == 3  # prefill, the first decode step, dynamic-shape decode
     handles = set(kernels.fbgemm._REGISTRY) - before
-    assert len(handles) == 14, len(handles)  # not one per graph
+    calls = [sum(n.target is torch.ops.qpass.fbgemm_qlinear.default for n in gm.graph.nodes) for gm in backend.graphs]
+    assert len(handles) == calls[1] and 8 <= calls[1] <= 14, (len(handles), calls)  # not one per graph
     assert kernels.fbgemm_registry_bytes() >= sum(
         m.weight.numel() for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p != "lm_head")
     del model.forward, backend

@@ -366,6 +366,68 @@ def test_narrow_weight_is_exact_requantization():
     assert same is w_q and s_same is s
 
 
+# ----------------------------------------------------------------------------- shared-input groups
+
+_KERNEL_OPS = (torch.ops.qpass.onednn_qlinear.default, torch.ops.qpass.fbgemm_qlinear.default)
+
+
+@needs_onednn
+@pytest.mark.parametrize("seq", [4, 48], ids=["fbgemm", "onednn"])
+@pytest.mark.parametrize("name,arch", [  # qwen2: q / k / v with biases (inside oneDNN on the static path)
+    ("w8a8_dynamic", "llama"), ("w8a8_static", "qwen2"), ("w8a8_tensor_dynamic", "qwen2"), ("asym per-tensor", "llama")])
+def test_shared_input_linears_run_as_one_gemm_equal_to_unfused(monkeypatch, name, arch, seq):
+    """q / k / v and gate / up read one quantized activation: one kernel call over their
+    concatenated weights, 4 per layer instead of 7, with logits equal to the unfused lowering's
+    (the same integers and per-column arithmetic), and every linear keeping its report row."""
+    target = lowering.Target("cpu", onednn=True, fbgemm=CPU.fbgemm)
+    if seq == 4 and not CPU.fbgemm:
+        pytest.skip("FBGEMM not available")
+    _with_target(monkeypatch, target)
+    model = tiny_model(arch, layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, batch=1, seq=seq, seed=3)[0]
+    outs, calls = {}, {}
+    for fuse in (False, True):
+        monkeypatch.setattr(lowering, "FUSE_SHARED_INPUT", fuse)
+        torch._dynamo.reset()
+        backend = qpass.backend(KERNEL_CONFIGS[name], calibration=calib, inductor=False)
+        with torch.no_grad():
+            outs[fuse] = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+        calls[fuse] = sum(n.target in _KERNEL_OPS for n in backend.graphs[0].graph.nodes)
+        rows = {p: r for p, r in backend.report.rows.items() if p != "lm_head"}
+        assert len(rows) == 7 and all(_split(r.kernel)[0] == ("fbgemm" if seq == 4 else "onednn") for r in rows.values())
+    assert torch.equal(outs[True], outs[False])
+    assert calls == {False: 7, True: 4}
+    prefix = "model.layers.0."
+    assert "one GEMM with model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj (same input)" in \
+        rows[prefix + "self_attn.k_proj"].reason
+    assert "one GEMM with model.layers.0.mlp.gate_proj (same input)" in rows[prefix + "mlp.up_proj"].reason
+    assert "one GEMM" not in rows[prefix + "mlp.down_proj"].reason
+
+
+@needs_onednn
+def test_shared_input_groups_split_by_grid(monkeypatch):
+    """Without VNNI each linear takes the 7-bit grid its calibration samples prefer: linears of one
+    input on different grids quantize it differently, so only those on the same grid share a GEMM."""
+    _with_target(monkeypatch, FAKE_CPU)
+    model = tiny_model("llama", layers=2)
+    calib = qpass.calibrate(model, token_batches(2))
+    backend = qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib, inductor=False)
+    ids = token_batches(1, batch=1, seq=32, seed=3)[0]
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
+    rows = backend.report.rows
+    for layer in range(2):
+        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+            paths = [f"model.layers.{layer}.{block}.{n}" for n in names]
+            for p in paths:
+                same = [o for o in paths if o != p and _split(rows[o].kernel)[1] == _split(rows[p].kernel)[1]]
+                note = "one GEMM with " + ", ".join(same) + " (same input)"
+                assert (note in rows[p].reason) == bool(same), (p, rows[p].kernel, rows[p].reason)
+    grids = {_split(r.kernel)[1] for p, r in rows.items() if p != "lm_head"}
+    assert grids <= {lowering.GRID_W7, lowering.GRID_A7}
+
+
 # ----------------------------------------------------------------------------- snapshots
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

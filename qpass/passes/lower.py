@@ -41,7 +41,7 @@ from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lower", "Target", "Grid", "QLinear", "QExperts", "match", "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
+__all__ = ["lower", "shared_input_groups", "FUSE_SHARED_INPUT", "Target", "Grid", "QLinear", "QExperts", "match", "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -442,6 +442,8 @@ class _Emit:
 
     def weight(self, q: QLinear, grid: Grid) -> tuple[Tensor, Tensor]:
         """The int8 ``(N, K)`` weight on ``grid`` and its ``(N,)`` float32 scales."""
+        if isinstance(q.w_q, Tensor):  # a shared-input group's concatenated weights (``_emit_shared_input``)
+            return q.w_q, q.w_scale
         w_q = self.qg.value(q.w_q)
         w_s = self.qg.value(q.w_scale).float().reshape(-1).expand(w_q.shape[0]).contiguous()
         return narrow_weight(w_q, w_s, grid.w_qmax)
@@ -578,6 +580,66 @@ def kernel_label(name: str, grid: Grid | None = None, *, split: bool = False) ->
     return label + SPLIT_NOTE if split else label
 
 
+# ----------------------------------------------------------------------------- shared-input groups
+
+#: Whether linears reading the same quantized activation (q / k / v, gate / up) run as one GEMM.
+FUSE_SHARED_INPUT = True
+
+
+def shared_input_groups(e: _Emit, plans: list[tuple[QLinear, Target, str]]) -> list[list[tuple[QLinear, Target, str]]]:
+    """``plans`` (linear, target, kernel) in groups that can run as one GEMM over their concatenated
+    weights, in the order of their first member (a group of one otherwise): same quantized input,
+    CPU kernel, target, grid, token count and output dtype, and biases that are all absent or all
+    constants of one dtype (they are concatenated too)."""
+    groups: dict[tuple, list] = {}
+    for plan in plans:
+        q, t, name = plan
+        key: tuple = (id(plan),)
+        if FUSE_SHARED_INPUT and name in ("onednn", "fbgemm") and q.act is not None and not q.split:
+            bias = None if q.bias is None else e.qg.value(q.bias)
+            if q.bias is None or bias is not None:
+                key = (id(q.act.x_dq), t, name, e.grid(q, t, name), q.m, q.out_dtype,
+                       None if bias is None else bias.dtype)
+        groups.setdefault(key, []).append(plan)
+    return list(groups.values())
+
+
+def _emit_shared_input(e: _Emit, qs: list[QLinear], target: Target, name: str) -> list[fx.Node]:
+    """One kernel call for linears that read the same activation (each on ``grid``)::
+
+        q = linear(x_dq, W_q_dq); k = linear(x_dq, W_k_dq); v = linear(x_dq, W_v_dq)
+    ->  y = <kernel>(quantize(x), const(packed [W_q; W_k; W_v])) * s + const([b_q; b_k; b_v])
+        q = clone(narrow(y, -1, 0, N_q)); k = clone(narrow(y, -1, N_q, N_k)); v = ...
+
+    Every output element is computed as in the linear's own lowering (same integers, same scale and
+    bias arithmetic per column), so the outputs are equal to the unfused ones."""
+    qg, q0 = e.qg, qs[0]
+    outs = {q.out for q in qs}
+    before = next(n for n in qg.graph.nodes if n in outs)
+    grid = e.grid(q0, target, name)
+    weights = [e.weight(q, grid) for q in qs]
+    path = "+".join(q.path.rsplit(".", 1)[-1] for q in qs)
+    path = f"{q0.path.rsplit('.', 1)[0]}.{path}" if "." in q0.path else path
+    e.grids.setdefault(path, (grid, ""))
+    bias = None
+    if any(q.bias is not None for q in qs):
+        bias = qg.constant(f"{path}.bias", torch.cat([qg.value(q.bias) for q in qs]))
+    fused = QLinear(path=path, out=before, act=q0.act, w_q=torch.cat([w for w, _ in weights]),
+                    w_scale=torch.cat([s for _, s in weights]), group_size=0, bias=bias,
+                    weight_dtype=q0.weight_dtype, m=q0.m, device=q0.device, out_dtype=torch.float32)
+    y = KERNELS[name].emit(e, fused, target)
+    ys, start = [], 0
+    for q, (w, _) in zip(qs, weights):
+        part = e.call(torch.narrow, (y, -1, start, w.shape[0]), before)
+        # contiguous, as the linear's own output was (a view of it may follow)
+        part = e.call(torch.ops.aten.clone.default, (part,), before, {"memory_format": torch.contiguous_format})
+        if q.out_dtype != torch.float32:
+            part = e.call(torch.ops.prims.convert_element_type.default, (part, q.out_dtype), before)
+        ys.append(part)
+        start += w.shape[0]
+    return ys
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -592,30 +654,42 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
     emit = _Emit(qg, calibration)
     targets: dict[torch.device, Target] = {}
     done = 0
+    plans: list[tuple[QLinear, Target, str]] = []
     for out, path in list(qg.quantized.items()):
         q = match(qg, out, path, config)
         t = target or targets.setdefault(q.device, Target.detect(q.device))
         name, why = choose(q, t)
-        row = report.row(path)
         if name == "reference":
-            row.add_kernel(f"reference ({why})")
+            report.row(path).add_kernel(f"reference ({why})")
             logger.warning("%s: kept on the reference quant/dequant path: %s", path, why)
             continue
-        if q.split:  # the inlier linear on the kernel; the outlier columns' float linear and the add stay
-            y = KERNELS[name].emit(emit, dataclasses.replace(q, out=q.linear), t)
-            q.linear.replace_all_uses_with(y)
-            qg.graph.erase_node(q.linear)
+        plans.append((q, t, name))
+    for group in shared_input_groups(emit, plans):
+        q, t, name = group[0]
+        if len(group) > 1:
+            ys = _emit_shared_input(emit, [g[0] for g in group], t, name)
+        elif q.split:  # the inlier linear on the kernel; the outlier columns' float linear and the add stay
+            ys = [KERNELS[name].emit(emit, dataclasses.replace(q, out=q.linear), t)]
         else:
-            y = KERNELS[name].emit(emit, q, t)
-            out.replace_all_uses_with(y)
-            qg.graph.erase_node(out)
-            del qg.quantized[out]
-            qg.quantized[y] = path
-        grid, why = emit.grids.get(path, (None, ""))
-        row.add_kernel(kernel_label(name, grid, split=q.split))
-        if why:
-            row.reason = f"{row.reason}; {why}" if row.reason else why
-        done += 1
+            ys = [KERNELS[name].emit(emit, q, t)]
+        for (q, _t, _name), y in zip(group, ys):
+            if q.split:
+                q.linear.replace_all_uses_with(y)
+                qg.graph.erase_node(q.linear)
+            else:
+                q.out.replace_all_uses_with(y)
+                qg.graph.erase_node(q.out)
+                del qg.quantized[q.out]
+                qg.quantized[y] = q.path
+            row = report.row(q.path)
+            grid, why = emit.grids.get(q.path, (None, ""))
+            row.add_kernel(kernel_label(name, grid, split=q.split))
+            notes = [why] if why else []
+            if len(group) > 1:
+                notes.append("one GEMM with " + ", ".join(g[0].path for g in group if g[0] is not q) + " (same input)")
+            for note in notes:
+                row.reason = f"{row.reason}; {note}" if row.reason else note
+            done += 1
     _lower_experts(qg, config, calibration, report, emit, target, targets)
     return done
 

@@ -1,0 +1,102 @@
+"""Where one decode step's time goes: ``torch.profiler`` on each contender of ``bench/speed.py``.
+
+    python bench/profile_decode.py [--model smollm2|llama2048] [--layers 4] [--steps 5] [--threads 2]
+                                   [--contenders "fp32 torch.compile" "qpass w8a8_dynamic" ...] [--rows 14]
+
+Same model, workload (one token against a ``StaticCache`` holding ``--context`` tokens) and contenders
+as ``bench/speed.py``, but only the decode graph is compiled (no prefill), with Inductor's kernel
+profiling on so that its generated C++ kernels show up by name. For each contender: the median wall
+time of a step (profiler off), then the operators by self CPU time over ``--steps`` profiled steps
+(per step: milliseconds and calls), and the number of calls per step of each qpass kernel op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # this checkout's qpass
+import speed  # noqa: E402  (bench/speed.py: models, workloads, contenders)
+
+logger = logging.getLogger("bench.profile_decode")
+
+
+def step_ms(fn, w: speed.Workloads, cache, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        w.rewind(cache)
+        t = time.perf_counter()
+        fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def profile_steps(fn, w: speed.Workloads, cache, steps: int) -> list[tuple[str, float, float]]:
+    """``[(op, self CPU ms per step, calls per step)]`` over ``steps`` profiled decode steps, largest first."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            w.rewind(cache)
+            fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True)
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def format_profile(name: str, wall: float, rows: list[tuple[str, float, float]], top: int) -> str:
+    total = sum(r[1] for r in rows)
+    lines = [f"### {name}: {wall:.2f} ms per step (profiler off); profiled self CPU {total:.2f} ms per step",
+             "", "| op | self ms / step | % | calls / step | us / call |", "|---|---|---|---|---|"]
+    for op, ms, calls in rows[:top]:
+        lines.append(f"| `{op[:70]}` | {ms:.3f} | {100 * ms / total:.1f} | {calls:g} | {1e3 * ms / max(calls, 1):.1f} |")
+    qpass_ops = [(op, ms, calls) for op, ms, calls in rows if op.startswith("qpass::")]
+    if qpass_ops:
+        lines.append("")
+        lines.append("qpass kernel ops: " + ", ".join(f"`{op}` {calls:g} calls, {ms:.2f} ms" for op, ms, calls in qpass_ops))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=speed.MODELS)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="profiled decode steps")
+    parser.add_argument("--reps", type=int, default=30, help="timed decode steps, profiler off")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=14)
+    parser.add_argument("--presets", nargs="+", default=["w8a8_dynamic", "w8a8_static"])
+    parser.add_argument("--contenders", nargs="+", default=None, help="names to run (default: all but fp32 eager)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    model, desc, batches = speed.load(args.model, args.layers, device, torch.float32)
+    w = speed.Workloads(model, 8, args.context, device)
+    print(f"{desc}: decode 1 token after {args.context}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    for label, make in speed.contenders(model, args.presets, batches, torchao=True):
+        if (args.contenders and label not in args.contenders) or (not args.contenders and label == "fp32 eager"):
+            continue
+        torch._dynamo.reset()
+        try:
+            c = make()
+            with torch.no_grad():
+                cache = w.new_cache(model)
+                with c.scope(), torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+                    w.decode(c.fn, cache)
+                wall = step_ms(c.fn, w, cache, args.reps)
+                rows = profile_steps(c.fn, w, cache, args.steps)
+            print(format_profile(c.name, wall, rows, args.rows) + "\n", flush=True)
+        finally:
+            torch._dynamo.reset()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
