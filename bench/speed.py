@@ -30,6 +30,7 @@ import collections
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -48,6 +49,18 @@ from qpass import realdata
 logger = logging.getLogger("bench.speed")
 
 MODELS = ("smollm2", "llama2048")
+
+#: Presets changed in one way (``--variants``), measured in the same run as the presets.
+VARIANTS: dict[str, qpass.QuantConfig] = {
+    "w8a8_static fallback 1.5x": qpass.preset("w8a8_static", dynamic_fallback=1.5),
+    "w8a8_static fallback 8x": qpass.preset("w8a8_static", dynamic_fallback=8.0),
+    # CPUs without VNNI: int8 weights split into two 7-bit halves (exact 8-bit integers, a GEMM of twice
+    # the depth) where the best 7-bit grid's calibration error exceeds the 8-bit one's by over d; "all": d = 0
+    "w8a8_dynamic split all": qpass.preset("w8a8_dynamic", split_weights=0.0),
+    "w8a8_dynamic split 0.05%": qpass.preset("w8a8_dynamic", split_weights=0.0005),
+    "w8a8_static fallback 1.5x split 0.05%": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0005),
+    "w8a8_static fallback 1.5x split all": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0),
+}
 
 
 @dataclass
@@ -239,7 +252,7 @@ class _null:
         return False
 
 
-def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool):
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, variants: list[str] = ()):
     yield "fp32 eager", lambda: Contender("fp32 eager", model, model)
     yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
     if torchao:
@@ -252,14 +265,14 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                              scope=lambda: torch._inductor.config.patch(freezing=True))
         yield "torchao int8 dynamic (freezing)", make_torchao
     calib = None
-    for name in presets:
+    for name in [*presets, *variants]:
         def make_qpass(name=name):
             nonlocal calib
             if calib is None:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(qpass.preset(name), calibration=calib)
+            backend = qpass.backend(VARIANTS.get(name) or qpass.preset(name), calibration=calib)
             return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
         yield f"qpass {name}", make_qpass
@@ -304,7 +317,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao):
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.variants):
         torch._dynamo.reset()
         try:
             c = make()
@@ -345,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the random hidden-2048 Llama")
-    parser.add_argument("--presets", nargs="+", default=["w8a8_static", "w8a8_dynamic"], choices=sorted(qpass.PRESETS))
+    parser.add_argument("--presets", nargs="*", default=["w8a8_static", "w8a8_dynamic"], choices=sorted(qpass.PRESETS))
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS), help="presets changed in one way")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens")
     parser.add_argument("--context", type=int, default=512, help="tokens in the KV cache before the decode step")
     parser.add_argument("--reps", type=int, default=10, help="timed prefill runs")
@@ -371,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
         "threads": torch.get_num_threads(), "dtype": str(dtype), "torch": torch.__version__,
         "argv": sys.argv[1:] if argv is None else argv,
+        # a CPU without VNNI emulated on this one: oneDNN / FBGEMM limited to AVX2 (vpmaddubsw)
+        "isa_limits": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+                       if k in os.environ},
+        "int8_dot_exact": {k: qpass.kernels.int8_dot_exact(k) for k in qpass.kernels.PROBED_KERNELS
+                           if qpass.kernels.kernel_available(k)},
     }
     results = [bench_model(name, args, device, dtype) for name in args.models]
     print(f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}, baseline {dtype}\n")
