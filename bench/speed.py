@@ -252,9 +252,11 @@ class _null:
         return False
 
 
-def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, variants: list[str] = ()):
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, variants: list[str] = (),
+               inductor: bool = True):
     yield "fp32 eager", lambda: Contender("fp32 eager", model, model)
-    yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
+    if inductor:
+        yield "fp32 torch.compile", lambda: Contender("fp32 torch.compile", model, torch.compile(model, dynamic=False))
     if torchao:
         def make_torchao():
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -272,7 +274,7 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(VARIANTS.get(name) or qpass.preset(name), calibration=calib)
+            backend = qpass.backend(VARIANTS.get(name) or qpass.preset(name), calibration=calib, inductor=inductor)
             return Contender(f"qpass {name}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
         yield f"qpass {name}", make_qpass
@@ -317,7 +319,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.variants):
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.variants,
+                                  inductor=not args.eager_graphs):
         torch._dynamo.reset()
         try:
             c = make()
@@ -328,7 +331,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         finally:
             torch._dynamo.reset()
         logger.info("%s", rows[-1])
-    base = next((r for r in rows if r.name == "fp32 torch.compile"), None)
+    base = next((r for r in rows if r.name == ("fp32 eager" if args.eager_graphs else "fp32 torch.compile")), None)
     for r in rows:
         if base is not None:
             r.prefill_speedup = base.prefill_ms / r.prefill_ms
@@ -339,7 +342,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
 def format_table(result: dict[str, Any], args) -> str:
     head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
             f"{args.context}; median of {args.reps} / {args.decode_reps} runs\n\n")
-    cols = ("contender", "prefill ms", "prefill vs fp32 compile", "decode ms", "decode vs fp32 compile",
+    base = "fp32 eager" if args.eager_graphs else "fp32 compile"
+    cols = ("contender", "prefill ms", f"prefill vs {base}", "decode ms", f"decode vs {base}",
             "compile s", "weights MB", "logits rel. err (prefill / decode)")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
@@ -368,8 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--eager-graphs", action="store_true",
+                        help="qpass graphs run without Inductor (qpass.backend(inductor=False)): the same kernels, the "
+                             "quant / rescale ops unfused; no fp32 torch.compile row, speedups vs fp32 eager; implies "
+                             "--no-torchao. For comparing qpass configs where Inductor's compile is too slow")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
+    args.no_torchao = args.no_torchao or args.eager_graphs
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads:
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
         "threads": torch.get_num_threads(), "dtype": str(dtype), "torch": torch.__version__,
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": sys.argv[1:] if argv is None else argv, "inductor": not args.eager_graphs,
         # a CPU without VNNI emulated on this one: oneDNN / FBGEMM limited to AVX2 (vpmaddubsw)
         "isa_limits": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
                        if k in os.environ},
