@@ -102,6 +102,16 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     # lm_head quantized too (bench/speed.py --int8-lm-head): decode reads a quarter of its bytes
     "w8a8_dynamic int8 lm_head": qpass.preset("w8a8_dynamic", skip=()),
     "w8a8_static int8 lm_head": qpass.preset("w8a8_static", skip=()),
+    # CPUs without VNNI: int8 weights split into two 7-bit halves where the best 7-bit grid's output error on
+    # the calibration samples exceeds the 8-bit integers' by more than d ("all": d = 0, every linear)
+    "w8a8_dynamic split all": qpass.preset("w8a8_dynamic", split_weights=0.0),
+    "w8a8_dynamic split 0.05%": qpass.preset("w8a8_dynamic", split_weights=0.0005),
+    "w8a8_dynamic split 0.1%": qpass.preset("w8a8_dynamic", split_weights=0.001),
+    "w8a8_static split all": qpass.preset("w8a8_static", split_weights=0.0),
+    "w8a8_static split 0.05%": qpass.preset("w8a8_static", split_weights=0.0005),
+    "w8a8_static fallback 1.5x split all": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0),
+    "w8a8_static fallback 1.5x split 0.05%": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0005),
+    "w8a8_static fallback 1.5x split 0.1%": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.001),
 }
 
 

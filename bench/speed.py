@@ -37,6 +37,7 @@ import collections
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -56,6 +57,18 @@ from qpass import realdata  # noqa: E402
 logger = logging.getLogger("bench.speed")
 
 MODELS = ("smollm2", "llama2048")
+
+#: Presets changed in one way (``--variants``), measured in the same run as the presets.
+VARIANTS: dict[str, qpass.QuantConfig] = {
+    "w8a8_static fallback 1.5x": qpass.preset("w8a8_static", dynamic_fallback=1.5),
+    "w8a8_static fallback 8x": qpass.preset("w8a8_static", dynamic_fallback=8.0),
+    # CPUs without VNNI: int8 weights split into two 7-bit halves (exact 8-bit integers, a GEMM of twice
+    # the depth) where the best 7-bit grid's calibration error exceeds the 8-bit one's by over d; "all": d = 0
+    "w8a8_dynamic split all": qpass.preset("w8a8_dynamic", split_weights=0.0),
+    "w8a8_dynamic split 0.05%": qpass.preset("w8a8_dynamic", split_weights=0.0005),
+    "w8a8_static fallback 1.5x split 0.05%": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0005),
+    "w8a8_static fallback 1.5x split all": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0),
+}
 
 
 @dataclass
@@ -281,10 +294,12 @@ def _torchao_weight_only(model: nn.Module):
     yield make("torchao prototype CPU int4 weight-only, group 32 (freezing)", int4_cpu)
 
 
-def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False):
+def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False,
+               variants: list[str] = (), inductor: bool = True):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
-    yield f"{dt} torch.compile", lambda: Contender(f"{dt} torch.compile", model, torch.compile(model, dynamic=False))
+    if inductor:
+        yield f"{dt} torch.compile", lambda: Contender(f"{dt} torch.compile", model, torch.compile(model, dynamic=False))
     if torchao and dt != "fp32":
         yield from _torchao_weight_only(model)
     elif torchao:
@@ -297,17 +312,18 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                              scope=lambda: torch._inductor.config.patch(freezing=True))
         yield "torchao int8 dynamic (freezing)", make_torchao
     calib = None
-    variants = [(name, "") for name in presets] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
-    for name, variant in variants:
+    runs = [(name, "") for name in [*presets, *variants]] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
+    for name, variant in runs:
         def make_qpass(name=name, variant=variant):
             nonlocal calib
-            config = qpass.preset(name, skip=()) if variant else qpass.preset(name)
+            config = VARIANTS.get(name) or qpass.preset(name)
+            config = config.replace(skip=()) if variant else config
             needs_calib = config.activation is not None or config.outliers is not None or config.smoothing is not None
             if calib is None and needs_calib:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(config, calibration=calib if needs_calib else None)
+            backend = qpass.backend(config, calibration=calib if needs_calib else None, inductor=inductor)
             return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              backend=backend)
         yield f"qpass {name}{variant}", make_qpass
@@ -373,7 +389,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head):
+    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
+                                  args.variants, inductor=not args.eager_graphs):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -399,7 +416,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
                 logger.exception("llama.cpp failed")
                 rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
             logger.info("%s", rows[-1])
-    base = next((r for r in rows if r.name == f"{_dtype_name(model)} torch.compile"), None)
+    base_name = f"{_dtype_name(model)} eager" if args.eager_graphs else f"{_dtype_name(model)} torch.compile"
+    base = next((r for r in rows if r.name == base_name), None)
     for r in rows:
         if base is not None:
             r.prefill_speedup = base.prefill_ms / r.prefill_ms
@@ -411,7 +429,8 @@ def format_table(result: dict[str, Any], args) -> str:
     head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
             f"{args.context}; median of {args.reps} / {args.decode_reps} runs\n\n")
     dt = result.get("dtype", "fp32")
-    cols = ("contender", "prefill ms", f"prefill vs {dt} compile", "decode ms", f"decode vs {dt} compile",
+    base = f"{dt} eager" if args.eager_graphs else f"{dt} compile"
+    cols = ("contender", "prefill ms", f"prefill vs {base}", "decode ms", f"decode vs {base}",
             "compile s", "weights MB", "logits rel. err (prefill / decode)")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
@@ -434,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: w8a8_static w8a8_dynamic (fp32), w8a16 w4a16 (bf16)")
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
                         help="the model's dtype: the baseline and what the presets run in (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS), help="presets changed in one way")
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens")
     parser.add_argument("--context", type=int, default=512, help="tokens in the KV cache before the decode step")
     parser.add_argument("--reps", type=int, default=10, help="timed prefill runs")
@@ -447,8 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--calib-batches", type=int, default=8, help="SmolLM2 calibration batches of 512 tokens")
     parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
+    parser.add_argument("--eager-graphs", action="store_true",
+                        help="qpass graphs run without Inductor (qpass.backend(inductor=False)): the same kernels, the "
+                             "quant / rescale ops unfused; no fp32 torch.compile row, speedups vs fp32 eager; implies "
+                             "--no-torchao. For comparing qpass configs where Inductor's compile is too slow")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/speed_<device>.json")
     args = parser.parse_args(argv)
+    args.no_torchao = args.no_torchao or args.eager_graphs
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     if args.threads:
@@ -465,7 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
         "threads": torch.get_num_threads(), "dtype": str(dtype), "torch": torch.__version__,
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": sys.argv[1:] if argv is None else argv, "inductor": not args.eager_graphs,
+        # a CPU without VNNI emulated on this one: oneDNN / FBGEMM limited to AVX2 (vpmaddubsw)
+        "isa_limits": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+                       if k in os.environ},
+        "int8_dot_exact": {k: qpass.kernels.int8_dot_exact(k) for k in qpass.kernels.PROBED_KERNELS
+                           if qpass.kernels.kernel_available(k)},
     }
     results = [bench_model(name, args, device, dtype) for name in args.models]
     print(f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}, baseline {dtype}\n")

@@ -286,6 +286,12 @@ class QuantConfig:
     any single static scale useless for a few layers, e.g. SmolLM2's down_proj in layers 11 and 28).
     ``dynamic_layers`` names layers that run per-token dynamic activations under a static config
     (what a saved checkpoint records for its per-token fallbacks; ``qpass.load`` sets it).
+    ``split_weights`` (lowering on CPUs whose int8 kernels saturate int16 pair sums, i.e. without
+    VNNI): a linear whose best 7-bit grid's output error on its calibration samples (relative squared
+    error, ``qmath.token_error``) exceeds the 8-bit integers' by more than this (``0.0005``: 0.05%)
+    runs its int8 weights split into two 7-bit halves (one GEMM of twice the depth, exactly the 8-bit
+    integers, about twice the GEMM time); ``0.0`` splits nearly every linear that has samples,
+    ``None`` none. Named per layer in the report.
     To keep only the low-precision weights resident, call ``QPassBackend.release_weights(model)``
     after compiling (a backend never sees the module itself, and a recompile needs the fp32 weights).
     """
@@ -299,6 +305,7 @@ class QuantConfig:
     dynamic_fallback: float | None = None
     dynamic_layers: tuple[str, ...] = ()  # static activations: these layers (paths or globs) run per-token dynamic
     integer_only: IntegerOnly | None = None  # I-LLM: no float op between embedding and lm_head (qpass.passes.integer)
+    split_weights: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dynamic_layers, tuple) or not all(isinstance(s, str) for s in self.dynamic_layers):
@@ -356,6 +363,9 @@ class QuantConfig:
                 raise ValueError("QuantConfig.dynamic_fallback applies to static activations only (activation.dynamic=False)")
             if not (_is_number(self.dynamic_fallback) and self.dynamic_fallback >= 1):
                 raise ValueError(f"QuantConfig.dynamic_fallback must be >= 1 (an error ratio), got {self.dynamic_fallback!r}")
+
+        if self.split_weights is not None and not (_is_number(self.split_weights) and self.split_weights >= 0):
+            raise ValueError(f"QuantConfig.split_weights must be >= 0 (an error difference) or None, got {self.split_weights!r}")
 
     def runs_dynamic(self, path: str) -> bool:
         """True if the layer at ``path`` is listed in ``dynamic_layers`` (per-token dynamic activations)."""

@@ -26,7 +26,7 @@ from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
 
 CPU = lowering.Target.detect(torch.device("cpu"))
-GRIDS = {g.note: g for g in (lowering.GRID_8BIT, lowering.GRID_W7, lowering.GRID_A7)}
+GRIDS = {g.note: g for g in (lowering.GRID_8BIT, lowering.GRID_W7, lowering.GRID_A7, lowering.GRID_SPLIT)}
 
 
 def _split(label: str) -> tuple[str, lowering.Grid | None]:
@@ -168,7 +168,8 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
 @pytest.mark.parametrize("name", KERNEL_CONFIGS)
 def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, grid):
     """Each 7-bit grid that CPUs without VNNI use, forced on whatever CPU runs the tests (on a VNNI
-    CPU the test above only sees the 8-bit grid): the same element-by-element integer check."""
+    CPU the test above only sees the 8-bit grid): the same element-by-element integer check (the
+    split 8-bit grid: ``test_split_weights_equal_8bit_integer_reference``)."""
     k, n = 100, 70
     _with_target(monkeypatch, FAKE_CPU)
     monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
@@ -190,6 +191,135 @@ def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, gr
         tol += 4 * 2.0**-24 * (2 * grid.act_qmax + 1) * (grid.w_qmax * k)
     err = (acc_hat - acc.double()).abs().max().item()
     assert err < tol, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
+
+
+def test_split_weight_halves():
+    """Every int8 value splits into two halves in [-64, 64] (2 * 255 * 64 < 2**15: no u8 x s8 pair
+    sum saturates) that add up to it, placed side by side along K."""
+    w = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).reshape(2, 128)
+    halves = lowering.split_weight(w)
+    assert halves.shape == (2, 256) and halves.dtype == torch.int8
+    hi, lo = halves[:, :128].long(), halves[:, 128:].long()
+    assert torch.equal(hi + lo, w.long())
+    assert hi.min() == -64 and hi.max() == 63 and lo.min() == -64 and lo.max() == 64
+
+
+def _split_grid_runs(force, grids: tuple[lowering.Grid, ...]) -> list[list]:
+    """``[config, tokens, kernel label, max error in integer units, tolerance]`` for worst-case
+    operands (every activation 255 as uint8, every weight +-127: each pair sum twice what int16
+    holds) lowered on each of ``grids`` (``force(grid)`` makes the lowering take it), against the
+    8-bit integer reference, for FBGEMM (3 tokens) and oneDNN (32) and three kinds of activations."""
+    k, n = 100, 70
+    model = Proj(k, n, True).eval()
+    with torch.no_grad():
+        model.proj.weight.copy_(_worst_case_weight(n, k))
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=True)])
+    runs = []
+    for name in ("w8a8_dynamic", "w8a8_static", "asym per-token"):
+        config = KERNEL_CONFIGS[name].replace(smoothing=None)
+        acc = None
+        for m in (3, 32):
+            x = _inputs(m, k, seed=m, worst_case=True)
+            acc, unit = _int_reference(model, x, config, calib, lowering.GRID_8BIT)
+            # float32 roundings of results up to |acc| (127 * 127 * 100 here): well under one unit
+            tol = 0.25 + 4 * 2.0**-24 * acc.abs().max().item()
+            if not config.activation.symmetric:
+                tol += 4 * 2.0**-24 * 255 * 127 * k
+            for grid in grids:
+                force(grid)
+                y, backend = _compile(model, config, calib, x, inductor=False)
+                acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
+                err = (acc_hat - acc.double()).abs().max().item()
+                runs.append([name, m, backend.report.rows["proj"].kernel, err, tol])
+    return runs
+
+
+_SPLIT_SCRIPT = """
+import json, torch
+from qpass import kernels
+from qpass.passes import lower as lowering
+from tests.test_lower import _split_grid_runs
+def force(grid):
+    lowering.cpu_grids = lambda target, kernel: (grid,)
+out = {"probe": {k: kernels.int8_dot_exact(k) for k in kernels.PROBED_KERNELS},
+       "runs": _split_grid_runs(force, (lowering.GRID_SPLIT, lowering.GRID_8BIT))}
+print(json.dumps(out))
+"""
+
+
+def _check_split_runs(runs: list[list], grids: tuple[lowering.Grid, ...], saturating: bool) -> None:
+    assert len(runs) == 6 * len(grids)
+    for name, m, label, err, tol in runs:
+        kernel, grid = _split(label)
+        assert kernel == ("fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"), label
+        assert grid in grids, label
+        if grid is lowering.GRID_SPLIT or not saturating:
+            assert err < tol, (name, m, label, err, tol)
+        else:  # the 8-bit grid on a saturating kernel: what the check above would catch
+            assert err > 1000, (name, m, label, err)
+
+
+@needs_onednn
+@pytest.mark.skipif(any(v in os.environ for v in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")),
+                    reason="an ISA limit is set in this process: the subprocess sets its own")
+def test_split_weights_exact_where_int8_saturates():
+    """In a process whose oneDNN and FBGEMM are limited to AVX2 (u8 x s8 pair sums saturate int16, as
+    on CPUs without VNNI), on worst-case operands: the split weights give exactly the 8-bit integer
+    reference through both kernels and three kinds of activations, where the plain 8-bit grid is off
+    by thousands of units."""
+    limits = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT], env={**os.environ, **limits}, capture_output=True,
+                         text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got["probe"] == {"onednn": False, "fbgemm": False}, got
+    _check_split_runs(got["runs"], (lowering.GRID_SPLIT, lowering.GRID_8BIT), saturating=True)
+
+
+@needs_onednn
+def test_split_weights_equal_8bit_integer_reference(monkeypatch):
+    """The same worst-case integer check in this process, on whatever CPU runs the tests (exact 8-bit
+    kernels or saturating ones): the split weights give the 8-bit integers."""
+    _with_target(monkeypatch, FAKE_CPU)
+    def force(grid):
+        monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
+    _check_split_runs(_split_grid_runs(force, (lowering.GRID_SPLIT,)), (lowering.GRID_SPLIT,), saturating=False)
+
+
+@needs_onednn
+def test_split_weights_chosen_by_calibration_error(monkeypatch):
+    """On a CPU without VNNI (forced), ``split_weights=d`` splits a linear's weights where its best
+    7-bit grid's output error on the calibration samples exceeds the 8-bit error by more than d, says
+    so in the report, and the split linear gives the reference path's output; d = 1 (100%) splits none
+    (nor does the default, None: ``test_kernel_choice_per_preset_and_device``)."""
+    _with_target(monkeypatch, FAKE_CPU)
+    torch.manual_seed(0)
+    model = Proj(100, 70, True).eval()
+    x = _inputs(32, 100, seed=1, worst_case=False)
+    calib = qpass.calibrate(model, [_inputs(64, 100, seed=99, worst_case=False)])
+    config = qpass.preset("w8a8_dynamic", smoothing=None)
+    out = {}
+    for d in (0.0, 1.0, None):
+        out[d], backend = _compile(model, config.replace(split_weights=d, lower=d is not None), calib, x, inductor=False)
+        row = backend.report.rows["proj"]
+        if d == 0.0:
+            assert row.kernel == "onednn (8-bit split weights)", row
+            assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 0%, split"), row.reason
+        elif d == 1.0:
+            assert _split(row.kernel)[1] in (lowering.GRID_W7, lowering.GRID_A7), row
+            assert ", 8-bit " in row.reason and "split" not in row.reason, row.reason  # measured, not taken
+    ref = out[None]  # the reference quant/dequant path
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(out[0.0], ref) < 1e-6
+    assert rel(out[1.0], ref) > 1e-4  # the 7-bit grid differs
+
+
+def test_split_weights_config_errors():
+    with pytest.raises(ValueError, match="split_weights must be >= 0"):
+        qpass.preset("w8a8_dynamic", split_weights=-0.1)
 
 
 @needs_onednn

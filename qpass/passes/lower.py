@@ -41,7 +41,8 @@ from qpass.report import Report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["lower", "shared_input_groups", "FUSE_SHARED_INPUT", "Target", "Grid", "QLinear", "QExperts", "match", "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "DECODE_M"]
+__all__ = ["lower", "shared_input_groups", "FUSE_SHARED_INPUT", "Target", "Grid", "QLinear", "QExperts", "match",
+           "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "split_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -85,6 +86,9 @@ class Grid:
     act_qmax: int
     w_qmax: int
     note: str  # shown in the report's kernel column
+    # The 8-bit weights run as two 7-bit halves side by side along K (``split_weight``) against the
+    # activations twice: one GEMM of twice the depth, exact where u8 x s8 pair sums saturate int16.
+    halves: bool = False
 
     @property
     def act_zp(self) -> int:
@@ -103,6 +107,10 @@ GRID_8BIT = Grid(127, 127, "")
 GRID_W7 = Grid(127, 63, "7-bit weights")
 #: 7-bit activations, 8-bit weights (better where smoothing moved the outliers into the weights).
 GRID_A7 = Grid(63, 127, "7-bit act")
+#: 8-bit activations and weights on a saturating kernel: each int8 weight w = hi + lo with both halves
+#: in [-64, 64] (2 * 255 * 64 < 2**15), the activations repeated along K, so the one GEMM's int32
+#: accumulator holds exactly the 8-bit reference's integers, at about twice the GEMM time.
+GRID_SPLIT = Grid(127, 127, "8-bit split weights", halves=True)
 
 
 def cpu_grids(target: Target, kernel: str) -> tuple[Grid, ...]:
@@ -155,6 +163,14 @@ def narrow_weight(w_q: Tensor, w_scale: Tensor, qmax: int) -> tuple[Tensor, Tens
     ratio = 127.0 / qmax
     w = torch.clamp(torch.round(w_q.float() / ratio), -qmax, qmax).to(torch.int8)
     return w, (w_scale.double() * ratio).float()
+
+
+def split_weight(w_q: Tensor) -> Tensor:
+    """``(N, K)`` int8 -> ``(N, 2K)`` int8 ``[hi | lo]`` with ``hi + lo == w_q``, ``hi = floor(w / 2)``
+    in [-64, 63] and ``lo = ceil(w / 2)`` in [-64, 64]: ``cat([x, x], -1) @ split.T == x @ w_q.T``."""
+    w = w_q.to(torch.int16)
+    hi = torch.div(w, 2, rounding_mode="floor")
+    return torch.cat([hi, w - hi], dim=1).to(torch.int8)
 
 
 @dataclass
@@ -308,9 +324,11 @@ def _choose_weight_only(q: QLinear, target: Target) -> tuple[str, str]:
 class _Emit:
     """Graph-building helpers shared by the kernels of one pass run (one graph)."""
 
-    def __init__(self, qg: QGraph, calibration: Calibration | None):
+    def __init__(self, qg: QGraph, calibration: Calibration | None, split_weights: float | None = None):
         self.qg = qg
         self.calibration = calibration
+        self.split_weights = split_weights  # QuantConfig.split_weights
+        self.doubled: dict[fx.Node, fx.Node] = {}  # x_q -> cat([x_q, x_q], -1), for GRID_SPLIT
         self.acts: dict[tuple, tuple[fx.Node, fx.Node | float]] = {}  # (x_dq, act_qmax, as_float) -> (x_q, scale)
         self.zps: dict[int, fx.Node] = {}
         self.smoothing = {qg.module_of(n): s for n, s in qg.smoothing.items()}  # path -> s (input divided by)
@@ -332,11 +350,18 @@ class _Emit:
             x = x * self.qg.value(q.act.x.args[1])
         static = None if q.act.dynamic else float(self.qg.value(q.act.scale))
         w_q, w_s = self.qg.value(q.w_q), self.qg.value(q.w_scale).float()
+        if self.split_weights is not None:  # the 8-bit integers (GRID_SPLIT computes them exactly)
+            grids = grids + (GRID_8BIT,)
         errors = [grid_error(x, w_q, w_s, g, per_token=q.act.per_token, static_scale=static,
                              symmetric=q.act.symmetric) for g in grids]
         best = min(range(len(grids)), key=errors.__getitem__)
         why = "kernel grid by calibration error: " + ", ".join(
-            f"{g.note} {100 * e:.2f}%" for g, e in zip(grids, errors))
+            f"{g.note or '8-bit'} {100 * e:.2f}%" for g, e in zip(grids, errors))
+        if self.split_weights is not None:
+            e8, best = errors[-1], min(range(len(grids) - 1), key=errors.__getitem__)
+            if errors[best] - e8 > self.split_weights:
+                self.grids[q.path] = (GRID_SPLIT, f"{why}: 7-bit over 8-bit by more than {100 * self.split_weights:g}%, split")
+                return GRID_SPLIT
         self.grids[q.path] = (grids[best], why)
         return grids[best]
 
@@ -383,6 +408,15 @@ class _Emit:
                 xq = self.call(ops.quantize, (a.x, s_node, zp, lo + grid.act_zp, hi + grid.act_zp, torch.uint8), before)
             self.acts[key] = (xq, scale, None)
         return self.acts[key]
+
+    def act_for(self, x_q: fx.Node, grid: Grid, before: fx.Node) -> fx.Node:
+        """``x_q``, or ``cat([x_q, x_q], -1)`` against the ``[hi | lo]`` weights of ``GRID_SPLIT``
+        (once per input, shared by the linears reading it)."""
+        if not grid.halves:
+            return x_q
+        if x_q not in self.doubled:
+            self.doubled[x_q] = self.call(torch.cat, ([x_q, x_q], -1), before)
+        return self.doubled[x_q]
 
     def _asymmetric_act(self, q: QLinear, grid: Grid, before: fx.Node, as_float: bool):
         a = q.act
@@ -441,11 +475,14 @@ class _Emit:
         return cached
 
     def weight(self, q: QLinear, grid: Grid) -> tuple[Tensor, Tensor]:
-        """The int8 ``(N, K)`` weight on ``grid`` and its ``(N,)`` float32 scales."""
+        """The int8 ``(N, K)`` weight on ``grid`` (``(N, 2K)`` halves on ``GRID_SPLIT``) and its
+        ``(N,)`` float32 scales."""
         if isinstance(q.w_q, Tensor):  # a shared-input group's concatenated weights (``_emit_shared_input``)
             return q.w_q, q.w_scale
         w_q = self.qg.value(q.w_q)
         w_s = self.qg.value(q.w_scale).float().reshape(-1).expand(w_q.shape[0]).contiguous()
+        if grid.halves:
+            return split_weight(w_q), w_s
         return narrow_weight(w_q, w_s, grid.w_qmax)
 
 
@@ -457,6 +494,7 @@ def _emit_onednn(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     pw = e.qg.constant(f"{q.path}.weight_onednn", packed.packed)
     ws = e.qg.constant(f"{q.path}.weight_scale_onednn", packed.scales)
     x_u8, scale, zp = e.quantized_act(q, grid, before)
+    x_u8 = e.act_for(x_u8, grid, before)
     if isinstance(scale, fx.Node):  # dynamic: op at unit scale, then per-token (or per-tensor) rescale + bias
         kernel_zp = grid.act_zp if zp is None else 0
         y = e.call(torch.ops.qpass.onednn_qlinear.default, (x_u8, 1.0, kernel_zp, pw, ws, None), before)
@@ -475,6 +513,7 @@ def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     w_q, w_s = e.weight(q, grid)
     handle = e.packed("fbgemm", q.path, w_q, w_s, lambda: kernels.pack_fbgemm_dynamic(w_q, torch.ones(w_q.shape[0])))
     x_int, scale, zp = e.quantized_act(q, grid, before, as_float=True)
+    x_int = e.act_for(x_int, grid, before)
     static = not isinstance(scale, fx.Node)
     ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
     weakref.finalize(e.qg.root._buffers[ws.target], kernels.release_fbgemm, handle)
@@ -651,7 +690,7 @@ def lower(qg: QGraph, config: QuantConfig, calibration: Calibration | None, repo
     """
     if not config.lower or config.weight is None:
         return 0
-    emit = _Emit(qg, calibration)
+    emit = _Emit(qg, calibration, config.split_weights)
     targets: dict[torch.device, Target] = {}
     done = 0
     plans: list[tuple[QLinear, Target, str]] = []
