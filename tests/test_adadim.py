@@ -114,7 +114,7 @@ def test_adadim_groups_through_the_graph():
     assert down.weight == "int3 per-group(32) asym", down.reason
     for r in (q, down):
         assert "adadim: per-input-channel-group(32) err " in r.reason
-        assert r.kernel == "reference (weight-only)"
+        assert r.kernel.startswith("reference (weight-only")
     per_oc, _ = _run(model, config.replace(weight=QuantSpec("int3", PerGroup(32), symmetric=False)), calib, ids)
     assert 0 < _rel(out, ref) < _rel(per_oc, ref)
 
@@ -168,7 +168,7 @@ def test_low_bit_adadim_presets(wide, name):
     for r in rows.values():
         assert r.weight in (f"{config.weight.dtype} per-group(128) asym", f"{config.weight.dtype} per-input-channel-group(128) asym")
         assert "adadim: per-input-channel-group(128) err " in r.reason
-        assert r.kernel == "reference (weight-only)"
+        assert r.kernel.startswith("reference (weight-only")
 
 
 def test_save_refuses_per_input_channel_groups_naming_the_layer(tmp_path):

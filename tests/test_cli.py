@@ -219,7 +219,8 @@ def _bad_inputs(root: Path, model_dir: Path, text: Path, out: Path) -> list[tupl
          f"qpass quantize: error: MODEL_DIR {out}: already a compressed-tensors checkpoint; quantize the fp32 model"),
         ([*q, "--preset", "w9a9"],
          "qpass quantize: error: argument --preset: invalid choice: 'w9a9' (choose from 'fp8_dynamic', 'fp8_static', "
-         "'llm_int8', 'w4a16', 'w8a16', 'w8a8_dynamic', 'w8a8_static', 'w8a8_tensor_dynamic') "
+         "'illm_w8a8', 'llm_int8', 'w3a16_adadim', 'w4a16', 'w4a16_adadim', 'w8a16', 'w8a8_dynamic', 'w8a8_static', "
+         "'w8a8_tensor_dynamic') "
          "(see qpass quantize --help)"),
         (["quantize", str(model_dir), "--calib", str(missing), "--out", str(root / "o")],
          f"qpass quantize: error: --calib {missing}: no such file"),

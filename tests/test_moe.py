@@ -240,8 +240,8 @@ def test_preset_quantizes_experts_within_dense_bounds(moe, name):
     rows = backend.report.rows
     wspec = config.weight
     for p in _expert_params(model):
-        assert rows[p].weight == f"{wspec.dtype} {qpass.qmath.describe(wspec.granularity)} per expert" + (
-            "" if wspec.symmetric else " asym"), rows[p].weight
+        assert rows[p].weight == (f"{wspec.dtype} {qpass.qmath.describe(wspec.granularity)} per expert"
+                                  f"{qpass.qmath.asym_label(wspec)}"), rows[p].weight
         if config.activation is None:
             assert rows[p].activation == "fp32"
         elif not config.activation.dynamic and not rows[p].per_token_fallback:
