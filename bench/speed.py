@@ -201,7 +201,7 @@ def _storage_key(t: torch.Tensor):
 
 
 def weight_bytes(model: nn.Module, graphs: list[torch.fx.GraphModule] = ()) -> int:
-    """Parameters and buffers that still hold storage, the constants of ``graphs``, and the FBGEMM
+    """Parameters and buffers that still hold storage (not those ``release_weights`` released), the constants of ``graphs``, and the FBGEMM
     packed weights those graphs use (held in a registry outside every graph), each storage once."""
     from qpass import kernels
 
@@ -214,6 +214,8 @@ def weight_bytes(model: nn.Module, graphs: list[torch.fx.GraphModule] = ()) -> i
                     for n in gm.graph.nodes
                     if n.target in (torch.ops.qpass.fbgemm_qlinear.default, torch.ops.qpass.fbgemm_dynamic_linear.default)}
     for t in tensors:
+        if getattr(t, "qpass_released", None) is not None:  # release_weights: NaN pages, resident only if read
+            continue
         key = _storage_key(t)
         if key in seen:
             continue
