@@ -469,23 +469,11 @@ def check_integer_region(gm: fx.GraphModule) -> list[str]:
     starts = [n for n in graph.nodes if _is_op(n, I.int_quantize) and _is(n.args[0], _EMBEDDINGS)]
     if not starts:
         return ["no integer region: no int_quantize of an embedding"]
-    after: set[fx.Node] = set()
-    stack = list(starts)
-    while stack:
-        for u in stack.pop().users:
-            if u not in after:
-                after.add(u)
-                stack.append(u)
+    after = _reach(starts, lambda n: n.users)
     ends = [n for n in after if _is_op(n, I.int_dequantize) and not any(
         _is_op(d, I.int_dequantize) or (isinstance(d.target, torch._ops.OpOverload) and d.target.namespace == "qpass")
         for d in _descendants(n))]
-    before: set[fx.Node] = set()
-    stack = list(ends)
-    while stack:
-        for a in stack.pop().all_input_nodes:
-            if a not in before:
-                before.add(a)
-                stack.append(a)
+    before = _reach(ends, lambda n: n.all_input_nodes)
     bad = []
     for i, node in enumerate(graph.nodes):
         if node in after and node in before and node not in ends and node.op in ("call_function", "call_method"):
@@ -504,14 +492,20 @@ def assert_integer_region(gm: fx.GraphModule) -> None:
         raise AssertionError(f"{len(bad)} floating-point ops between the embedding and lm_head: " + "; ".join(bad))
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
+def _reach(nodes, step) -> set[fx.Node]:
+    """Every node reached from ``nodes`` by repeated ``step`` (users or inputs), ``nodes`` excluded
+    unless reached again."""
+    seen, stack = set(), list(nodes)
     while stack:
-        for u in stack.pop().users:
+        for u in step(stack.pop()):
             if u not in seen:
                 seen.add(u)
                 stack.append(u)
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reach([node], lambda n: n.users)
 
 
 def _module(node: fx.Node) -> str:
