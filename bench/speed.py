@@ -54,21 +54,18 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import qpass  # noqa: E402
 from qpass import realdata  # noqa: E402
 
+import accuracy  # noqa: E402  (bench/accuracy.py, beside this file)
+
 logger = logging.getLogger("bench.speed")
 
 MODELS = ("smollm2", "llama2048")
 
 #: Presets changed in one way (``--variants``), measured in the same run as the presets.
-VARIANTS: dict[str, qpass.QuantConfig] = {
-    "w8a8_static fallback 1.5x": qpass.preset("w8a8_static", dynamic_fallback=1.5),
-    "w8a8_static fallback 8x": qpass.preset("w8a8_static", dynamic_fallback=8.0),
-    # CPUs without VNNI: int8 weights split into two 7-bit halves (exact 8-bit integers, a GEMM of twice
-    # the depth) where the best 7-bit grid's calibration error exceeds the 8-bit one's by over d; "all": d = 0
-    "w8a8_dynamic split all": qpass.preset("w8a8_dynamic", split_weights=0.0),
-    "w8a8_dynamic split 0.05%": qpass.preset("w8a8_dynamic", split_weights=0.0005),
-    "w8a8_static fallback 1.5x split 0.05%": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0005),
-    "w8a8_static fallback 1.5x split all": qpass.preset("w8a8_static", dynamic_fallback=1.5, split_weights=0.0),
-}
+# the accuracy harness's levers (bench/accuracy.py), so both benches run the same configs under one name:
+# the per-token budget, and the split of int8 weights into two 7-bit halves on CPUs without VNNI
+VARIANTS: dict[str, qpass.QuantConfig] = {name: accuracy.VARIANTS[name] for name in (
+    "w8a8_static fallback 1.5x", "w8a8_static fallback 8x", "w8a8_dynamic split all", "w8a8_dynamic split 0.05%",
+    "w8a8_static fallback 1.5x split 0.05%", "w8a8_static fallback 1.5x split all")}
 
 
 @dataclass
