@@ -107,7 +107,7 @@ def _describe(config: QuantConfig) -> str:
         if s is None:
             return "fp32"
         mode = (" dynamic" if s.dynamic else " static") if act else ""
-        return f"{s.dtype} {qmath.describe(s.granularity)}{mode}{'' if s.symmetric else ' asym'}"
+        return f"{s.dtype} {qmath.describe(s.granularity)}{mode}{qmath.asym_label(s)}"
 
     sm = config.smoothing
     smoothing = "none" if sm is None else f"alpha={sm.alpha}"
