@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -89,7 +90,9 @@ class QPassBackend:
         # low-precision copies), for ``release_weights``: id -> weak reference.
         self._read: dict[int, weakref.ref] = {}
         self._superseded: dict[int, weakref.ref] = {}
-        self._lent: list[nn.Parameter] = []  # released parameters of a qpass.compile model (see ``lend``)
+        self._lent: list[nn.Parameter] = []  # released parameters, lent their class per call (see ``lend``)
+        self._lend_depth = 0
+        self._lend_hooked: weakref.WeakSet = weakref.WeakSet()  # models whose calls lend (see ``release_weights``)
         if calibration is None and self.config.smoothing is not None:
             logger.warning("qpass: no calibration given; smoothing is off (pass calibration=qpass.calibrate(...))")
 
@@ -148,9 +151,12 @@ class QPassBackend:
 
         Compile every input shape you will run first: a recompile needs the fp32 weights and raises
         a RuntimeError naming the released layer. Calling ``model`` itself (not the compiled
-        model) afterwards raises a RuntimeError naming the layer; ``model.qpass_released`` lists
-        the released parameters.
+        model) afterwards raises a RuntimeError naming the layer, and so does every read of a
+        released parameter's values (see ``ReleasedParameter``); ``model.qpass_released`` lists
+        the released parameters. ``model`` may be the module or ``torch.compile``'s wrapper of it.
         """
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile's wrapper
+            model = model._orig_mod  # its paths; the hooks below run on every call through the wrapper
         victims: dict[int, tuple[str, nn.Parameter]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             if _holds(self._superseded, p) and not _holds(self._read, p) and not _is_released(p):
@@ -172,12 +178,18 @@ class QPassBackend:
             if holds:  # an ancestor: refuse before touching anything, not half-way through its children
                 _guard_ancestor(module, holds[0])
         model.qpass_released = tuple(released)
-        if getattr(model.__dict__.get("forward"), "qpass_backend", None) is self:
-            # qpass.compile's forward lends them their class back for each call (Dynamo's guards on the
-            # compiled graphs check it); between calls every read of their values raises
-            for _, p in victims.values():
-                p.__class__ = ReleasedParameter
-                self._lent.append(p)
+        # Between calls every read of a released parameter's values raises: its class becomes
+        # ReleasedParameter. Dynamo's guards on the compiled graphs check the class, so each call
+        # lends it back: qpass.compile's forward does, and for a plain torch.compile(model) hooks
+        # on ``model`` do (a module's hooks run outside the frame Dynamo compiles).
+        for _, p in victims.values():
+            p.__class__ = ReleasedParameter
+            self._lent.append(p)
+        if getattr(model.__dict__.get("forward"), "qpass_backend", None) is not self and model not in self._lend_hooked:
+            # disabled: run eagerly even where Dynamo's frame callback is active around the module call
+            model.register_forward_pre_hook(torch.compiler.disable(self._lend_hook))
+            model.register_forward_hook(torch.compiler.disable(self._unlend_hook), always_call=True)
+            self._lend_hooked.add(model)
         logger.warning(
             "qpass: released the fp32 storage of %d parameters (%.1f MB) of %s; run the compiled model, "
             "calling the module itself now raises", len(released), freed / 2**20, type(model).__name__,
@@ -187,16 +199,33 @@ class QPassBackend:
 
     @contextlib.contextmanager
     def lend(self):
-        """Give the released parameters of a ``qpass.compile`` model their ``nn.Parameter`` class for
-        the length of one compiled call, whose guards check it (the graphs never read their values)."""
-        lent = self._lent
-        for p in lent:
-            p.__class__ = nn.Parameter
+        """Give the released parameters their ``nn.Parameter`` class for the length of one compiled
+        call, whose guards check it (the graphs never read their values); re-entrant."""
+        self._lend_enter()
         try:
             yield
         finally:
-            for p in lent:
+            self._lend_exit()
+
+    def _lend_enter(self) -> None:
+        self._lend_depth += 1
+        if self._lend_depth == 1:
+            for p in self._lent:
+                p.__class__ = nn.Parameter
+
+    def _lend_exit(self) -> None:
+        self._lend_depth -= 1
+        if self._lend_depth == 0:
+            for p in self._lent:
                 p.__class__ = ReleasedParameter
+
+    def _lend_hook(self, module, args) -> None:
+        if not torch.compiler.is_compiling():
+            self._lend_enter()
+
+    def _unlend_hook(self, module, args, output) -> None:
+        if not torch.compiler.is_compiling():
+            self._lend_exit()
 
 
 def _param_key(example_inputs: list) -> tuple:
@@ -284,8 +313,10 @@ class ReleasedParameter(nn.Parameter):
     with ``qpass.compile``: its metadata (shape, dtype, device, ``numel``) still answers, and every
     read of its values (printing, arithmetic, ``float()``, ``.numpy()``, calling a function on it)
     raises a RuntimeError naming ``release_weights`` and the parameter. ``qpass_released`` holds its
-    path. (On a model compiled with a plain ``torch.compile`` the class cannot change, since the
-    compiled graphs' guards check it, and a read gives NaN.)"""
+    path. Each call of the model lends it the ``nn.Parameter`` class back (the compiled graphs'
+    guards check the class): ``qpass.compile``'s forward, or hooks on the module given to
+    ``release_weights``. (Compiled in a way that bypasses both, e.g. ``torch.compile(model.forward)``
+    called directly, the guards fail and the recompile raises this error.)"""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -338,7 +369,24 @@ def _guard_ancestor(module: nn.Module, path: str) -> None:
 
 def _refuse_copies(obj, path: str) -> None:
     obj.__deepcopy__ = _refusal(path, "deepcopy")
-    obj.__reduce_ex__ = _refusal(path, "pickling (torch.save)")
+
+    def refuse_pickling(*args, **kwargs):
+        _remove_file_being_saved()
+        raise _released_error(path, "pickling (torch.save)")
+
+    obj.__reduce_ex__ = refuse_pickling
+
+
+def _remove_file_being_saved() -> None:
+    """``torch.save(obj, path)`` creates ``path`` before it pickles ``obj``, and on an error still
+    finishes the archive: a released tensor would leave a truncated file that fails to load. Called
+    from inside that pickling, remove the file (the writer's handle keeps an unlinked inode)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not torch.serialization.save.__code__:
+        frame = frame.f_back
+    target = frame.f_locals.get("f") if frame is not None else None
+    if isinstance(target, str) and os.path.isfile(target):
+        os.unlink(target)
 
 
 def _refusal(path: str, what: str):

@@ -152,8 +152,10 @@ def test_release_weights_keeps_compiled_model_and_guards_the_rest():
     assert len(quantized) == 14 and set(quantized) <= set(model.qpass_released)
     assert "model.embed_tokens.weight" not in model.qpass_released  # still read (and tied to lm_head)
     assert freed >= sum(p.numel() * 4 for n, p in model.named_parameters() if n in quantized)
-    # the fp32 storage is gone: the tensor now maps NaN pages (nothing resident until read)
-    assert torch.isnan(down).all() and down.qpass_released and torch.isfinite(embed).all()
+    # the fp32 storage is gone: the tensor now maps NaN pages (nothing resident until read), which
+    # only a read past its class sees (a plain read raises, tests/test_bad_input.py)
+    with torch._C.DisableTorchFunctionSubclass():
+        assert torch.isnan(down).all() and down.qpass_released and torch.isfinite(embed).all()
     assert torch.equal(before, after) and backend.report.graphs == 1
     with pytest.raises(RuntimeError, match=r"model\.layers\.0\.\S+ were released"):
         model(ids, use_cache=False)
