@@ -23,6 +23,7 @@ from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, placeholder_sources
 from qpass.qmath import QuantizedWeight
+from qpass.passes.decode import float_decode_linears
 from qpass.passes.integer import integer_only
 from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
@@ -133,6 +134,9 @@ class QPassBackend:
                 continue
             n = run(qg, self.config, calibration, self.report)
             logger.info("qpass %s: %d linears rewritten", name, n)
+        if self.inductor and self.config.lower:
+            n = float_decode_linears(qg, self.report)
+            logger.info("qpass float decode: %d float linears as reductions", n)
         new_gm = qg.build()
         self.graphs.append(new_gm)
         for node, (_path, param) in qg.params.items():

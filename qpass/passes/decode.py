@@ -1,0 +1,75 @@
+"""Float linears at decode as Inductor reductions: ``y[..., n] = sum_k x[..., k] * W[n, k]``.
+
+At one token a float ``F.linear`` is a matrix-vector product, bound by reading the weight. ATen
+runs it as a GEMM with M = 1 (``aten::mm``), which on these CPUs reads at a fraction of the memory
+bandwidth and on one thread whatever ``torch.get_num_threads()`` says: SmolLM2's fp32 ``lm_head``
+(49152 x 576, 113 MB, left in full precision by the presets' ``skip``) took 7.0 ms per token with 1
+and with 2 threads, a third of a whole decode step. Written as a broadcast multiply and a sum over
+K, Inductor emits one vectorised C++ reduction, parallel over the outputs, that streams the weight
+once: 2.0 ms (2 threads, AVX-512 VNNI machine). Inductor has the same rewrite for small CPU matmuls
+(``decompose_mem_bound_mm``), limited to weights of at most 2048 x 2048.
+
+Only under Inductor (eagerly the product would be materialised), only where the graph's token count
+is a static ``<= FLOAT_DECODE_M`` and the weight a large float32 ``(N, K)`` parameter read by
+``F.linear``. The result is fp32 summed in another order (relative differences ~1e-6), not bit-equal
+to ``aten::mm``. Quantized linears are untouched (they have their own kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qpass.graph import QGraph
+from qpass.report import Report
+
+__all__ = ["float_decode_linears", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL"]
+
+logger = logging.getLogger(__name__)
+
+#: Most tokens (product of the input's leading dims) a reduction-form linear is used for.
+FLOAT_DECODE_M = 1
+#: Smallest weight (elements) worth it: below, ``aten::mm``'s call costs about what it reads.
+FLOAT_DECODE_MIN_NUMEL = 1 << 20
+FLOAT_DECODE_LABEL = "fp32 reduction (Inductor, decode)"
+
+
+def float_decode_linears(qg: QGraph, report: Report) -> int:
+    """Rewrite the graph's large float32 linears at decode into multiply + sum; returns how many."""
+    done = 0
+    for site in qg.linears():
+        if site.reader is not site.node or site.reader.target is not F.linear or site.node in qg.quantized:
+            continue  # the other spellings (addmm, x @ W.T + b) keep their op; quantized ones theirs
+        w = qg.value(site.weight_node)
+        shape = qg.shape(site.input)
+        if w is None or w.dtype != torch.float32 or w.device.type != "cpu" or w.numel() < FLOAT_DECODE_MIN_NUMEL:
+            continue
+        if shape is None or qg.shape(site.node) is None:
+            continue
+        m = 1
+        for d in shape[:-1]:
+            m = m * d if isinstance(d, int) and isinstance(m, int) else None
+        if m is None or m > FLOAT_DECODE_M or qg.value(site.input) is not None:
+            continue
+        x, bias = site.input, site.bias_node
+        if _val(x).dtype != torch.float32:
+            continue
+        before = site.node
+        row = qg.call(torch.unsqueeze, (x, -2), before=before)  # (..., 1, K)
+        prod = qg.call(torch.mul, (row, site.weight_node), before=before)  # (..., N, K), fused away
+        y = qg.call(torch.sum, (prod, -1), before=before)
+        if bias is not None:
+            y = qg.call(torch.add, (y, bias), before=before)
+        site.node.replace_all_uses_with(y)
+        qg.graph.erase_node(site.node)
+        report.row(site.path).add_kernel(FLOAT_DECODE_LABEL)
+        logger.info("%s: fp32 linear at %d token(s) as an Inductor reduction", site.path, m)
+        done += 1
+    return done
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
