@@ -42,6 +42,7 @@ import platform
 import statistics
 import sys
 import time
+import unittest.mock
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,6 +53,7 @@ from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # this checkout
 import qpass  # noqa: E402
+import qpass.passes.lower  # noqa: E402
 from qpass import realdata  # noqa: E402
 
 import accuracy  # noqa: E402  (bench/accuracy.py, beside this file)
@@ -294,7 +296,7 @@ def _torchao_weight_only(model: nn.Module):
 
 
 def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False,
-               variants: list[str] = (), inductor: bool = True):
+               variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
     if inductor:
@@ -312,20 +314,27 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
         yield "torchao int8 dynamic (freezing)", make_torchao
     calib = None
     runs = [(name, "") for name in [*presets, *variants]] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
+    runs += [(name, ONEDNN_DECODE) for name in presets if onednn_decode]
     for name, variant in runs:
         def make_qpass(name=name, variant=variant):
             nonlocal calib
             config = VARIANTS.get(name) or qpass.preset(name)
-            config = config.replace(skip=()) if variant else config
+            config = config.replace(skip=()) if variant == " (int8 lm_head)" else config
             needs_calib = config.activation is not None or config.outliers is not None or config.smoothing is not None
             if calib is None and needs_calib:
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
             backend = qpass.backend(config, calibration=calib if needs_calib else None, inductor=inductor)
+            scope = (lambda: unittest.mock.patch.object(qpass.passes.lower, "DECODE_M", 0)) if variant == ONEDNN_DECODE else _null
             return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
-                             backend=backend)
+                             scope=scope, backend=backend)
         yield f"qpass {name}{variant}", make_qpass
+
+
+#: The preset with oneDNN at every token count (``lower.DECODE_M = 0`` while it compiles): one packed
+#: copy per int8 linear instead of oneDNN's for prefill plus FBGEMM's for decode.
+ONEDNN_DECODE = " (oneDNN at decode)"
 
 
 def _not_lm_head(module: nn.Module, fqn: str) -> bool:
@@ -389,7 +398,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
-                                  args.variants, inductor=not args.eager_graphs):
+                                  args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -466,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--calib-batches", type=int, default=8, help="SmolLM2 calibration batches of 512 tokens")
     parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
+    parser.add_argument("--onednn-decode", action="store_true",
+                        help="also each preset with oneDNN at decode too (FBGEMM otherwise): one packed copy per linear")
     parser.add_argument("--eager-graphs", action="store_true",
                         help="qpass graphs run without Inductor (qpass.backend(inductor=False)): the same kernels, the "
                              "quant / rescale ops unfused; no fp32 torch.compile row, speedups vs fp32 eager; implies "
