@@ -19,8 +19,9 @@ Paths:
 ``reference``
     ``lower=False``: the reference quant/dequant ops, the same numbers on every CPU.
 ``lowered``
-    ``lower=True``: the kernels this CPU runs (oneDNN for 512-token windows), on the integer grid
-    its probe (``qpass.kernels.int8_dot_exact``) finds exact: 8-bit with VNNI, 7-bit without.
+    ``lower=True``: the kernels this CPU runs: ``torch._int_mm`` on the reference's 8-bit integers
+    where its probe (``qpass.kernels.int_mm_exact``) finds it exact (VNNI), else oneDNN (512-token
+    windows) on the 7-bit grids its probe (``qpass.kernels.int8_dot_exact``) leaves.
 ``lowered-avx2``
     The same in a subprocess with ``ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: a CPU
     without VNNI, emulated on this one (the probe must then report saturation, or the row fails). The
@@ -178,9 +179,10 @@ def cpu_kind() -> dict:
         kind = "AVX-512 VNNI" if "avx512_vnni" in vnni else vnni[0]
     else:
         kind = "AVX2 without VNNI" if "avx2" in flags else "unknown"
-    grid = {True: "8-bit grid", False: "7-bit grids", None: "no oneDNN"}[onednn]
+    int_mm = kernels.kernel_available("int_mm") and kernels.int_mm_exact()
+    grid = "_int_mm, 8-bit grid" if int_mm else {True: "8-bit grid", False: "7-bit grids", None: "no oneDNN"}[onednn]
     return {"cpu": name, "kind": kind, "label": f"{kind}, {grid}", "vnni_flags": vnni, "emulated": emulated,
-            "onednn_8bit_exact": onednn, "fbgemm_8bit_exact": fbgemm}
+            "onednn_8bit_exact": onednn, "fbgemm_8bit_exact": fbgemm, "int_mm_exact": int_mm}
 
 
 def _rebase(results: list[Result], fp32: Result) -> list[Result]:

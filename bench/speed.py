@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                        if k in os.environ},
         "int8_dot_exact": {k: qpass.kernels.int8_dot_exact(k) for k in qpass.kernels.PROBED_KERNELS
                            if qpass.kernels.kernel_available(k)},
+        "int_mm_exact": qpass.kernels.kernel_available("int_mm") and qpass.kernels.int_mm_exact(),
     }
     results = [bench_model(name, args, device, dtype) for name in args.models]
     print(f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}, baseline {dtype}\n")

@@ -60,7 +60,9 @@ def main() -> None:
     qp_prefill = torch.compile(model, backend=qpass.backend(qpass.preset(args.preset), calibration=calib), dynamic=False)
     t_qpass = _time_prefill(lambda ids: qp_prefill(ids, use_cache=False), prompt, args.repeats)
 
-    grid = "8-bit (exact u8 x s8 dot products)" if kernels.int8_dot_exact("onednn") else "7-bit (kernels saturate int16: no VNNI)"
+    grid = ("8-bit on torch._int_mm (exact int8 products)" if kernels.int_mm_exact()
+            else "8-bit on oneDNN (exact u8 x s8 dot products)" if kernels.int8_dot_exact("onednn")
+            else "7-bit (kernels saturate int16: no VNNI)")
     kinds = sorted({k for r in backend.report.rows.values() for k in r.kernels})
     print(f"SmolLM2-135M, {args.preset}, {len(windows)} held-out Wikipedia windows of 1024 tokens, {args.threads} threads")
     print(f"  path: lowered kernels ({', '.join(kinds)}); CPU int8 grid: {grid}")

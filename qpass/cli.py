@@ -527,7 +527,9 @@ def _cpu_kind() -> str:
     try:
         from qpass import kernels
 
-        if kernels.kernel_available("onednn"):
+        if kernels.kernel_available("int_mm") and kernels.int_mm_exact():
+            parts.append("int8 products exact: torch._int_mm")
+        elif kernels.kernel_available("onednn"):
             exact = kernels.int8_dot_exact("onednn")
             parts.append("int8 products exact" if exact else "int8 products saturate int16: 7-bit grids")
     except Exception as e:  # a probe failing must not hide the measurement; say so

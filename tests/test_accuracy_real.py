@@ -117,18 +117,14 @@ def test_smoothing_only_keeps_logits(smollm2) -> None:
     assert err < 1e-5, err
 
 
-def _exact_8bit() -> bool:
-    return kernels.int8_dot_exact("onednn")  # 512-token windows run on oneDNN (FBGEMM: decode only)
-
-
-@pytest.mark.parametrize("grid", ["8-bit", "7-bit", "split"])
+@pytest.mark.parametrize("grid", [pytest.param("8-bit", marks=pytest.mark.int_mm), "7-bit", "split"])
 def test_lowered_kernels_perplexity(smollm2, reference, grid, monkeypatch) -> None:
-    """The same check through the real kernels (oneDNN on an exact grid) instead of the reference
-    fake-quant path: the 8-bit grid where this CPU's kernels are exact (VNNI), and the 7-bit grids of
-    CPUs without VNNI, forced, with and without the weights split into two 7-bit halves
+    """The same check through the real kernels instead of the reference fake-quant path: where
+    ``torch._int_mm`` is exact (VNNI), the default lowering onto it, on the 8-bit grid; and oneDNN on the
+    7-bit grids of CPUs without VNNI, forced, with and without the weights split into two 7-bit halves
     (``split_weights``). w8a8_static, which loses most on the 7-bit grids, runs on those only."""
-    if grid == "8-bit" and not _exact_8bit():
-        pytest.skip("this CPU's oneDNN kernel saturates on the 8-bit grid (no VNNI); the 7-bit case covers it")
+    if grid == "8-bit" and not kernels.int_mm_exact():
+        pytest.skip("torch._int_mm saturates here (no VNNI): int8 linears run on oneDNN's 7-bit grids, the next cases")
     if grid != "8-bit":
         detect = lowering.Target.detect
         monkeypatch.setattr(
@@ -144,8 +140,9 @@ def test_lowered_kernels_perplexity(smollm2, reference, grid, monkeypatch) -> No
     for lowered in results:
         ref = by_name[lowered.name]
         assert lowered.error is None and lowered.quantized == LINEARS, table
-        # every linear on oneDNN (prefill), on the grid this case is about
-        assert sum(n for k, n in lowered.kernels.items() if k.startswith("onednn")) == LINEARS, table
+        # every linear on _int_mm (8-bit) or oneDNN (prefill), on the grid this case is about
+        kernel = lowering.KERNELS["cpu_int_mm"].label if grid == "8-bit" else "onednn"
+        assert sum(n for k, n in lowered.kernels.items() if k.startswith(kernel)) == LINEARS, table
         on_grid = sum(n for k, n in lowered.kernels.items() if ("7-bit" if grid == "7-bit" else "8-bit split") in k)
         assert on_grid == (0 if grid == "8-bit" else LINEARS), table
         vs_fp32 = lowered.perplexity / by_name[FP32].perplexity - 1

@@ -58,6 +58,9 @@ class Target:
     # Whether the CPU kernels' u8 x s8 products are exact on full-range operands (no int16
     # saturation): None asks each kernel's probe (``kernels.int8_dot_exact``); True / False forces it.
     int8_dot: bool | None = None
+    # Whether ``torch._int_mm`` runs here exactly on full-range int8 (its probe, ``kernels.int_mm_exact``):
+    # the CPU int8 kernel of choice then (``_emit_cpu_int_mm``)
+    int_mm: bool = False
     capability: tuple[int, int] | None = None  # CUDA compute capability
 
     @staticmethod
@@ -68,7 +71,8 @@ class Target:
             fbgemm = kernels.kernel_available("fbgemm")
             if not fbgemm and "fbgemm" in torch.backends.quantized.supported_engines:
                 _log_fbgemm_refused(torch.backends.quantized.engine)
-            return Target("cpu", onednn=kernels.kernel_available("onednn"), fbgemm=fbgemm)
+            int_mm = kernels.kernel_available("int_mm") and _probed_int_mm()
+            return Target("cpu", onednn=kernels.kernel_available("onednn"), fbgemm=fbgemm, int_mm=int_mm)
         return Target(device.type)
 
 
@@ -115,8 +119,18 @@ GRID_SPLIT = Grid(127, 127, "8-bit split weights", halves=True)
 
 def cpu_grids(target: Target, kernel: str) -> tuple[Grid, ...]:
     """The exact grids of ``kernel`` (``"onednn"`` or ``"fbgemm"``) on ``target``, the default first."""
+    if kernel == "cpu_int_mm":  # chosen only where it is exact
+        return (GRID_8BIT,)
     exact = target.int8_dot if target.int8_dot is not None else _probed_int8_dot(kernel)
     return (GRID_8BIT,) if exact else (GRID_W7, GRID_A7)
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_int_mm() -> bool:
+    exact = kernels.int_mm_exact()
+    logger.info("qpass lower: torch._int_mm %s", "is exact on full-range int8: int8 linears run on it" if exact else
+                "saturates int16 pair sums (no VNNI / AMX): int8 linears run on oneDNN / FBGEMM's 7-bit grids")
+    return exact
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,7 +248,7 @@ _REFERENCE_RULES: tuple[tuple[str, Callable[[QLinear, Target], bool]], ...] = (
     ("asymmetric static activations", lambda q, t: not q.act.symmetric and not q.act.dynamic),
     # _scaled_mm on CPU is an emulation, 2-30x slower than fp32 (FACTS.md).
     ("fp8 on CPU", lambda q, t: q.act.dtype != torch.int8 and t.device == "cpu"),
-    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn),
+    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn and not t.int_mm),
     ("fp8 needs CUDA compute capability 8.9+", lambda q, t: t.device == "cuda" and q.act.dtype != torch.int8
      and (t.capability or (0, 0)) < (8, 9)),
     ("no kernel for this device", lambda q, t: t.device not in ("cpu", "cuda")),
@@ -284,6 +298,8 @@ def choose(q: QLinear, target: Target) -> tuple[str, str]:
             return "reference", why
     if target.device == "cuda":
         return ("cuda_int8" if q.act.dtype == torch.int8 else "cuda_fp8"), ""
+    if target.int_mm and target.int8_dot is not False:
+        return "cpu_int_mm", ""
     decode = q.m is not None and q.m <= DECODE_M
     return ("fbgemm" if decode and target.fbgemm else "onednn"), ""
 
@@ -561,6 +577,30 @@ def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
     return e.finish(q, y, None, q.bias, before)
 
 
+def _emit_cpu_int_mm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
+    """``torch._int_mm(x_q (M, K), W_q.t())`` in int32 on the reference's own 8-bit integers, then the
+    scales (and an asymmetric activation's zero point) as aten ops that Inductor fuses; where the
+    probe finds ``_int_mm`` exact (VNNI / AMX). The weight is the plain int8 ``(N, K)`` tensor read as
+    a column-major ``(K, N)`` view: nothing packed, one copy shared by every graph of the backend (prefill
+    and decode), and no Python-level kernel (Inductor calls the aten op from its generated code)."""
+    before = q.out
+    w_q, w_s = e.weight(q, GRID_8BIT)
+    n, k = w_q.shape
+    w_q = e.packed("int_mm", q.path, w_q, w_s, w_q.contiguous)
+    w = e.qg.constant(f"{q.path}.weight_int8", w_q)
+    x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
+    acc = e.call(torch._int_mm, (x2, e.call(torch.t, (w,), before)), before)
+    y2 = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
+    sx = q.act.scale if not q.act.per_token else e.call(torch.reshape, (q.act.scale, (-1, 1)), before)
+    sxw = e.call(torch.mul, (sx, e.qg.constant(f"{q.path}.weight_scale", w_s)), before)
+    y2 = e.call(torch.mul, (y2, sxw), before)
+    if q.act.zero_point is not None:  # asymmetric: subtract sx * zp * sw * sum_k W[n, k]
+        zp = q.act.zero_point if not q.act.per_token else e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
+        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), w_q, w_s, "weight_colsum", before)
+    y = e.call(torch.reshape, (y2, (*e.sizes(q.act.x, before)[:-1], n)), before)
+    return e.finish(q, y, None, q.bias, before)
+
+
 def _emit_cpu_w8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     """``linear(x, dequantize(W_q, W_s), b)`` -> ``_weight_int8pack_mm(x (M, K), W_q, W_s as x's dtype) + b``."""
     before, x = q.out, q.linear.args[0]
@@ -603,6 +643,7 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {
     "onednn": Kernel("onednn", _emit_onednn),
     "fbgemm": Kernel("fbgemm", _emit_fbgemm),
+    "cpu_int_mm": Kernel("int8 (_int_mm)", _emit_cpu_int_mm),
     "cuda_int8": Kernel("cuda int8 (_int_mm)", _emit_cuda_int8),
     "cuda_fp8": Kernel("cuda fp8 (_scaled_mm)", _emit_cuda_fp8),
     "cpu_w8": Kernel("int8 weight-only (_weight_int8pack_mm)", _emit_cpu_w8),
@@ -634,7 +675,7 @@ def shared_input_groups(e: _Emit, plans: list[tuple[QLinear, Target, str]]) -> l
     for plan in plans:
         q, t, name = plan
         key: tuple = (id(plan),)
-        if FUSE_SHARED_INPUT and name in ("onednn", "fbgemm") and q.act is not None and not q.split:
+        if FUSE_SHARED_INPUT and name in ("onednn", "fbgemm", "cpu_int_mm") and q.act is not None and not q.split:
             bias = None if q.bias is None else e.qg.value(q.bias)
             if q.bias is None or bias is not None:
                 key = (id(q.act.x_dq), t, name, e.grid(q, t, name), q.m, q.out_dtype,
@@ -784,7 +825,7 @@ _EXPERTS_REFERENCE_RULES: tuple[tuple[str, Callable[[QExperts, Target], bool]], 
     # product (``zp * sum_k W[e, n, k]`` of its expert); a static zero point has no 7-bit counterpart yet.
     ("asymmetric static activations", lambda q, t: not q.act.symmetric and not q.act.dynamic),
     ("fp8 on CPU", lambda q, t: q.act.dtype != torch.int8 and t.device == "cpu"),
-    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn),
+    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn and not t.int_mm),
     ("no grouped kernel for fused experts on this device yet", lambda q, t: t.device != "cpu"),
 )
 

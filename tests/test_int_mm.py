@@ -1,0 +1,130 @@
+"""int8 linears on ``torch._int_mm`` (the CPU kernel where its probe finds it exact: VNNI / AMX).
+
+The integer check is the one of ``tests/test_lower.py``: the kernel's int32 dot products, recovered
+from its float output, against an int64 matmul of the quantized operands, element by element.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qpass
+from qpass import kernels
+from qpass.passes import lower as lowering
+from tests.models import tiny_model, token_batches
+from tests.test_lower import KERNEL_CONFIGS, Proj, _compile, _inputs, _worst_case_weight
+
+pytestmark = [
+    pytest.mark.int_mm,
+    pytest.mark.skipif(not kernels.int_mm_exact(), reason="torch._int_mm saturates int16 pair sums here (no VNNI / AMX)"),
+]
+LABEL = lowering.KERNELS["cpu_int_mm"].label
+
+
+class _IntMmProbe(torch.fx.Interpreter):
+    """Runs a lowered graph eagerly, checking every ``_int_mm`` against an int64 matmul of the same
+    operands, and that its activation operand is the reference's own quantized integers."""
+
+    calls = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.target is torch._int_mm:
+            x, w_t = (self.env[a] for a in n.args)
+            assert x.dtype == w_t.dtype == torch.int8 and out.dtype == torch.int32
+            assert torch.equal(out.long(), x.long() @ w_t.long()), "_int_mm differs from the int64 product"
+            src = n.args[0].args[0]  # reshape(x_q, (-1, K))
+            assert src.target is qpass.ops.quantize, src.target
+            self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
+@pytest.mark.parametrize("m", [1, 17, 513])
+@pytest.mark.parametrize("name", KERNEL_CONFIGS)
+def test_int_mm_equals_integer_reference(name, m, worst_case):
+    """The int32 dot products of the lowered linear are exact (worst case: every product at the
+    grid's ends), taken on the reference's integers; its output equals the reference path's."""
+    k, n = 100, 70
+    torch.manual_seed(m * 1000 + k)
+    model = Proj(k, n, bias=True).eval()
+    if worst_case:
+        with torch.no_grad():
+            model.proj.weight.copy_(_worst_case_weight(n, k))
+    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    config = KERNEL_CONFIGS[name].replace(smoothing=None)
+    y, backend = _compile(model, config, calib, x, inductor=False)
+    assert backend.report.rows["proj"].kernels == (LABEL,)
+    probe = _IntMmProbe(backend.graphs[-1])
+    params = {"weight": model.proj.weight, "bias": model.proj.bias}
+    args = [next((p for key, p in params.items() if f"parameters_{key}" in node.target), x)
+            for node in backend.graphs[-1].graph.find_nodes(op="placeholder")]
+    with torch.no_grad():
+        torch.testing.assert_close(probe.run(*args)[0], y, rtol=0, atol=0)
+    assert probe.calls == 1
+    ref, _ = _compile(model, config.replace(lower=False), calib, x, inductor=False)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic", "llm_int8"])
+def test_int_mm_llama_equals_reference_path(preset):
+    """A Llama through the backend: every int8 linear on ``_int_mm`` (q/k/v and gate/up as one GEMM
+    each: 4 per layer; 7 with an outlier split), logits equal to the reference quant/dequant path up
+    to float rounding."""
+    model = tiny_model("llama", layers=2)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=5)[0]
+    logits = {}
+    for lower in (False, True):
+        backend = qpass.backend(qpass.preset(preset, lower=lower), calibration=calib, inductor=False)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            logits[lower] = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+    kernels_run = {k for path, row in backend.report.rows.items() if path != "lm_head" for k in row.kernels}
+    assert kernels_run == {LABEL + (lowering.SPLIT_NOTE if preset == "llm_int8" else "")}
+    graph = backend.graphs[-1].graph
+    per_layer = 7 if preset == "llm_int8" else 4  # an outlier split's inlier linears are not fused
+    assert sum(n.target is torch._int_mm for n in graph.nodes) == per_layer * 2
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_int_mm_prefill_and_decode_share_one_weight_copy():
+    """Prefill and decode graphs of one backend read the same int8 tensors (nothing packed, no
+    second copy for another kernel)."""
+    model = tiny_model("llama", layers=1)
+    backend = qpass.backend("w8a8_dynamic", inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(token_batches(1, batch=1, seq=8)[0], use_cache=False)
+        compiled(token_batches(1, batch=1, seq=1)[0], use_cache=False)
+    assert len(backend.graphs) == 2
+    storages = []
+    for gm in backend.graphs:
+        int8 = {name: t for name, t in gm.named_buffers() if t.dtype == torch.int8}
+        assert len(int8) == 4 and not any(t.is_mkldnn for t in gm.buffers())
+        storages.append({t.untyped_storage().data_ptr() for t in int8.values()})
+    assert storages[0] == storages[1]
+
+
+_AVX2_SCRIPT = """
+import torch
+from qpass.passes import lower
+t = lower.Target.detect(torch.device("cpu"))
+print(t.int_mm, t.onednn)
+"""
+
+
+def test_int_mm_not_chosen_where_it_saturates():
+    """With oneDNN limited to AVX2 (a CPU without VNNI), the probe finds ``_int_mm`` inexact and the
+    lowering keeps oneDNN / FBGEMM with their 7-bit grids."""
+    limits = {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env={**os.environ, **limits}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["False", "True"]
