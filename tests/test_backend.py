@@ -64,8 +64,9 @@ def test_report_prints_a_row_per_linear():
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(token_batches(1)[0], use_cache=False)
     text = str(backend.report)
-    assert "model.decoder.layers.0.fc2" in text and "multiply" in text and "relu" in text
-    assert "folded patterns: linear-linear: 1, linear-norm: 2, multiply: 1" in text
+    fc2 = next(line for line in text.splitlines() if line.startswith("model.decoder.layers.0.fc2 "))
+    assert fc2.split()[1:3] == ["relu-act", "model.decoder.layers.0.fc1"], fc2
+    assert "folded patterns: linear-linear: 1, linear-norm: 2, relu-act: 1" in text
     assert len(backend.report.rows) == 7
 
 
@@ -118,12 +119,14 @@ def test_graph_break_compiles_each_graph():
 
 def test_pattern_examples_fold_exactly():
     """Each pattern module's Example exhibits its pattern; the fold keeps the function."""
-    kinds = {"linear_norm": "linear-norm", "linear_linear": "linear-linear", "gated_act": "gated-act", "experts": "gated-act"}
+    kinds = {"linear_norm": "linear-norm", "linear_linear": "linear-linear", "gated_act": "gated-act",
+             "relu_act": "relu-act", "experts": "gated-act"}
     for module in patterns.PATTERNS:
         torch._dynamo.reset()
         torch.manual_seed(0)
         example = module.Example().eval()
-        x = torch.randn(2, 6, example.q.in_features if hasattr(example, "q") else example.gate.in_features)
+        first = next(getattr(example, n) for n in ("q", "fc1", "gate") if hasattr(example, n))
+        x = torch.randn(2, 6, first.in_features)
         x[..., 0] *= 30  # an outlier channel
         calib = qpass.calibrate(example, [x])
         backend = qpass.backend(qpass.QuantConfig(weight=None, activation=None, skip=()), calibration=calib, inductor=False)

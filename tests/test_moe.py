@@ -250,6 +250,37 @@ def test_preset_quantizes_experts_within_dense_bounds(moe, name):
         assert rows[p].weight == "fp32 (router)"
 
 
+def test_outlier_split_falls_back_on_experts_with_one_warning(caplog):
+    """llm_int8 on a MoE model: the dense linears keep their fp32 outlier columns; fused experts have
+    no outlier split, so they are quantized with every channel int8: each expert row says so, one
+    warning (not one per layer, graph or recompile) lists them, and the model stays within the dense
+    llm_int8 bound (measured on the 2-layer models: Qwen2-MoE 0.010, OLMoE 0.011, DeepSeek-V3 0.022)."""
+    from qpass.passes.quantize import NO_EXPERT_OUTLIERS
+
+    model = tiny_model("olmoe", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    backend = qpass.backend(qpass.preset("llm_int8", lower=False), calibration=calib, inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with caplog.at_level(logging.WARNING, logger="qpass.passes.quantize"), torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        compiled(ids[:, :9], use_cache=False)  # a second graph (another length): no second warning
+    assert len(backend.graphs) == 2
+    assert 0 < _rel(out, ref) <= BOUNDS["llm_int8"], _rel(out, ref)
+    experts = _expert_params(model)
+    rows = backend.report.rows
+    for p in experts:
+        assert rows[p].outlier_channels == 0 and "outlier" not in rows[p].activation, rows[p]
+        assert f"no outlier split: {NO_EXPERT_OUTLIERS}" in rows[p].reason.split("; "), rows[p].reason
+    assert rows["model.layers.0.self_attn.q_proj"].outlier_channels > 0  # dense linears keep the split
+    warnings = [r.getMessage() for r in caplog.records if "outlier split" in r.getMessage()]
+    assert warnings == [f"qpass quantize: {len(experts)} fused expert weights quantized without the outlier split "
+                        f"({NO_EXPERT_OUTLIERS}): " + ", ".join(experts)]
+
+
 def test_calibrate_compile_generate():
     """qpass.calibrate -> qpass.compile -> generate() on a MoE model: prefill and decode graphs run
     the experts quantized (static scales per expert, gathered by each row's expert), and generate

@@ -8,7 +8,12 @@ single row included.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,21 +117,29 @@ def _lowered(model, config, calib, x, offs, *, dynamic=False, inductor=False):
         return compiled(x, offs), backend, compiled
 
 
-def _check_integers(model, config, calib, x, offs, y, grid):
+def _integer_error(model, config, calib, x, offs, y, grid) -> tuple[float, float]:
+    """(largest difference from the integer reference in integer units, its tolerance)."""
     acc, unit = _int_reference(model, x, offs, config, calib, grid)
     err = (y.double() / unit - acc.double()).abs().max().item()
     tol = 0.25  # one float32 rounding of the result
     if not config.activation.symmetric:  # the zero point's term subtracted in float32 after the kernel
         tol += 4 * 2.0**-24 * (2 * grid.act_qmax + 1) * (grid.w_qmax * K)
-    assert err < tol, f"integer dot products differ by {err:.3f} units (max |acc| {acc.abs().max().item()})"
+    return err, tol
+
+
+def _check_integers(model, config, calib, x, offs, y, grid):
+    err, tol = _integer_error(model, config, calib, x, offs, y, grid)
+    assert err < tol, f"integer dot products differ by {err:.3f} units"
 
 
 @pytest.mark.parametrize("worst_case", [False, True], ids=["random", "worst-case"])
-@pytest.mark.parametrize("grid", [None, lowering.GRID_W7, lowering.GRID_A7], ids=["probed", "7-bit-weights", "7-bit-act"])
+@pytest.mark.parametrize("grid", [None, lowering.GRID_W7, lowering.GRID_A7, lowering.GRID_SPLIT],
+                         ids=["probed", "7-bit-weights", "7-bit-act", "split-weights"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_lowered_experts_equal_integer_reference(monkeypatch, name, grid, worst_case):
     """Each expert's rows through its own packed int8 weight: the probed grid of this CPU, and each
-    7-bit grid of CPUs without VNNI forced (as tests/test_lower.py forces them)."""
+    7-bit grid of CPUs without VNNI forced (as tests/test_lower.py forces them), and the split
+    weights (``split_weights``), whose halves give the 8-bit integers on any CPU."""
     if grid is not None:
         monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
     torch.manual_seed(len(name))
@@ -139,6 +152,55 @@ def test_lowered_experts_equal_integer_reference(monkeypatch, name, grid, worst_
     used = grid or lowering.cpu_grids(CPU, "onednn")[0]
     assert backend.report.rows["gate_up_proj"].kernel == lowering.experts_label(used)
     _check_integers(model, config, calib, x, offs, y, used)
+
+
+def _forced_grid_runs(force, grids) -> list[list]:
+    """``[config, grid note, err, tol]`` for every config on worst-case operands, each grid forced
+    in turn by ``force(grid)``: the integer check's numbers, for a subprocess to report."""
+    runs = []
+    for grid in grids:
+        force(grid)
+        for name, config in CONFIGS.items():
+            torch.manual_seed(len(name))
+            model = Grouped(True).eval()
+            offs = _offs(SEGMENTS)
+            x = _rows(offs[-1].item(), seed=3, worst_case=True)
+            calib = _static_calibration(_rows(8, seed=4, worst_case=True), _offs((2, 2, 2, 2))) if name == "static" else None
+            y, backend, _ = _lowered(model, config.replace(smoothing=None), calib, x, offs)
+            runs.append([name, backend.report.rows["gate_up_proj"].kernel,
+                         *_integer_error(model, config, calib, x, offs, y, grid)])
+    return runs
+
+
+_SPLIT_SCRIPT = """
+import json
+from qpass import kernels
+from qpass.passes import lower as lowering
+from tests.test_moe_lower import _forced_grid_runs
+def force(grid):
+    lowering.cpu_grids = lambda target, kernel: (grid,)
+runs = _forced_grid_runs(force, (lowering.GRID_SPLIT, lowering.GRID_8BIT))
+print(json.dumps({"probe": kernels.int8_dot_exact("onednn"), "runs": runs}))
+"""
+
+
+@pytest.mark.skipif("ONEDNN_MAX_CPU_ISA" in os.environ, reason="an ISA limit is set in this process: the subprocess sets its own")
+def test_split_expert_weights_exact_where_int8_saturates():
+    """In a process whose oneDNN is limited to AVX2 (u8 x s8 pair sums saturate int16, as on CPUs
+    without VNNI), on worst-case operands: every expert's split weights give exactly the 8-bit
+    integer reference for the four kinds of activations, where the plain 8-bit grid is off by
+    thousands of units."""
+    run = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got["probe"] is False, got
+    assert len(got["runs"]) == 2 * len(CONFIGS)
+    for name, kernel, err, tol in got["runs"]:
+        if kernel == lowering.experts_label(lowering.GRID_SPLIT):
+            assert err < tol, (name, kernel, err, tol)
+        else:
+            assert kernel == lowering.EXPERTS_KERNEL and err > 1000, (name, kernel, err)
 
 
 def test_rows_past_the_last_segment_are_zero_and_segments_may_be_empty():
@@ -254,6 +316,27 @@ def test_forced_7bit_grid_keeps_the_bound(moe, monkeypatch, name):
         assert row.kernel in {lowering.experts_label(g) for g in (lowering.GRID_W7, lowering.GRID_A7)}, row.kernel
         assert "kernel grid by calibration error" in row.reason, row.reason
     assert 0 < _rel(out, ref) < 2.0 * _rel(reference, ref), (_rel(out, ref), _rel(reference, ref))
+
+
+def test_split_weights_chosen_for_experts_by_calibration_error(monkeypatch):
+    """A (fake) CPU without VNNI, only the experts quantized, ``split_weights=0.0``: every expert layer
+    takes the split weights (its best 7-bit grid loses to 8-bit on its calibration samples), says so
+    in the report, and gives the reference path's logits: the split computes its 8-bit integers
+    (measured 4e-8). Without ``split_weights`` the 7-bit grids are chosen:
+    ``test_forced_7bit_grid_keeps_the_bound``."""
+    model = tiny_model("qwen2_moe", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=7)[0]
+    monkeypatch.setattr(lowering.Target, "detect", staticmethod(
+        lambda device: lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=False)))
+    config = qpass.preset("w8a8_dynamic", skip=EXPERTS_ONLY, smoothing=None)  # the grids are the point
+    reference, _ = _logits(model, config.replace(lower=False), calib, ids)
+    out, backend = _logits(model, config.replace(split_weights=0.0), calib, ids)
+    for p in _expert_paths(model):
+        row = backend.report.rows[p]
+        assert row.kernel == lowering.experts_label(lowering.GRID_SPLIT), row.kernel
+        assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 0%, split"), row.reason
+    assert _rel(out, reference) < 1e-5, _rel(out, reference)
 
 
 def test_dynamic_shapes_across_sequence_lengths():

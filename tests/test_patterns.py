@@ -95,9 +95,9 @@ def _input(dim=16):
     [
         (FunctionalRMSNorm(), {"linear-norm": 1}),
         (FunctionalRMSNorm(affine=False), {"linear-norm": 1}),
-        (LayerNormMLP(), {"linear-norm": 1, "multiply": 1}),
-        (LayerNormMLP(bias=False), {"linear-norm": 1, "multiply": 1}),
-        (LayerNormMLP(elementwise_affine=False), {"linear-norm": 1, "multiply": 1}),
+        (LayerNormMLP(), {"linear-norm": 1, "relu-act": 1}),
+        (LayerNormMLP(bias=False), {"linear-norm": 1, "relu-act": 1}),
+        (LayerNormMLP(elementwise_affine=False), {"linear-norm": 1, "relu-act": 1}),
         (GeGLU(), {"gated-act": 1, "multiply": 1}),
         (GeGLU("tanh"), {"gated-act": 1, "multiply": 1}),
         (FusedQKV(), {"linear-norm": 1, "linear-linear": 1}),

@@ -57,7 +57,6 @@ const layers.0.mlp.down_proj.weight : f32[64,96]
 
     def test_opt(self):
         self.assertExpectedInline(_graph("opt", SMOOTH), """\
-const layers.0.fc2.smooth_inv_scale : f32[96]
 const layers.0.self_attn_layer_norm.weight : f32[64]
 const layers.0.self_attn_layer_norm.bias : f32[64]
 const layers.0.self_attn.q_proj.weight : f32[64,64]
@@ -68,6 +67,7 @@ const layers.0.self_attn.out_proj.weight : f32[64,64]
 const layers.0.final_layer_norm.weight : f32[64]
 const layers.0.final_layer_norm.bias : f32[64]
 const layers.0.fc1.weight : f32[96,64]
+const layers.0.fc1.bias : f32[96]
 const layers.0.fc2.weight : f32[64,96]
 %34 = embedding(%33, param embed_tokens.weight, 0, None, 2.0, False, False) : f32[1,8,64]
 %42 = embedding(%41, param embed_positions.weight, None, None, 2.0, False, False) : f32[1,8,64]
@@ -77,11 +77,10 @@ const layers.0.fc2.weight : f32[64,96]
 %51 = linear(%45, const layers.0.self_attn.v_proj.weight, const layers.0.self_attn.v_proj.bias) : f32[1,8,64]
 %62 = linear(%61, const layers.0.self_attn.out_proj.weight, param layers.0.self_attn.out_proj.bias) : f32[1,8,64]
 %66 = layer_norm(%65, (64,), const layers.0.final_layer_norm.weight, const layers.0.final_layer_norm.bias, 1e-05) : f32[8,64]
-%67 = linear(%66, const layers.0.fc1.weight, param layers.0.fc1.bias) : f32[8,96]
-%69 = mul(%68, const layers.0.fc2.smooth_inv_scale) : f32[8,96]
-%70 = linear(%69, const layers.0.fc2.weight, param layers.0.fc2.bias) : f32[8,64]
-%74 = layer_norm(%73, (64,), param final_layer_norm.weight, param final_layer_norm.bias, 1e-05) : f32[1,8,64]
-%76 = linear(%75, param embed_tokens.weight, None) : f32[1,8,128]
+%67 = linear(%66, const layers.0.fc1.weight, const layers.0.fc1.bias) : f32[8,96]
+%69 = linear(%68, const layers.0.fc2.weight, param layers.0.fc2.bias) : f32[8,64]
+%73 = layer_norm(%72, (64,), param final_layer_norm.weight, param final_layer_norm.bias, 1e-05) : f32[1,8,64]
+%75 = linear(%74, param embed_tokens.weight, None) : f32[1,8,128]
 """)
 
     def test_gpt2(self):

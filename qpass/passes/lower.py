@@ -845,6 +845,9 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
         y = grouped_mm(dq(q(x, s)), dequantize(const(W_q), const(W_s)).transpose(-2, -1), offs)
     ->  y = qpass.onednn_grouped_qlinear(qpass.quantize(x, s, const(128), 0, 255, u8), offs,
                                          [const(packed W_q[e]) for e], const(W_s (E, N)), 128) * s
+
+    On ``GRID_SPLIT`` (``split_weights``) each packed weight is its expert's ``[hi | lo]`` (N, 2K) and
+    the uint8 rows are repeated, ``cat([x_u8, x_u8], -1)``, as for dense linears.
     """
     reference = []
     for node, path in list(qg.quantized_experts.items()):
@@ -873,7 +876,8 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
 def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tensor) -> Grid:
     """``_Emit.grid`` for fused experts: the exact grid of oneDNN with the smallest output error on
     the calibration samples, each sample multiplied by its own expert's weight (and static scale);
-    errors averaged over the sampled tokens."""
+    errors averaged over the sampled tokens. With ``split_weights=d``, ``GRID_SPLIT`` (every
+    expert's weights split) where the best 7-bit grid's error exceeds the 8-bit one's by more than d."""
     if q.path in e.grids:
         return e.grids[q.path][0]
     grids = cpu_grids(target, "onednn")
@@ -881,6 +885,8 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
     if len(grids) == 1 or stats is None or stats.samples is None or stats.sample_experts is None:
         e.grids[q.path] = (grids[0], "")
         return grids[0]
+    if e.split_weights is not None:  # the 8-bit integers, which GRID_SPLIT computes exactly
+        grids = grids + (GRID_8BIT,)
     s = e.qg.smoothing.get(q.node)
     static = None if q.act.dynamic else _static_expert_scales(e.qg, q)[0]
     errors, total = [0.0] * len(grids), 0
@@ -900,7 +906,13 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
         e.grids[q.path] = (grids[0], "")
         return grids[0]
     best = min(range(len(grids)), key=errors.__getitem__)
-    why = "kernel grid by calibration error: " + ", ".join(f"{g.note} {100 * err / total:.2f}%" for g, err in zip(grids, errors))
+    why = "kernel grid by calibration error: " + ", ".join(
+        f"{g.note or '8-bit'} {100 * err / total:.2f}%" for g, err in zip(grids, errors))
+    if e.split_weights is not None:
+        e8, best = errors[-1] / total, min(range(len(grids) - 1), key=errors.__getitem__)
+        if errors[best] / total - e8 > e.split_weights:
+            e.grids[q.path] = (GRID_SPLIT, f"{why}: 7-bit over 8-bit by more than {100 * e.split_weights:g}%, split")
+            return GRID_SPLIT
     e.grids[q.path] = (grids[best], why)
     return grids[best]
 
@@ -920,8 +932,8 @@ def _emit_experts_onednn(e: _Emit, q: QExperts, target: Target) -> fx.Node:
     w_s = qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
     grid = _experts_grid(e, q, target, w_q, w_s)
     pws, scales, w_ks = [], [], []
-    for ex in range(experts):
-        wq_e, ws_e = narrow_weight(w_q[ex], w_s[ex], grid.w_qmax)
+    for ex in range(experts):  # GRID_SPLIT: (N, 2K) [hi | lo] halves against the activations repeated along K
+        wq_e, ws_e = (split_weight(w_q[ex]), w_s[ex]) if grid.halves else narrow_weight(w_q[ex], w_s[ex], grid.w_qmax)
         w_ks.append(wq_e)
         packed = e.packed("onednn", f"{q.path}.{ex}", wq_e, ws_e,
                           lambda wq_e=wq_e, ws_e=ws_e: kernels.pack_onednn_int8(wq_e, ws_e))
@@ -942,6 +954,7 @@ def _emit_experts_onednn(e: _Emit, q: QExperts, target: Target) -> fx.Node:
         s_node = e.call(torch.unsqueeze, (e.call(torch.index_select, (const, 0, ids), before), -1), before)
     zp = e.zero_point(grid.act_zp)
     x_u8 = e.call(ops.quantize, (a.x, s_node, zp, lo + grid.act_zp, hi + grid.act_zp, torch.uint8), before)
+    x_u8 = e.act_for(x_u8, grid, before)
     y = e.call(torch.ops.qpass.onednn_grouped_qlinear.default, (x_u8, q.offs, pws, ws, grid.act_zp), before)
     return _experts_finish(e, q, y, s_node)
 
@@ -957,9 +970,10 @@ def _emit_experts_asymmetric(e: _Emit, q: QExperts, grid: Grid, w_k: Tensor, pws
     else:
         pair = e.call(ops.choose_qparams, (a.x, a.per_token, False, 0.0, qmax), before)
         scale, zp = (e.call(operator.getitem, (pair, i), before) for i in (0, 1))
-    x_u8 = e.call(ops.quantize, (a.x, scale, zp, 0.0, qmax, torch.uint8), before)
+    x_u8 = e.act_for(e.call(ops.quantize, (a.x, scale, zp, 0.0, qmax, torch.uint8), before), grid, before)
     y = e.call(torch.ops.qpass.onednn_grouped_qlinear.default, (x_u8, q.offs, pws, ws, 0), before)
-    colsum = (w_k.double().sum(dim=2) * qg.value(ws).double()).float()  # (E, N): w_s[e, n] * sum_k W_k[e, n, k]
+    # (E, N): w_s[e, n] * sum_k W_k[e, n, k] (the split halves sum to the same integers)
+    colsum = (w_k.double().sum(dim=2) * qg.value(ws).double()).float()
     colsum = qg.constant(f"{q.path}.weight_colsum_onednn", colsum)
     ids = e.call(ops.expert_of_rows, (a.x, q.offs), before)
     per_row = e.call(torch.index_select, (colsum, 0, ids), before)

@@ -257,8 +257,9 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     Weights: each expert's (N, K) matrix at the config's granularity (AdaDim: per output channel).
     Activations: dynamic as the config says (each row is one token routed to one expert); static
     per-tensor scales per expert, from the calibrated tokens routed to it, each row taking its
-    expert's scale (``ops.expert_of_rows`` reads the expert segments from ``offs``)."""
-    done = 0
+    expert's scale (``ops.expert_of_rows`` reads the expert segments from ``offs``). No outlier split
+    (``QuantConfig.outliers``): every channel is quantized, noted in each row, one warning per backend."""
+    done, unsplit = 0, []
     for site in qg.experts():
         row = report.row(site.path)
         if config.skips(site.path):
@@ -266,8 +267,19 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             continue
         stats = calibration.get(site.path) if calibration is not None else None
         _quantize_experts(qg, site, config, stats, calibration is not None, row, shared)
+        if config.outliers is not None:
+            unsplit.append(site.path)
         done += 1
+    if unsplit and not qg.memo.get("experts_outliers_warned"):  # once per backend, not per graph or layer
+        qg.memo["experts_outliers_warned"] = True
+        logger.warning("qpass quantize: %d fused expert weights quantized without the outlier split (%s): %s",
+                       len(unsplit), NO_EXPERT_OUTLIERS, ", ".join(unsplit))
     return done
+
+
+#: Why fused experts take no outlier split (``QuantConfig.outliers``, the llm_int8 preset).
+NO_EXPERT_OUTLIERS = ("LLM.int8()'s fp32 outlier columns are not implemented for grouped matmuls, so "
+                      "every input channel, outliers included, goes through the int8 activations")
 
 
 def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
@@ -280,7 +292,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         _note(row, f"adadim: {qmath.describe(granularity)} for fused experts (no per-expert search)")
     _check_groups(site.path, granularity, w.shape[1], k)
     if config.outliers is not None:
-        _note(row, "no outlier split for fused expert weights")
+        _note(row, f"no outlier split: {NO_EXPERT_OUTLIERS}")
     qws = [qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
     q = torch.stack([qw.q for qw in qws])
     scale = torch.stack([qw.scale for qw in qws])

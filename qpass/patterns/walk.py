@@ -16,7 +16,8 @@ reshapes without a rule for each.
 
 The probe shows where channels go, not that the op is linear in them: that holds only
 through one argument (sdpa's value, the second operand of ``attn @ v``, one factor of a
-product). ``nonlinear_use`` is the check that a scaled value enters there and only there.
+product, the input of ``relu``). ``nonlinear_use`` is the check that a scaled value enters there
+and only there.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-__all__ = ["Walk", "NotChannelPreserving", "walk_back", "trace_channels", "replay", "probe_for", "nonlinear_use", "is_mul"]
+__all__ = [
+    "Walk", "NotChannelPreserving", "walk_back", "trace_channels", "replay", "probe_for", "nonlinear_use", "is_mul",
+    "homogeneous_arg",
+]
 
 
 class NotChannelPreserving(Exception):
@@ -56,6 +60,15 @@ MUL_TARGETS = {operator.mul, torch.mul}
 _ARG_NAMES = {F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask")}
 _LINEAR_IN = {F.scaled_dot_product_attention: "value", torch.matmul: "its second operand",
               operator.matmul: "its second operand", torch.bmm: "its second operand"}
+# Elementwise activations that commute with a positive scale, act(z / s) == act(z) / s for every
+# s > 0 (positively homogeneous of degree 1), each with its data argument. Not gelu, silu, tanh,
+# relu6 / hardtanh / clamp(max=...) (a fixed threshold), elu (its exp), rrelu (a random slope).
+_HOMOGENEOUS = {
+    F.relu: 0, torch.relu: 0, torch.relu_: 0,  # max(z, 0)
+    F.leaky_relu: 0,  # max(z, 0) + slope * min(z, 0), any slope
+    torch.prelu: 0,  # (F.prelu) the same with a learned slope per channel (argument 1, unscaled)
+}
+_HOMOGENEOUS_METHODS = {"relu", "relu_"}
 _CASTS = {"to", "float", "half", "bfloat16", "double", "type_as", "type"}
 _ATTENTION = {F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm}
 
@@ -106,6 +119,18 @@ def _concrete(node):
     raise NotChannelPreserving(f"cannot evaluate {node.name}")
 
 
+def homogeneous_arg(node: fx.Node) -> fx.Node | None:
+    """The data argument of a positively homogeneous activation (``relu``, ``leaky_relu``, ``prelu``),
+    or None if ``node`` is no such op."""
+    if node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS:
+        arg = node.args[0]
+    elif node.op == "call_function" and node.target in _HOMOGENEOUS:
+        arg = node.args[0] if node.args else node.kwargs.get("input")
+    else:
+        return None
+    return arg if isinstance(arg, fx.Node) else None
+
+
 def walk_back(node: fx.Node, qg=None) -> tuple[fx.Node, list[fx.Node]]:
     """Follow transparent ops back from ``node`` (stopping at a linear of ``qg``: ``x @ W.T``
     is one, not attention). Returns the producer and the path (producer side first, ending
@@ -126,15 +151,16 @@ def is_mul(node: fx.Node) -> bool:
 
 def nonlinear_use(user: fx.Node, node: fx.Node, scaled: set[fx.Node]) -> str | None:
     """Why dividing ``node`` (one of the ``scaled`` values) by ``s`` does not divide ``user`` by
-    ``s``; None when it does: ``node`` is ``user``'s data argument (one factor of a product) and
-    no other argument is scaled. ``u * u``, ``sdpa(v, v, v)`` are not linear in ``u``, ``v``."""
+    ``s``; None when it does: ``node`` is ``user``'s data argument (one factor of a product, the
+    input of a positively homogeneous activation) and no other argument is scaled. ``u * u``,
+    ``sdpa(v, v, v)``, ``prelu(h, h)`` are not linear in ``u``, ``v``, ``h``."""
     uses = []
     for i, arg in enumerate(user.args):
         label = _ARG_NAMES.get(user.target, ())[i:i + 1] or (f"argument {i}",)
         fx.node.map_arg(arg, lambda a: uses.append((label[0], a)) if a in scaled else None)
     for key, arg in user.kwargs.items():
         fx.node.map_arg(arg, lambda a: uses.append((key, a)) if a in scaled else None)
-    linear = user.args[:2] if is_mul(user) else (_data_arg(user),)
+    linear = user.args[:2] if is_mul(user) else (_data_arg(user) or homogeneous_arg(user),)
     if len(uses) == 1 and uses[0][1] is node and any(a is node for a in linear):
         return None
     what = ", ".join(label for label, _ in uses)

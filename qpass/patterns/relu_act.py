@@ -1,0 +1,63 @@
+"""ReLU-family activation: ``fc2(act(fc1(x)))`` with ``act`` positively homogeneous (OPT's MLP).
+
+Search::
+
+    h = relu(x @ W1.T + b1)     # or leaky_relu(., slope), prelu(., a), x.relu()
+    y = h @ W2.T
+
+Fold: ``1/s`` into fc1's output rows (``W1[r, :] /= s``, ``b1[r] /= s``), since for ``s > 0``
+``relu(z / s) == relu(z) / s``; ``W2[:, j] *= s[j]``. Not for gelu / silu / relu6 / clamp (no such
+identity: those MLPs keep the inserted multiply). fc1's output and the activation's must have no
+other reader (the smoothing pass's escape analysis checks both regions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qpass.graph import QGraph
+
+from .base import Absorber, Region
+from .linear_linear import row_fold
+from .walk import NotChannelPreserving, homogeneous_arg, probe_for, trace_channels, walk_back
+
+
+def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | None:
+    if (z := homogeneous_arg(producer)) is None or _shape(z) != _shape(producer):
+        return None  # not a relu-family op, or one that broadcasts its input
+    fc1_node, path = walk_back(z, qg)
+    site = qg.site(fc1_node)
+    if site is None:
+        return None
+    try:
+        walk = trace_channels(fc1_node, path)
+    except NotChannelPreserving:
+        return None
+    if walk.index.unique().numel() != walk.index.numel():
+        return None  # one fc1 row feeding two activation channels cannot take two scales
+    rows = torch.zeros(walk.probes[fc1_node].shape[-1], dtype=torch.bool)
+    rows[walk.index] = True
+    probe = probe_for(producer)
+    regions = [
+        Region([fc1_node, *path], walk.probes, rows),
+        Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
+    ]
+    return Absorber("relu-act", site.path, row_fold(site, walk.index), regions, site=site, rows=walk.index)
+
+
+def _shape(node: fx.Node):
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+class Example(nn.Module):
+    """OPT's MLP: fc1 -> relu -> fc2."""
+
+    def __init__(self, dim: int = 16, hidden: int = 24):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
