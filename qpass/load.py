@@ -64,6 +64,10 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     linears = {p: m for p, m in model.named_modules() if is_linear_module(m)}
     experts = _expert_layouts(model, tensors)
     config, layers = _config(qc, linears, directory, experts)
+    fp32_experts = tuple(f"{p}.{n}" for p, m in model.named_modules() if is_experts_module(m)
+                         for n in ("gate_up_proj", "down_proj") if f"{p}.{n}" not in layers)
+    if fp32_experts:  # fused experts the checkpoint keeps in full precision stay so
+        config = config.replace(skip=config.skip + fp32_experts)
     state, stats, stored = {}, {}, {}
     for param, layout in experts.items():  # per-expert linears -> transformers' fused parameters
         if param in layers:
@@ -230,7 +234,7 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path,
         activation = QuantSpec(dtype, PerTensor(), symmetric=symmetric, dynamic=False) if static else QuantSpec(
             dtype, PerToken() if any(t for *_, t in kinds) else PerTensor(), symmetric=symmetric)
     dynamic_layers = tuple(p for p, st in layers.items() if not st) if static else ()
-    skip = tuple(p for p in [*linears, *(experts or {})] if p not in layers)
+    skip = tuple(p for p in linears if p not in layers)
     return QuantConfig(weight, activation, None, skip=skip, dynamic_layers=dynamic_layers), layers
 
 
