@@ -4,7 +4,9 @@ qpass's kernels, with no calibration and no searches.
 The stored integers and scales define the quantization; qpass's quantize pass, given the
 dequantized weights, reproduces them exactly (per-channel symmetric: ``max |q| = 127`` per row,
 so the recomputed scale is the stored one), and static input scales come back through a
-calibration whose ranges are ``127 * input_scale``.
+calibration whose ranges are ``127 * input_scale``. Per-expert linears (``mlp.experts.{e}.gate_proj``
+...) are stacked back into transformers' fused expert parameters (``qpass.expert_names``), their
+integers and scales kept per expert, their input scales as per-expert ranges.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ def _per_expert(layout: ExpertLayout, tensors: dict[str, torch.Tensor], row) -> 
     for e, (qs, scales) in enumerate(zip(layout.split(weight), layout.split(scale) if split_scale else
                                          [[scale[e]] * len(layout.modules) for e in range(scale.shape[0])])):
         for path, q, sc in zip(layout.names(e), qs, scales):
-            layer = {"weight": q.contiguous(), "weight_scale": sc.reshape(-1, 1).contiguous()}
+            layer = {"weight": q.clone(), "weight_scale": sc.reshape(-1, 1).clone()}  # own storage each (safetensors)
             if "input_scale" in tensors:
                 layer["input_scale"] = tensors["input_scale"][e].reshape(1).clone()
             out[path] = _Linear(path, layer, row.per_token_fallback, row, layout.target)

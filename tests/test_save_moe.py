@@ -132,11 +132,11 @@ def test_load_runs_the_stored_expert_integers(tmp_path):
     against a scale for 127) runs those integers and scales as they are, not a re-quantization."""
     from safetensors.torch import load_file, save_file
 
-    model = tiny_model("olmoe")
+    model = tiny_model("olmoe", layers=1)
     torch._dynamo.reset()
-    qpass.save(model, "w8a8_dynamic", tmp_path)  # (two layers: the experts are those of layer 1)
+    qpass.save(model, "w8a8_dynamic", tmp_path)
     files = load_file(tmp_path / "model.safetensors")
-    gate = "model.layers.1.mlp.experts.3.gate_proj"
+    gate = "model.layers.0.mlp.experts.3.gate_proj"
     files[f"{gate}.weight"] = torch.div(files[f"{gate}.weight"], 2, rounding_mode="trunc")
     save_file(files, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
@@ -145,12 +145,12 @@ def test_load_runs_the_stored_expert_integers(tmp_path):
     backend.config = backend.config.replace(lower=False)
     with torch.no_grad():
         reloaded(token_batches(1)[0], use_cache=False)
-    q = _constant(backend, "model.layers.1.mlp.experts.gate_up_proj_q")
+    q = _constant(backend, "model.layers.0.mlp.experts.gate_up_proj_q")
     half = q.shape[1] // 2
     assert torch.equal(q[3, :half], files[f"{gate}.weight"])
-    assert torch.equal(q[3, half:], files["model.layers.1.mlp.experts.3.up_proj.weight"])
+    assert torch.equal(q[3, half:], files["model.layers.0.mlp.experts.3.up_proj.weight"])
     assert int(q[3, :half].abs().max()) <= 64
-    scale = _constant(backend, "model.layers.1.mlp.experts.gate_up_proj_scale")
+    scale = _constant(backend, "model.layers.0.mlp.experts.gate_up_proj_scale")
     assert torch.equal(scale[3, :half], files[f"{gate}.weight_scale"])
 
 
@@ -217,3 +217,25 @@ def test_experts_kept_fp32_stay_fp32_after_loading(tmp_path):
         path = f"model.layers.0.mlp.experts.{fused}"
         assert backend.report.rows[path].weight == "fp32 (skipped)"
         assert torch.equal(reloaded.get_parameter(path), model.get_parameter(path))
+
+
+def test_per_tensor_expert_weights_round_trip(tmp_path):
+    """Per-tensor expert weights: gate_up's one scale per expert is written to gate and up alike,
+    read back as one, and the reloaded model gives the saved model's logits."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("olmoe", layers=1)
+    config = qpass.preset("w8a8_dynamic", weight=qpass.QuantSpec("int8", qpass.PerTensor()))
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    qpass.save(model, config, tmp_path)
+    files = load_file(tmp_path / "model.safetensors")
+    gate, up = (files[f"model.layers.0.mlp.experts.5.{m}.weight_scale"] for m in ("gate_proj", "up_proj"))
+    assert gate.shape == (1, 1) and torch.equal(gate, up)
+    ours, _ = _compiled_logits(model, config, None, ids)
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    backend.config = backend.config.replace(lower=LOWER)
+    with torch.no_grad():
+        assert _rel(reloaded(ids, use_cache=False).logits, ours) <= 1e-6
+    assert backend.report.rows["model.layers.0.mlp.experts.gate_up_proj"].weight == "int8 per-tensor per expert"
