@@ -239,3 +239,32 @@ def test_per_tensor_expert_weights_round_trip(tmp_path):
     with torch.no_grad():
         assert _rel(reloaded(ids, use_cache=False).logits, ours) <= 1e-6
     assert backend.report.rows["model.layers.0.mlp.experts.gate_up_proj"].weight == "int8 per-tensor per expert"
+
+
+def test_load_refuses_experts_the_fused_layout_cannot_hold(tmp_path):
+    """The fused gate_up reads one input per expert: gate and up with different static input scales
+    (as another tool might write them) are refused naming both linears, before anything compiles;
+    so is a config group quantizing only some of a layer's experts."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("olmoe", layers=1)
+    calib = qpass.calibrate(model, token_batches(1))
+    torch._dynamo.reset()
+    qpass.save(model, ALL_STATIC, tmp_path, calibration=calib)
+    files = load_file(tmp_path / "model.safetensors")
+    up = "model.layers.0.mlp.experts.2.up_proj"
+    good = files[f"{up}.input_scale"].clone()
+    files[f"{up}.input_scale"] = good * 2
+    save_file(files, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.2\.gate_proj, model\.layers\.0\.mlp\.experts\.2"
+                                         r"\.up_proj: different input scales; the fused gate_up_proj of expert 2 reads one input"):
+        qpass.load(tmp_path, compile=False)
+
+    files[f"{up}.input_scale"] = good
+    save_file(files, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["ignore"].append("model.layers.0.mlp.experts.7.up_proj")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantizes only some experts of model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                         r"\(15 of 16 linears\)"):
+        qpass.load(tmp_path, compile=False)
