@@ -98,7 +98,7 @@ def save(
     _check_layers(backend.report.rows, config)
 
     expert_rows = {p: r for p, r in backend.report.rows.items() if "per expert" in r.weight}
-    layouts = {p: _expert_layout(model, p, r, config) for p, r in expert_rows.items()}
+    layouts = {p: _expert_layout(model, p, r) for p, r in expert_rows.items()}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     linears: dict[str, _Linear] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
@@ -213,7 +213,7 @@ def _input_scales(gm) -> dict[str, torch.Tensor]:
     return out
 
 
-def _expert_layout(model: nn.Module, param: str, row, config: QuantConfig) -> ExpertLayout:
+def _expert_layout(model: nn.Module, param: str, row) -> ExpertLayout:
     """The per-expert names ``param`` is written under, after refusing what they cannot hold."""
     if not any(g in row.weight for g in ("per-output-channel", "per-tensor")) or "asym" in row.weight:
         raise ValueError(
