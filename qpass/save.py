@@ -117,6 +117,11 @@ def save(
                     f"qpass.save: {name[: -len('.computed_scale')]}: smoothing folded into a scale computed from the "
                     "norm weight (Gemma's 1 + w); the checkpoint's weight cannot hold it"
                 )
+            if name.endswith(".computed_weight"):  # e.g. DeepSeek-V3's router: F.linear(x, weight.type(float32))
+                raise ValueError(
+                    f"qpass.save: {name[: -len('.computed_weight')]}: smoothing folded into a weight computed in the "
+                    "graph (a cast or transpose of the parameter); the checkpoint's weight cannot hold it"
+                )
             suffix = next((s for s in (*_TENSORS, *_REFUSED) if name.endswith(s)), None)
             if suffix is None:
                 raise ValueError(f"qpass.save: {name}: no compressed-tensors form for this constant")
