@@ -4,7 +4,9 @@ qpass's kernels, with no calibration and no searches.
 The stored integers and scales define the quantization; qpass's quantize pass, given the
 dequantized weights, reproduces them exactly (per-channel symmetric: ``max |q| = 127`` per row,
 so the recomputed scale is the stored one), and static input scales come back through a
-calibration whose ranges are ``127 * input_scale``.
+calibration whose ranges are ``127 * input_scale``. Per-expert linears (``mlp.experts.{e}.gate_proj``
+...) are stacked back into transformers' fused expert parameters (``qpass.expert_names``), their
+integers and scales kept per expert, their input scales as per-expert ranges.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from torch import nn
 
 from qpass.api import compile as qpass_compile
 from qpass.backend import QPassBackend
-from qpass.calibration import Calibration, ChannelStats, is_linear_module
+from qpass.calibration import Calibration, ChannelStats, is_experts_module, is_linear_module
 from qpass.config import PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.expert_names import ExpertLayout, expert_layout
 from qpass.qmath import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load"]
+
+_LINEAR = nn.Linear(1, 1, bias=False, device="meta")  # what a per-expert module is in the checkpoint's layout
 
 
 def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs) -> tuple[nn.Module, QPassBackend]:  # noqa: A002
@@ -59,9 +64,24 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
         tensors.update(load_file(f))
 
     linears = {p: m for p, m in model.named_modules() if is_linear_module(m)}
-    config, layers = _config(qc, linears, directory)
+    experts = _expert_layouts(model, tensors)
+    config, layers = _config(qc, linears, directory, experts)
+    fp32_experts = tuple(f"{p}.{n}" for p, m in model.named_modules() if is_experts_module(m)
+                         for n in ("gate_up_proj", "down_proj") if f"{p}.{n}" not in layers)
+    if fp32_experts:  # fused experts the checkpoint keeps in full precision stay so
+        config = config.replace(skip=config.skip + fp32_experts)
     state, stats, stored = {}, {}, {}
+    for param, layout in experts.items():  # per-expert linears -> transformers' fused parameters
+        if param in layers:
+            stored[param], state[param], stats_e = _fused_experts(tensors, layout, layers[param], config)
+            if stats_e is not None:
+                stats[param] = stats_e
+        else:  # kept in full precision: per-expert float weights, stacked as transformers would
+            state[param] = _stack(layout, [[_pop(tensors, f"{n}.weight") for n in layout.names(e)]
+                                           for e in range(layout.experts)])
     for path, static in layers.items():
+        if path in experts:
+            continue
         if isinstance(config.weight.granularity, PerGroup):
             stored[path] = _unpacked(tensors, path, config.weight)
         else:
@@ -98,10 +118,87 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     return model, backend
 
 
-def _config(qc: dict, linears: dict[str, nn.Module], directory: Path) -> tuple[QuantConfig, dict[str, bool]]:
+def _expert_layouts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, ExpertLayout]:
+    """{fused experts parameter: its per-expert names} for every fused parameter the files hold per
+    expert (``...experts.0.gate_proj.weight``); a checkpoint holding the fused tensor itself loads as is."""
+    out = {}
+    for path, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            param = f"{path}.{name}"
+            if param in tensors:
+                continue
+            try:
+                layout = expert_layout(model, param)
+            except ValueError:
+                continue  # no per-expert names for this architecture: load_state_dict names the fused one missing
+            if not any(k.startswith(layout.modules[0].format(e=0) + ".") for k in tensors):
+                continue  # neither form is in the files: load_state_dict names it missing
+            out[param] = layout
+    return out
+
+
+def _pop(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    try:
+        return tensors.pop(name)
+    except KeyError:
+        raise ValueError(f"qpass.load: {name} is missing (the other experts' modules are in the files)") from None
+
+
+def _stack(layout: ExpertLayout, per_expert: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per expert, one tensor per module -> (E, ...): the modules concatenated along dim 0 (gate then
+    up), the experts stacked, as transformers' conversion does."""
+    return torch.stack([torch.cat(mods, dim=0) for mods in per_expert])
+
+
+def _fused_experts(tensors: dict[str, torch.Tensor], layout: ExpertLayout, static: bool, config: QuantConfig):
+    """A fused experts parameter from its per-expert quantized linears: the stored integers and
+    scales (E, N, K) / (E, N, 1) or (E, 1, 1), the dequantized fused weight and, for static
+    activations, per-expert statistics whose range gives back each expert's ``input_scale``.
+    The modules of one expert share the fused layout's input and per-tensor scale: they must agree."""
+    experts = layout.experts
+    qs, scales, inputs = [], [], []
+    for e in range(experts):
+        names = layout.names(e)
+        q = [_pop(tensors, f"{n}.weight") for n in names]
+        sc = [_pop(tensors, f"{n}.weight_scale").float() for n in names]
+        inp = [tensors.pop(f"{n}.input_scale", None) for n in names]
+        for n, qn in zip(names, q):
+            if qn.dtype not in (torch.int8, torch.float8_e4m3fn) or f"{n}.weight_zero_point" in tensors:
+                raise ValueError(f"qpass.load: {n}: {qn.dtype} weights are not read yet (int8 / float8_e4m3fn, symmetric)")
+        if isinstance(config.weight.granularity, PerTensor):
+            if any(not torch.equal(x.reshape(-1), sc[0].reshape(-1)) for x in sc):
+                raise ValueError(f"qpass.load: {', '.join(names)}: per-tensor weight scales differ; the fused "
+                                 f"{layout.param.rsplit('.', 1)[1]} of expert {e} holds one")
+            sc = [sc[0].reshape(1, 1)]
+        else:
+            sc = [x.reshape(-1, 1) for x in sc]
+        if static:
+            if any(x is None for x in inp):
+                raise ValueError(f"qpass.load: {names[0]}: static activations without an input_scale")
+            if any(not torch.equal(x.reshape(1), inp[0].reshape(1)) for x in inp):
+                raise ValueError(f"qpass.load: {', '.join(names)}: different input scales; the fused "
+                                 f"{layout.param.rsplit('.', 1)[1]} of expert {e} reads one input")
+            inputs.append(inp[0].float().reshape(1))
+        qs.append(q)
+        scales.append(sc)
+    stored = QuantizedWeight(_stack(layout, qs), _stack(layout, scales), 0)
+    stats = None
+    if static:
+        k = stored.q.shape[2]
+        reach = (torch.cat(inputs) * config.activation.qrange[1])[:, None].expand(experts, k).clone()
+        stats = ChannelStats(absmax=reach, min=-reach, max=reach.clone(), tokens=experts,
+                             expert_tokens=torch.ones(experts, dtype=torch.long))
+    return stored, stored.dequantize(), stats
+
+
+def _config(qc: dict, linears: dict[str, nn.Module], directory: Path,
+            experts: dict[str, ExpertLayout] | None = None) -> tuple[QuantConfig, dict[str, bool]]:
     """The QuantConfig that reproduces ``qc`` and {quantized layer path: its activations are static}.
     Targets and ignore entries match as the format defines (compressed-tensors' own matcher: a module
-    path, ``re:`` a regex, or a class name in the module's bases)."""
+    path, ``re:`` a regex, or a class name in the module's bases). A fused experts parameter is
+    quantized when its per-expert linears are, all by one config group."""
     try:
         from compressed_tensors.utils.match import is_match
     except ImportError as e:
@@ -120,6 +217,13 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path) -> tuple[Q
             if path in layers or not is_match(path, module, group["targets"], ignore):
                 continue
             layers[path] = act is not None and not act.dynamic
+        for param, layout in (experts or {}).items():
+            hits = [is_match(n, _LINEAR, group["targets"], ignore) for n in layout.all_names()]
+            if any(hits) and param not in layers:
+                if not all(hits):
+                    raise ValueError(f"qpass.load: {directory}: config group {name} quantizes only some experts of "
+                                     f"{param} ({sum(hits)} of {len(hits)} linears); the fused weight takes one scheme")
+                layers[param] = act is not None and not act.dynamic
     if len(weights) != 1:
         raise ValueError(f"qpass.load: {directory}: config groups with different weight schemes are not read yet")
     static = any(layers.values())

@@ -10,6 +10,11 @@ that the ``compressed-tensors`` package parses, and ``model.safetensors`` with, 
 config group of their own. What the format cannot express (a multiply inserted for smoothing, an
 outlier split, per-input-channel weights or groups (what AdaDim may choose per layer),
 float-zero-point weights, asymmetric static activations) is refused with an error naming the layer.
+
+Fused mixture-of-experts weights (``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I))
+are written as the per-expert linears transformers builds them from (``mlp.experts.{e}.gate_proj``,
+``up_proj``, ``down_proj``; ``qpass.expert_names``), each with its own ``weight``, ``weight_scale``
+and, static, ``input_scale``, in config groups of their own whose ``re:`` targets match those names.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 from qpass.backend import QPassBackend
 from qpass.calibration import Calibration
 from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
+from qpass.expert_names import ExpertLayout, expert_layout
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,9 @@ _REFUSED = {
     ".inlier_mask": "it has an outlier split (LLM.int8())",
     ".input_zero_point": "its static activations are asymmetric",
 }
+# constants of a fused experts parameter (``<param path><suffix>``, each (E, ...)), and the tensor name
+_EXPERT_TENSORS = {"_q": "weight", "_scale": "weight_scale", "_zero_point": "weight_zero_point",
+                   ".input_scale": "input_scale"}
 
 
 @dataclass
@@ -50,6 +59,8 @@ class _Linear:
     path: str
     tensors: dict[str, torch.Tensor]
     per_token: bool  # a static config's per-token fallback
+    row: object = None  # its report row (a fused experts parameter's, for each of its experts)
+    target: str = ""  # its config group target, when not its path (experts: one ``re:`` for all)
 
 
 def save(
@@ -86,24 +97,30 @@ def save(
         torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
     _check_layers(backend.report.rows, config)
 
-    experts = [p for p, r in backend.report.rows.items() if "per expert" in r.weight]
-    if experts:
-        raise ValueError(
-            f"qpass.save: {experts[0]}: fused expert weights quantized per expert; writing them in the "
-            "compressed-tensors format is not implemented"
-        )
+    expert_rows = {p: r for p, r in backend.report.rows.items() if "per expert" in r.weight}
+    layouts = {p: _expert_layout(model, p, r) for p, r in expert_rows.items()}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     linears: dict[str, _Linear] = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}
     for gm in backend.graphs:
         for attr, name in gm.qpass_names.items():
             value = getattr(gm, attr).detach().cpu()
             if name in state:  # a smoothed parameter (norm weight, v_proj / up_proj rows)
                 state[name] = value.to(state[name].dtype).reshape(state[name].shape)
                 continue
+            param = next((p for p in layouts if name.startswith(p) and name[len(p):] in _EXPERT_TENSORS), None)
+            if param is not None:
+                experts.setdefault(param, {})[_EXPERT_TENSORS[name[len(param):]]] = value
+                continue
             if name.endswith(".computed_scale"):
                 raise ValueError(
                     f"qpass.save: {name[: -len('.computed_scale')]}: smoothing folded into a scale computed from the "
                     "norm weight (Gemma's 1 + w); the checkpoint's weight cannot hold it"
+                )
+            if name.endswith(".computed_weight"):  # e.g. DeepSeek-V3's router: F.linear(x, weight.type(float32))
+                raise ValueError(
+                    f"qpass.save: {name[: -len('.computed_weight')]}: smoothing folded into a weight computed in the "
+                    "graph (a cast or transpose of the parameter); the checkpoint's weight cannot hold it"
                 )
             suffix = next((s for s in (*_TENSORS, *_REFUSED) if name.endswith(s)), None)
             if suffix is None:
@@ -120,9 +137,13 @@ def save(
             if path in linears and not linears[path].per_token:
                 linears[path].tensors.setdefault("input_scale", scale.clone())
 
+    for param, tensors in experts.items():
+        state.pop(param)
+        linears.update(_per_expert(layouts[param], tensors, expert_rows[param]))
+
     groups: dict[tuple, list[str]] = {}
     for path, layer in linears.items():
-        row = backend.report.rows[path]
+        row = layer.row or backend.report.rows[path]
         if not any(g in row.weight for g in ("per-output-channel", "per-tensor", "per-group(")):
             raise ValueError(
                 f"qpass.save: {path}: {row.weight} weights; the compressed-tensors format holds per-channel, "
@@ -130,7 +151,8 @@ def save(
             )
         weight = _weight_args(config.weight, "per-tensor" not in row.weight)
         act = _act_args(config.activation, layer.per_token)
-        state.pop(f"{path}.weight")
+        if not layer.target:  # per-expert linears have no parameter of their own (the fused one is popped)
+            state.pop(f"{path}.weight")
         if config.weight.dtype == "int4":
             layer.tensors = _packed(layer.tensors)
         for tensor, value in layer.tensors.items():
@@ -139,7 +161,10 @@ def save(
             if tensor == "input_scale":
                 value = value.reshape(1)
             state[f"{path}.{tensor}"] = value.contiguous()
-        groups.setdefault((json.dumps(weight, sort_keys=True), json.dumps(act, sort_keys=True)), []).append(path)
+        key = (json.dumps(weight, sort_keys=True), json.dumps(act, sort_keys=True), bool(layer.target))
+        targets = groups.setdefault(key, [])
+        if (layer.target or path) not in targets:
+            targets.append(layer.target or path)
 
     fmt = {"fp8_e4m3": "float-quantized", "int4": "pack-quantized"}.get(config.weight.dtype, "int-quantized")
     config_groups = {
@@ -149,9 +174,9 @@ def save(
             input_activations=None if a == "null" else QuantizationArgs(**json.loads(a)),
             format=fmt,
         )
-        for i, ((w, a), paths) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]))
+        for i, ((w, a, _), paths) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][2], kv[1][0])))
     }
-    ignore = [p for p, r in backend.report.rows.items() if p not in linears]
+    ignore = [p for p, r in backend.report.rows.items() if p not in linears and p not in experts]
     qconfig = QuantizationConfig(
         config_groups=config_groups, format=fmt, quantization_status="compressed", ignore=ignore
     )
@@ -190,6 +215,36 @@ def _input_scales(gm) -> dict[str, torch.Tensor]:
             name = gm.qpass_names.get(wq.target, "")
             if name.endswith(".weight_q"):
                 out[name[: -len(".weight_q")]] = getattr(gm, scale.target).detach().cpu()
+    return out
+
+
+def _expert_layout(model: nn.Module, param: str, row) -> ExpertLayout:
+    """The per-expert names ``param`` is written under, after refusing what they cannot hold."""
+    if not any(g in row.weight for g in ("per-output-channel", "per-tensor")) or "asym" in row.weight:
+        raise ValueError(
+            f"qpass.save: {param}: {row.weight} weights; fused experts are written per output channel or per "
+            "tensor, symmetric (per-group expert weights are not written yet)"
+        )
+    try:
+        return expert_layout(model, param)
+    except ValueError as e:
+        raise ValueError(f"qpass.save: {e}") from None
+
+
+def _per_expert(layout: ExpertLayout, tensors: dict[str, torch.Tensor], row) -> dict[str, _Linear]:
+    """A fused experts parameter's constants ((E, N, K) weight, (E, N, 1) or (E, 1, 1) scales, (E,)
+    static input scales) as one linear per expert and module: gate_up's rows split into gate and up
+    (a per-tensor scale goes to both), each expert's input scale to each of its modules."""
+    weight, scale = tensors["weight"], tensors["weight_scale"]
+    split_scale = scale.shape[1] == weight.shape[1]
+    out = {}
+    for e, (qs, scales) in enumerate(zip(layout.split(weight), layout.split(scale) if split_scale else
+                                         [[scale[e]] * len(layout.modules) for e in range(scale.shape[0])])):
+        for path, q, sc in zip(layout.names(e), qs, scales):
+            layer = {"weight": q.clone(), "weight_scale": sc.reshape(-1, 1).clone()}  # own storage each (safetensors)
+            if "input_scale" in tensors:
+                layer["input_scale"] = tensors["input_scale"][e].reshape(1).clone()
+            out[path] = _Linear(path, layer, row.per_token_fallback, row, layout.target)
     return out
 
 

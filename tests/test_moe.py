@@ -331,14 +331,6 @@ def test_per_expert_statistics_of_another_shape_are_left_out(caplog):
     assert sum("unusable calibration statistics" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_save_refuses_quantized_experts(tmp_path):
-    pytest.importorskip("compressed_tensors")
-    model = tiny_model("olmoe", layers=1)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.gate_up_proj: fused expert weights quantized "
-                                         r"per expert; writing them in the compressed-tensors format is not implemented"):
-        qpass.save(model, "w8a8_dynamic", tmp_path / "out", calibration=qpass.calibrate(model, token_batches(1)))
-
-
 def test_bf16_experts_run_torch_grouped_mm():
     """A bf16 MoE model traces to torch._grouped_mm: smoothing alone changes no bit (power-of-two
     scales, per expert too) and w8a8_dynamic quantizes the experts within the dense bound."""

@@ -293,7 +293,8 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     _check_groups(site.path, granularity, w.shape[1], k)
     if config.outliers is not None:
         _note(row, f"no outlier split: {NO_EXPERT_OUTLIERS}")
-    qws = [qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
+    qws = _stored_experts(qg, site.path, w, wspec, granularity) or [
+        qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
     q = torch.stack([qw.q for qw in qws])
     scale = torch.stack([qw.scale for qw in qws])
     zero_point = None if qws[0].zero_point is None else torch.stack([qw.zero_point for qw in qws])
@@ -333,6 +334,23 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
 
     row.weight = f"{wspec.dtype} {qmath.describe(granularity)} per expert{qmath.asym_label(wspec)}"
     row.activation = "fp32" if aspec is None else _describe_act(aspec) + ("" if aspec.dynamic else " per expert")
+
+
+def _stored_experts(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity) -> list[qmath.QuantizedWeight] | None:
+    """``_stored_weight`` for fused experts: the checkpoint's (E, N, K) integers and scales, one
+    quantized weight per expert, when the parameter is still their dequantized value; else None."""
+    stored = qg.stored_weights.get(path)
+    if stored is None:
+        return None
+    ours = qmath.quantize_weight(w[0], spec, granularity)  # the shapes the kernels expect
+    if (stored.q.shape != w.shape or stored.group_size != ours.group_size or stored.zero_point is not None
+            or stored.scale.shape[0] != w.shape[0] or stored.scale[0].numel() != ours.scale.numel()):
+        raise ValueError(f"{path}: the stored quantized experts {tuple(stored.q.shape)} do not fit this layer's config")
+    if not torch.equal(stored.dequantize(), w):
+        logger.warning("qpass: %s: its weight is no longer the checkpoint's (changed after loading); quantizing it again", path)
+        return None
+    return [qmath.QuantizedWeight(stored.q[e], stored.scale[e].reshape(ours.scale.shape), stored.group_size)
+            for e in range(w.shape[0])]
 
 
 def _expert_ranges(view, spec: QuantSpec, row) -> tuple[torch.Tensor, torch.Tensor]:
