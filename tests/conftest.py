@@ -4,17 +4,35 @@ import torch
 from tests.models import tiny_model  # noqa: F401  (re-exported for tests)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_int8_kernels(request, monkeypatch):
+def _int_mm_off() -> bool:
+    return False
+
+
+def pytest_configure(config):
     """Where ``torch._int_mm`` is exact (VNNI / AMX) qpass lowers int8 linears to it; without VNNI to
     oneDNN / FBGEMM on 7-bit grids. So that the oneDNN / FBGEMM tests (grids, fusion, packing,
-    snapshots) run the same kernels on both CPU kinds, tests use those unless marked ``int_mm``
-    (tests/test_int_mm.py and the real-model checks, which measure the default path)."""
-    if request.node.get_closest_marker("int_mm") is None:
-        from qpass.passes import lower
+    snapshots, and the module-scoped runs they compare with) run the same kernels on both CPU kinds,
+    the session starts with the ``_int_mm`` probe answering "no"; tests marked ``int_mm``
+    (tests/test_int_mm.py, the real-model lowered check) get the real probe: the default path."""
+    from qpass.passes import lower
 
-        monkeypatch.setattr(lower, "_probed_int_mm", lambda: False)
-    yield
+    global _REAL_PROBE
+    _REAL_PROBE = lower._probed_int_mm
+    lower._probed_int_mm = _int_mm_off
+
+
+@pytest.fixture(autouse=True)
+def _cpu_int8_kernels(request):
+    if request.node.get_closest_marker("int_mm") is None:
+        yield
+        return
+    from qpass.passes import lower
+
+    lower._probed_int_mm = _REAL_PROBE
+    try:
+        yield
+    finally:
+        lower._probed_int_mm = _int_mm_off
 
 
 @pytest.fixture(autouse=True)
