@@ -64,7 +64,7 @@ def fingerprint(config: QuantConfig) -> str:
     """What learned factors depend on besides the calibration and the weights: the quantization
     they were learned under and the learning's own settings."""
     sm = config.smoothing
-    text = repr((config.weight, config.activation, config.dynamic_fallback, sm.alpha_grid, sm.learn_steps, sm.learn_lr))
+    text = repr((config.weight, config.activation, config.dynamic_fallback, sm.alpha_grid, sm.learn_steps, sm.learn_lr, sm.learn_penalty))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -98,10 +98,10 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         with torch.inference_mode(False), torch.enable_grad():
             block, how = _build_block(qg, edits, members, calibration, config)
             fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
-            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr)
+            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr, penalty=sm.learn_penalty)
         seconds = time.perf_counter() - start
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
-                f"(step {result.steps} of {sm.learn_steps}){how}")
+                f"(step {result.steps} of {sm.learn_steps}; {result.rows[0]} training rows, {result.rows[1]} held out){how}")
         logger.info("%s: %s, %.1f s", " + ".join(l for l in block.linears), note, seconds)
         for it, s in zip(members, result.factors):
             s = s.detach().float()
