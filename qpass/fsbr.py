@@ -19,8 +19,9 @@ where ``name_q`` is the linear with its smoothing applied (input columns ``/ s``
 ``* s``, absorber rows ``/ s`` and the output multiplied back, so the error is measured in the
 model's own units) and fake-quantized under the config's specs, rounding through a
 straight-through estimator. The parameters are ``log s``, one vector per fold, started at the
-closed-form auto-alpha factors and moved by Adam; the factors with the lowest loss on held-out
-rows (every fourth sampled row) are kept, so the result is never worse than the start there.
+closed-form auto-alpha factors and moved by Adam, optionally pulled back towards the start by a
+penalty; the factors with the lowest loss on held-out rows (the last quarter of the samples: whole
+calibration sequences, ``split_rows``) are kept, so the result is never worse than the start there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor
 from qpass import ops, qmath
 from qpass.config import AdaDim, PerGroup, PerInputChannel, PerOutputChannel, PerTensor, PerToken, QuantSpec
 
-__all__ = ["BlockLinear", "GatedProduct", "Block", "learn", "block_loss"]
+__all__ = ["BlockLinear", "GatedProduct", "Block", "learn", "block_loss", "split_rows"]
 
 
 @dataclass
