@@ -52,6 +52,21 @@ def test_learned_factors_fold_exactly(monkeypatch):
     assert len(calib.learned) == 8  # one factor vector per fold: 2 layers x (norm, v->o, norm, up->down)
 
 
+def test_learning_that_only_hurts_keeps_auto_alpha_exactly():
+    """A learning rate so large that every step is worse on the held-out rows: each block keeps its
+    auto-alpha start, and the compiled model is auto alpha's, bit for bit."""
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(3))
+    ids = token_batches(1, seed=7)[0]
+    _, auto = _compile(model, qpass.preset("w8a8_static"), calib, ids)
+    be, learned = _compile(model, qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=3, lr=100.0)),
+                           calib, ids)
+    assert torch.equal(learned, auto)
+    notes = {p: r.reason for p, r in be.report.rows.items() if r.reason.startswith("learned (FSBR)")}
+    assert len(notes) == 7 and all("(step 0 of 3; 72 training rows, 24 held out)" in n for n in notes.values())
+    assert all(start == end for start, end in _block_errors(be.report))
+
+
 def test_unquantized_config_learns_nothing():
     """Nothing quantized: nothing to reconstruct, the auto-alpha factors fold (and are exact)."""
     model = tiny_model("llama")
