@@ -52,9 +52,9 @@ def test_learned_factors_fold_exactly(monkeypatch):
     assert len(calib.learned) == 8  # one factor vector per fold: 2 layers x (norm, v->o, norm, up->down)
 
 
-def test_learning_that_only_hurts_keeps_auto_alpha_exactly():
+def test_learning_that_only_hurts_keeps_auto_alpha_exactly(caplog):
     """A learning rate so large that every step is worse on the held-out rows: each block keeps its
-    auto-alpha start, and the compiled model is auto alpha's, bit for bit."""
+    auto-alpha start, and the compiled model is auto alpha's, bit for bit. Few rows: one warning."""
     model = tiny_model("llama", layers=1)
     calib = qpass.calibrate(model, token_batches(3))
     ids = token_batches(1, seed=7)[0]
@@ -64,6 +64,10 @@ def test_learning_that_only_hurts_keeps_auto_alpha_exactly():
     assert torch.equal(learned, auto)
     notes = {p: r.reason for p, r in be.report.rows.items() if r.reason.startswith("learned (FSBR)")}
     assert len(notes) == 7 and all("(step 0 of 3; 72 training rows, 24 held out)" in n for n in notes.values())
+    warned = [r.getMessage() for r in caplog.records if "learned smoothing trained" in r.getMessage()]
+    assert warned == ["qpass: learned smoothing trained 2 blocks on fewer than 256 calibration rows each (fewest: 72, "
+                      "model.layers.0.self_attn.q_proj): the factors may fit the calibration text only; calibrate with "
+                      "more samples (qpass.calibrate(..., samples=512))"]
     assert all(start == end for start, end in _block_errors(be.report))
 
 

@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["learned_scales", "fingerprint"]
 
+# Fewer training rows per block than this: one warning (SmolLM2's factors learned from 48 rows per
+# block lowered the error on the calibration text and raised it on other text; 384 did not).
+_FEW_ROWS = 256
+
 # act(gate) * up recomputed from the samples must match down's recorded input this closely
 # (relative, per token): otherwise down reads its recorded input and the note says so.
 _REPLAY_TOLERANCE = 1e-4
@@ -86,6 +90,7 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         items.append(_Fold(producer, consumers, absorber, init, f"{fp}/{'+'.join(c.site.path for c in consumers)}"))
 
     out: dict[fx.Node, tuple[torch.Tensor, str]] = {}
+    few: list[tuple[str, int]] = []
     for members in _blocks(items):
         stored = [calibration.learned.get(it.key) for it in members]
         if all(s is not None and s.shape == it.init.shape for s, it in zip(stored, members)):
@@ -103,10 +108,18 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
                 f"(step {result.steps} of {sm.learn_steps}; {result.rows[0]} training rows, {result.rows[1]} held out){how}")
         logger.info("%s: %s, %.1f s", " + ".join(l for l in block.linears), note, seconds)
+        if result.rows[0] < _FEW_ROWS:
+            few.append((next(iter(block.linears)), result.rows[0]))
         for it, s in zip(members, result.factors):
             s = s.detach().float()
             calibration.learned[it.key] = s
             out[it.producer] = (s, note)
+    if few:
+        logger.warning(
+            "qpass: learned smoothing trained %d blocks on fewer than %d calibration rows each (fewest: %d, %s): "
+            "the factors may fit the calibration text only; calibrate with more samples "
+            "(qpass.calibrate(..., samples=512))", len(few), _FEW_ROWS, min(n for _, n in few),
+            min(few, key=lambda f: f[1])[0])
     return out
 
 
