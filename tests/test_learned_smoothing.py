@@ -192,9 +192,9 @@ def test_penalty_keeps_factors_near_the_start():
     def moved(result) -> float:
         return float(sum((f.log() - s.log()).pow(2).sum() for f, s in zip(result.factors, init)))
 
-    free, held = fsbr.learn(block, 20, 0.02, penalty=0.0), fsbr.learn(block, 20, 0.02, penalty=100.0)
+    free, held = fsbr.learn(block, 10, 0.02, penalty=0.0), fsbr.learn(block, 10, 0.02, penalty=100.0)
     assert free.steps > 0 and held.steps > 0
-    assert moved(held) < 0.5 * moved(free)
+    assert moved(held) < 0.2 * moved(free)  # measured 0.02
     assert held.loss_end <= held.loss_start and free.loss_end <= free.loss_start
 
 
