@@ -88,11 +88,10 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     # the preset's integer zero points (what compressed-tensors stores) against float ones (GGUF Q4_1's d * q + m)
     "w4a16 float zero points": qpass.preset(
         "w4a16", weight=qpass.QuantSpec("int4", qpass.PerGroup(32), symmetric=False, zero_point="float")),
-    # issue 18: smoothing factors learned by block reconstruction (FSBR) against the presets' auto alpha;
-    # 64 Adam steps per block keep learning to minutes on SmolLM2 (60 blocks)
-    "w8a8_static learned": qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
-    "w8a8_tensor_dynamic learned": qpass.preset(
-        "w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned", steps=64, lr=0.02)),
+    # issue 18: smoothing factors learned by block reconstruction (FSBR) against the presets' auto alpha,
+    # with the defaults (100 steps, lr 0.01, penalty 1, held-out sequences); run with --calib-samples 512
+    "w8a8_static learned": qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned")),
+    "w8a8_tensor_dynamic learned": qpass.preset("w8a8_tensor_dynamic", smoothing=qpass.Smoothing("learned")),
     # I-LLM ablations (issue 18): one integer-only component at a time back in float (dequantize, float op, quantize)
     "illm_w8a8 float softmax": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(softmax=False)),
     "illm_w8a8 float norm": qpass.preset("illm_w8a8", integer_only=qpass.IntegerOnly(norm=False)),

@@ -19,8 +19,9 @@ where ``name_q`` is the linear with its smoothing applied (input columns ``/ s``
 ``* s``, absorber rows ``/ s`` and the output multiplied back, so the error is measured in the
 model's own units) and fake-quantized under the config's specs, rounding through a
 straight-through estimator. The parameters are ``log s``, one vector per fold, started at the
-closed-form auto-alpha factors and moved by Adam; the factors with the lowest loss on held-out
-rows (every fourth sampled row) are kept, so the result is never worse than the start there.
+closed-form auto-alpha factors and moved by Adam, optionally pulled back towards the start by a
+penalty; the factors with the lowest loss on held-out rows (the last quarter of the samples: whole
+calibration sequences, ``split_rows``) are kept, so the result is never worse than the start there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import Tensor
 from qpass import ops, qmath
 from qpass.config import AdaDim, PerGroup, PerInputChannel, PerOutputChannel, PerTensor, PerToken, QuantSpec
 
-__all__ = ["BlockLinear", "GatedProduct", "Block", "learn", "block_loss"]
+__all__ = ["BlockLinear", "GatedProduct", "Block", "learn", "block_loss", "split_rows"]
 
 
 @dataclass
@@ -221,15 +222,35 @@ class Learned:
     loss_start: float  # held-out loss at the starting factors
     loss_end: float  # held-out loss at the kept factors
     steps: int  # the step whose factors were kept (0: the start)
+    rows: tuple[int, int] = (0, 0)  # (training, held-out) rows
 
 
-def learn(block: Block, steps: int, lr: float) -> Learned:
-    """Adam on ``log s`` for ``steps`` steps; keeps the factors with the lowest held-out loss."""
+def split_rows(n: int, held_fraction: float = 0.25) -> tuple[slice, slice]:
+    """(train, held-out) rows of a block's ``n`` samples: the held-out rows are the last
+    ``held_fraction`` of them. Calibration keeps its samples batch by batch, so these are whole
+    calibration sequences the factors never learned from (not other positions of the same
+    sequences, whose text the factors would already fit). Under 8 rows: both are all rows."""
+    held = int(n * held_fraction)
+    if n < 8 or held < 1:
+        return slice(None), slice(None)
+    return slice(0, n - held), slice(n - held, n)
+
+
+def learn(block: Block, steps: int, lr: float, *, penalty: float = 0.0, held_fraction: float = 0.25) -> Learned:
+    """Adam on ``log s`` for ``steps`` steps; keeps the factors with the lowest held-out loss
+    (``split_rows``), which may be the start.
+
+    The training objective is the block error on the training rows relative to its value at the
+    start, plus ``penalty`` times the mean squared distance of ``log s`` from the start (the
+    auto-alpha factors): ``penalty=0.1`` charges moving every factor by ``e`` as much as a 10% rise
+    of the error. The held-out loss that chooses the step is the plain block error."""
     n = len(next(iter(block.refs.values())))
-    held = torch.arange(n)[3::4] if n >= 8 else torch.arange(n)
-    train = torch.tensor([i for i in range(n) if i % 4 != 3]) if n >= 8 else torch.arange(n)
-    log_s = [s.double().log().float().clone().requires_grad_(True) for s in block.init]
+    train, held = split_rows(n, held_fraction)
+    counts = (len(range(n)[train]), len(range(n)[held]))
+    start_s = [s.double().log().float() for s in block.init]
+    log_s = [t.clone().requires_grad_(True) for t in start_s]
     opt = torch.optim.Adam(log_s, lr=lr)
+    channels = sum(t.numel() for t in start_s)
 
     def held_loss() -> float:
         with torch.no_grad():
@@ -238,10 +259,16 @@ def learn(block: Block, steps: int, lr: float) -> Learned:
     best = start = held_loss()
     best_s, best_step = [t.detach().clone() for t in log_s], 0
     if not math.isfinite(start):
-        return Learned(list(block.init), start, start, 0)
+        return Learned(list(block.init), start, start, 0, counts)
+    with torch.no_grad():
+        norm = float(block_loss(block, log_s, train))
+    if not (math.isfinite(norm) and norm > 0):
+        return Learned(list(block.init), start, start, 0, counts)
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = block_loss(block, log_s, train)
+        loss = block_loss(block, log_s, train) / norm
+        if penalty:
+            loss = loss + penalty * sum((t - t0).pow(2).sum() for t, t0 in zip(log_s, start_s)) / channels
         if not torch.isfinite(loss):
             break
         loss.backward()
@@ -250,4 +277,6 @@ def learn(block: Block, steps: int, lr: float) -> Learned:
         if now < best:
             best, best_step = now, step
             best_s = [t.detach().clone() for t in log_s]
-    return Learned([t.exp() for t in best_s], start, best, best_step)
+    if not best_step:
+        return Learned(list(block.init), start, start, 0, counts)  # the start itself, not exp(log(start))
+    return Learned([t.exp() for t in best_s], start, best, best_step, counts)

@@ -52,6 +52,25 @@ def test_learned_factors_fold_exactly(monkeypatch):
     assert len(calib.learned) == 8  # one factor vector per fold: 2 layers x (norm, v->o, norm, up->down)
 
 
+def test_learning_that_only_hurts_keeps_auto_alpha_exactly(caplog):
+    """A learning rate so large that every step is worse on the held-out rows: each block keeps its
+    auto-alpha start, and the compiled model is auto alpha's, bit for bit. Few rows: one warning."""
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(3))
+    ids = token_batches(1, seed=7)[0]
+    _, auto = _compile(model, qpass.preset("w8a8_static"), calib, ids)
+    be, learned = _compile(model, qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=3, lr=100.0)),
+                           calib, ids)
+    assert torch.equal(learned, auto)
+    notes = {p: r.reason for p, r in be.report.rows.items() if r.reason.startswith("learned (FSBR)")}
+    assert len(notes) == 7 and all("(step 0 of 3; 72 training rows, 24 held out)" in n for n in notes.values())
+    warned = [r.getMessage() for r in caplog.records if "learned smoothing trained" in r.getMessage()]
+    assert warned == ["qpass: learned smoothing trained 2 blocks on fewer than 256 calibration rows each (fewest: 72, "
+                      "model.layers.0.self_attn.q_proj): the factors may fit the calibration text only; calibrate with "
+                      "more samples (qpass.calibrate(..., samples=512))"]
+    assert all(start == end for start, end in _block_errors(be.report))
+
+
 def test_unquantized_config_learns_nothing():
     """Nothing quantized: nothing to reconstruct, the auto-alpha factors fold (and are exact)."""
     model = tiny_model("llama")
@@ -117,6 +136,66 @@ def test_learned_factors_beat_auto_alpha_on_outlier_channels(spec, bound):
     fresh = _mlp_block(fresh_x, wg, wu, wd, lo, hi, block.init)
     fsbr.decide_activations(fresh, spec, None)
     assert error(fresh, result.factors) < bound * error(fresh, block.init)
+
+
+def _rows(n: int, seed: int, outliers: list[int]) -> torch.Tensor:
+    x = torch.randn(n, 32, generator=torch.Generator().manual_seed(seed))
+    x[:, outliers] *= 60
+    return x
+
+
+def _shifted_blocks(spec):
+    """Training rows with outliers in channels 0-2, held-out rows (the last quarter) in channels 3-5:
+    the block on all rows, on the training kind only, and on the held-out kind only."""
+    _, wg, wu, wd = _outlier_mlp(8, seed=0)
+    a, b = _rows(96, 0, [0, 1, 2]), _rows(32, 10, [3, 4, 5])
+    x = torch.cat([a, b])
+    h = F.silu(x @ wg.T) * (x @ wu.T)
+    lo, hi = (x.amin(0), h.amin(0)), (x.amax(0), h.amax(0))
+    init = [smoothing_scales(x.abs().amax(0), torch.maximum(wg.abs().amax(0), wu.abs().amax(0)), 0.5),
+            smoothing_scales(h.abs().amax(0), wd.abs().amax(0), 0.5)]
+    blocks = [_mlp_block(rows, wg, wu, wd, lo, hi, init) for rows in (x, a, b)]
+    for block in blocks:
+        fsbr.decide_activations(block, spec, None)
+    return blocks
+
+
+def test_held_out_rows_keep_the_start_when_learning_would_hurt():
+    """The held-out rows (the last quarter: whole calibration sequences) differ from the training
+    rows, and every step learned from the training rows is worse on them than the auto-alpha start:
+    the start is kept, exactly, and the report says step 0."""
+    spec = QuantSpec("int8", PerToken())
+    mixed, train_kind, held_kind = _shifted_blocks(spec)
+    assert fsbr.split_rows(128) == (slice(0, 96), slice(96, 128))
+    # learning from the training kind alone helps on its own held-out rows and hurts the other kind
+    alone = fsbr.learn(train_kind, steps=15, lr=0.1, penalty=0.0)
+    assert alone.steps > 0 and alone.loss_end < 0.8 * alone.loss_start  # measured 0.57
+    start_error = float(fsbr.block_loss(held_kind, [s.log() for s in held_kind.init]))
+    assert float(fsbr.block_loss(held_kind, [s.log() for s in alone.factors])) > 2 * start_error  # measured 3.8x
+    # held out, that damage is seen and no step is taken
+    result = fsbr.learn(mixed, steps=15, lr=0.1, penalty=0.0)
+    assert (result.steps, result.rows) == (0, (96, 32))
+    assert result.loss_end == result.loss_start
+    assert all(f is s for f, s in zip(result.factors, mixed.init))
+
+
+def test_penalty_keeps_factors_near_the_start():
+    """The penalty on ``log s``'s distance from the auto-alpha start: the learned factors move less
+    with it, and the held-out error still never ends above the start's."""
+    x, wg, wu, wd = _outlier_mlp(128, seed=0)
+    h = F.silu(x @ wg.T) * (x @ wu.T)
+    init = [smoothing_scales(x.abs().amax(0), torch.maximum(wg.abs().amax(0), wu.abs().amax(0)), 0.5),
+            smoothing_scales(h.abs().amax(0), wd.abs().amax(0), 0.5)]
+    block = _mlp_block(x, wg, wu, wd, (x.amin(0), h.amin(0)), (x.amax(0), h.amax(0)), init)
+    fsbr.decide_activations(block, QuantSpec("int8", PerTensor(), dynamic=False), None)
+
+    def moved(result) -> float:
+        return float(sum((f.log() - s.log()).pow(2).sum() for f, s in zip(result.factors, init)))
+
+    free, held = fsbr.learn(block, 10, 0.02, penalty=0.0), fsbr.learn(block, 10, 0.02, penalty=100.0)
+    assert free.steps > 0 and held.steps > 0
+    assert moved(held) < 0.2 * moved(free)  # measured 0.02
+    assert held.loss_end <= held.loss_start and free.loss_end <= free.loss_start
 
 
 @pytest.mark.parametrize("spec,granularity", [
@@ -192,8 +271,12 @@ def test_tampered_learned_factors_are_refused(tmp_path):
     (dict(alpha="learned", steps=True), "Smoothing.steps must be an int >= 0, got True"),
     (dict(alpha="learned", lr=0.0), "Smoothing.lr must be a finite number > 0, got 0.0"),
     (dict(alpha="learned", lr=float("inf")), "Smoothing.lr must be a finite number > 0, got inf"),
-    (dict(alpha="auto", steps=100), "Smoothing: steps and lr apply to alpha='learned' only, got alpha='auto'"),
-    (dict(alpha=0.5, lr=0.01), "Smoothing: steps and lr apply to alpha='learned' only, got alpha=0.5"),
+    (dict(alpha="learned", penalty=-0.5), "Smoothing.penalty must be a finite number >= 0, got -0.5"),
+    (dict(alpha="learned", penalty=float("nan")), "Smoothing.penalty must be a finite number >= 0, got nan"),
+    (dict(alpha="learned", penalty="1"), "Smoothing.penalty must be a finite number >= 0, got '1'"),
+    (dict(alpha="auto", steps=100), "Smoothing: steps, lr and penalty apply to alpha='learned' only, got alpha='auto'"),
+    (dict(alpha=0.5, lr=0.01), "Smoothing: steps, lr and penalty apply to alpha='learned' only, got alpha=0.5"),
+    (dict(alpha="auto", penalty=1.0), "Smoothing: steps, lr and penalty apply to alpha='learned' only, got alpha='auto'"),
 ])
 def test_bad_learning_parameters(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

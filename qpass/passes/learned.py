@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["learned_scales", "fingerprint"]
 
+# Fewer training rows per block than this: one warning. A few dozen rows describe a block's
+# activations poorly (SmolLM2 with 64 samples: 48 training rows and 16 held-out rows per block).
+# More rows are no guarantee: on SmolLM2 384 rows still raised perplexity (README, "Accuracy").
+_FEW_ROWS = 256
+
 # act(gate) * up recomputed from the samples must match down's recorded input this closely
 # (relative, per token): otherwise down reads its recorded input and the note says so.
 _REPLAY_TOLERANCE = 1e-4
@@ -64,7 +69,7 @@ def fingerprint(config: QuantConfig) -> str:
     """What learned factors depend on besides the calibration and the weights: the quantization
     they were learned under and the learning's own settings."""
     sm = config.smoothing
-    text = repr((config.weight, config.activation, config.dynamic_fallback, sm.alpha_grid, sm.learn_steps, sm.learn_lr))
+    text = repr((config.weight, config.activation, config.dynamic_fallback, sm.alpha_grid, sm.learn_steps, sm.learn_lr, sm.learn_penalty))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -86,6 +91,7 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         items.append(_Fold(producer, consumers, absorber, init, f"{fp}/{'+'.join(c.site.path for c in consumers)}"))
 
     out: dict[fx.Node, tuple[torch.Tensor, str]] = {}
+    few: list[tuple[str, int]] = []
     for members in _blocks(items):
         stored = [calibration.learned.get(it.key) for it in members]
         if all(s is not None and s.shape == it.init.shape for s, it in zip(stored, members)):
@@ -98,15 +104,23 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         with torch.inference_mode(False), torch.enable_grad():
             block, how = _build_block(qg, edits, members, calibration, config)
             fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
-            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr)
+            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr, penalty=sm.learn_penalty)
         seconds = time.perf_counter() - start
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
-                f"(step {result.steps} of {sm.learn_steps}){how}")
+                f"(step {result.steps} of {sm.learn_steps}; {result.rows[0]} training rows, {result.rows[1]} held out){how}")
         logger.info("%s: %s, %.1f s", " + ".join(l for l in block.linears), note, seconds)
+        if result.rows[0] < _FEW_ROWS:
+            few.append((next(iter(block.linears)), result.rows[0]))
         for it, s in zip(members, result.factors):
             s = s.detach().float()
             calibration.learned[it.key] = s
             out[it.producer] = (s, note)
+    if few:
+        logger.warning(
+            "qpass: learned smoothing trained %d blocks on fewer than %d calibration rows each (fewest: %d, %s): "
+            "the factors may fit the calibration text only; calibrate with more samples "
+            "(qpass.calibrate(..., samples=512))", len(few), _FEW_ROWS, min(n for _, n in few),
+            min(few, key=lambda f: f[1])[0])
     return out
 
 
