@@ -84,7 +84,7 @@ def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, gran
     stored = qg.stored_weights.get(path)
     if stored is None:
         return None
-    ours = qmath.quantize_weight(w, spec, granularity)  # the shapes the kernels expect
+    ours = qmath.quantize_weight(w.to("meta"), spec, granularity)  # the shapes the kernels expect (no values needed)
     if stored.q.shape != ours.q.shape or stored.scale.numel() != ours.scale.numel() or stored.group_size != ours.group_size:
         raise ValueError(f"{path}: the stored quantized weight {tuple(stored.q.shape)} does not fit this layer's config")
     stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(ours.scale.shape), stored.group_size,
