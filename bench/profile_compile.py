@@ -184,7 +184,7 @@ def child(contender: str, prefill: int, context: int, use_cprofile: bool) -> dic
 
 def table(results: list[dict], meta: dict) -> str:
     cols = ["contender", "compile s (prefill + decode)", "vs fp32", "Dynamo (approx.)"]
-    passes = sorted({k for r in results for k in r["timers"] if k.startswith("qpass ") and k != "qpass backend"},
+    passes = sorted({k for r in results for k in r.get("timers", ()) if k.startswith("qpass ") and k != "qpass backend"},
                     key=lambda k: [n for n, _ in backend_module.PIPELINE].index(k.split()[1]))
     cols += [f"{p}" for p in passes] + ["qpass other (copy, checks, build)", "Inductor compile_fx"]
     cols += [f"Inductor: {label}" for label in INDUCTOR_PHASES.values()] + ["qpass.load read s"]
