@@ -12,14 +12,16 @@ Each measurement is one fresh subprocess (the timer starts after ``import torch,
             integers and its forward compiled by ``qpass.compile``;
 then greedy ``model.generate(prompt, max_new_tokens=N)`` (N=2: the prefill graph gives the first
 token, the first decode step's graph the second). Timed: load, and load + compile + generate.
-``--caches``: ``cold`` runs with an empty Inductor cache (``TORCHINDUCTOR_CACHE_DIR`` a new folder, a
-user's first start), ``warm`` runs again on the folder the cold run filled (every later start).
+``--caches``: ``cold`` runs with an empty Inductor cache (``TORCHINDUCTOR_CACHE_DIR`` a new folder per
+contender, a user's first start), ``warm`` runs again on the folder the cold run filled (every later
+start); the contenders take turns (all cold runs, then all warm runs).
 The ratio is each preset's time over fp32's in the same cache state. Results as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -140,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": PROMPT, "new_tokens": args.new_tokens,
             "load_average_before": os.getloadavg()}
     rows = []
-    for contender in ["fp32", *args.presets]:
-        with tempfile.TemporaryDirectory(prefix="qpass-startup-inductor-") as cache_dir:
-            for state in ("cold", "warm"):
-                if state not in args.caches and not (state == "cold" and "warm" in args.caches):
-                    continue
-                result = run_child(contender, args, cache_dir)
+    contenders = ["fp32", *args.presets]
+    states = ["cold", "warm"] if "warm" in args.caches else ["cold"]  # a warm run reads what the cold one wrote
+    with contextlib.ExitStack() as stack:
+        cache_dirs = {c: stack.enter_context(tempfile.TemporaryDirectory(prefix="qpass-startup-inductor-"))
+                      for c in contenders}
+        for state in states:  # contenders interleaved, so that a change of the machine's load hits all alike
+            for contender in contenders:
+                result = run_child(contender, args, cache_dirs[contender])
                 result["cache"] = state
                 if state in args.caches:
                     rows.append(result)
