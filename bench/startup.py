@@ -93,7 +93,10 @@ def child(contender: str, new_tokens: int) -> dict:
     done = time.perf_counter()
     return {"contender": contender, "load_s": loaded - start, "first_tokens_s": done - start,
             "compile_and_generate_s": done - loaded, "tokens": out[0, ids.shape[1]:].tolist(),
-            "text": tokenizer.decode(out[0, ids.shape[1]:])}
+            "text": tokenizer.decode(out[0, ids.shape[1]:]),
+            # graphs Dynamo compiled and how Inductor's FX graph cache answered (hit / miss / bypass)
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+            "fx_graph_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if k.startswith("fxgraph_cache")}}
 
 
 def cpu_kind() -> str:
