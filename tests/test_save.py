@@ -151,6 +151,25 @@ def test_load_ties_the_embeddings_of_a_tied_model(tmp_path):
     assert _rel(theirs, ours) <= 1e-6
 
 
+def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, monkeypatch):
+    """Whether a layer still holds the checkpoint's weight is checked once per backend: a second
+    graph (another prompt length) reuses the answer instead of dequantizing and comparing again."""
+    import qpass.passes.quantize as quantize_pass
+
+    calls = []
+    checked = quantize_pass._checked_stored_weight
+    monkeypatch.setattr(quantize_pass, "_checked_stored_weight", lambda path, *a: calls.append(path) or checked(path, *a))
+    model, calib = llama
+    torch._dynamo.reset()
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2
+    assert len(calls) == len(set(calls)) == 14  # the tiny Llama's quantized linears, once each
+
+
 def test_w4a16_groups_round_trip_packed(llama, tmp_path):
     """4-bit groups with integer zero points are written packed as the format defines (the same
     tensors compressed-tensors' own compressor writes for these integers), reload bit-equal, and
