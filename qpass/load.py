@@ -55,6 +55,9 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
 
     with no_init_weights():  # every weight is read from the files below; random init took 13 s of startup (SmolLM2)
         model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).eval()
+    # no_init_weights also skips the tying of input and output embeddings (transformers 5.23): tie
+    # them here, or a tied model's checkpoint (SmolLM2, which stores no lm_head.weight) is refused
+    model.tie_weights()
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 import qpass
@@ -148,6 +149,48 @@ def test_load_reproduces_the_saved_quantization(name, llama, tmp_path):
     if name == "w8a8_static":  # the per-token fallbacks come back as such
         fallbacks = [p for p, r in rows.items() if r.per_token_fallback]
         assert fallbacks and all("dynamic_layers" in rows[p].reason for p in fallbacks)
+
+
+def test_load_ties_the_embeddings_of_a_tied_model(tmp_path):
+    """A model whose lm_head shares the input embedding (SmolLM2) stores no ``lm_head.weight``:
+    ``qpass.load`` ties them again (building the model without initialising it skips the tying)
+    and the reloaded logits equal the saved model's."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    calib = qpass.calibrate(model, token_batches(2))
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    assert "lm_head.weight" not in safetensors.torch.load_file(tmp_path / "model.safetensors")
+    ids = token_batches(1)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ours = torch.compile(model, backend=qpass.backend("w8a8_dynamic", calibration=calib, inductor=False),
+                             dynamic=False)(ids, use_cache=False).logits
+    reloaded, _ = qpass.load(tmp_path, inductor=False, dynamic=False)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        theirs = reloaded(ids, use_cache=False).logits
+    assert _rel(theirs, ours) <= 1e-6
+
+
+def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, monkeypatch):
+    """Whether a layer still holds the checkpoint's weight is checked once per backend: a second
+    graph (another prompt length) reuses the answer instead of dequantizing and comparing again."""
+    import qpass.passes.quantize as quantize_pass
+
+    calls = []
+    checked = quantize_pass._checked_stored_weight
+    monkeypatch.setattr(quantize_pass, "_checked_stored_weight", lambda path, *a: calls.append(path) or checked(path, *a))
+    model, calib = llama
+    torch._dynamo.reset()
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2
+    assert len(calls) == len(set(calls)) == 14  # the tiny Llama's quantized linears, once each
 
 
 def test_w4a16_groups_round_trip_packed(llama, tmp_path):
