@@ -104,7 +104,6 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
             reach = (input_scale.float().reshape(1) * config.activation.qrange[1]).expand(k).clone()
             stats[path] = ChannelStats(absmax=reach, min=-reach, max=reach.clone(), tokens=1)
     state.update(tensors)
-    model.tie_weights()  # under no_init_weights from_config leaves tied embeddings untied: tie before reading names
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m not in tied]
