@@ -128,3 +128,31 @@ def test_int_mm_not_chosen_where_it_saturates():
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split()[-2:] == ["False", "True"]
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("name", KERNEL_CONFIGS)
+def test_int_mm_under_inductor_equals_eager_graph(name, m):
+    """Inductor's compile of the lowered graph computes what the graph computes eagerly: at one token
+    too, where Inductor hands ``_int_mm`` a (1, K) operand with row stride 0 (see the next test)."""
+    k, n = 64, 48
+    torch.manual_seed(m)
+    model = Proj(k, n, bias=True).eval()
+    x = _inputs(m, k, seed=1, worst_case=False)
+    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=False)])
+    config = KERNEL_CONFIGS[name].replace(smoothing=None)
+    eager, _ = _compile(model, config, calib, x, inductor=False)
+    compiled, backend = _compile(model, config, calib, x, inductor=True)
+    assert backend.report.rows["proj"].kernels == (LABEL,)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6 * eager.abs().max().item())
+
+
+def test_torch_int_mm_misreads_a_one_row_operand_with_another_row_stride():
+    """Why the lowering pads one token to two rows: torch's CPU ``_int_mm`` takes a (1, K) operand's
+    row stride for its leading dimension. When torch fixes this, this test fails and the padding
+    in ``_emit_cpu_int_mm`` can go."""
+    x = torch.randint(-128, 128, (1, 64), dtype=torch.int8)
+    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    want = x.long() @ w.long().T
+    assert torch.equal(torch._int_mm(x, w.t()).long(), want)
+    assert not torch.equal(torch._int_mm(x.as_strided((1, 64), (0, 1)), w.t()).long(), want)
