@@ -148,9 +148,9 @@ def test_int_mm_under_inductor_equals_eager_graph(name, m):
 
 
 def test_torch_int_mm_misreads_a_one_row_operand_with_another_row_stride():
-    """Why the lowering pads one token to two rows: torch's CPU ``_int_mm`` takes a (1, K) operand's
-    row stride for its leading dimension. When torch fixes this, this test fails and the padding
-    in ``_emit_cpu_int_mm`` can go."""
+    """Why the lowering gives a one-token activation explicit strides: torch's CPU ``_int_mm`` takes a
+    (1, K) operand's row stride for its leading dimension. When torch fixes this, this test fails and
+    the ``as_strided`` in ``_emit_cpu_int_mm`` can go."""
     x = torch.randint(-128, 128, (1, 64), dtype=torch.int8)
     w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
     want = x.long() @ w.long().T

@@ -591,12 +591,10 @@ def _emit_cpu_int_mm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
     if q.m == 1:
         # torch 2.13's CPU _int_mm reads a (1, K) operand's row stride as its leading dimension, and
-        # Inductor gives a size-1 dim any stride (0 here): wrong products. Two rows (a zero row added)
-        # have one layout only; the weight is read once either way.
-        x2 = e.call(torch.constant_pad_nd, (x2, [0, 0, 0, 1]), before)
+        # Inductor gives a size-1 dim any stride (0 for this reshape): wrong products. An explicit
+        # as_strided keeps row stride K (padding to two rows also works, at 2-3x the GEMM's time).
+        x2 = e.call(torch.as_strided, (x2, (1, k), (k, 1)), before)
     acc = e.call(torch._int_mm, (x2, e.call(torch.t, (w,), before)), before)
-    if q.m == 1:
-        acc = e.call(torch.narrow, (acc, 0, 0, 1), before)
     y2 = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
     sx = q.act.scale if not q.act.per_token else e.call(torch.reshape, (q.act.scale, (-1, 1)), before)
     sxw = e.call(torch.mul, (sx, e.qg.constant(f"{q.path}.weight_scale", w_s)), before)
