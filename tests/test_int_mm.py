@@ -38,7 +38,9 @@ class _IntMmProbe(torch.fx.Interpreter):
             x, w_t = (self.env[a] for a in n.args)
             assert x.dtype == w_t.dtype == torch.int8 and out.dtype == torch.int32
             assert torch.equal(out.long(), x.long() @ w_t.long()), "_int_mm differs from the int64 product"
-            src = n.args[0].args[0]  # reshape(x_q, (-1, K))
+            src = n.args[0]  # reshape(x_q, (-1, K)), at one token under an as_strided
+            while src.target in (torch.reshape, torch.as_strided):
+                src = src.args[0]
             assert src.target is qpass.ops.quantize, src.target
             self.calls += 1
         return out
