@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+
+# One intra-op thread per test process (and per subprocess a test starts; `-n 2` runs two processes).
+# The tests' models are tiny: their thousands of small ops gain nothing from a second thread, and on a
+# busy 2-core machine every op's OpenMP barrier waits for a core (measured under load 7: tests/test_quantize.py
+# 153 s at one thread against 316 s at two).
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.models import tiny_model  # noqa: F401  (re-exported for tests)
 
@@ -16,6 +24,7 @@ def pytest_configure(config):
     (tests/test_int_mm.py, the real-model lowered check) get the real probe: the default path."""
     from qpass.passes import lower
 
+    torch.set_num_threads(1)  # torch may have been imported before this file (a plugin)
     global _REAL_PROBE
     _REAL_PROBE = lower._probed_int_mm
     lower._probed_int_mm = _int_mm_off
