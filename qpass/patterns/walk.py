@@ -286,7 +286,8 @@ def product_factors(qg, producer: fx.Node) -> list[fx.Node]:
     return operands[::-1]
 
 
-def row_fold_regions(source: fx.Node, path: list[fx.Node], producer: fx.Node) -> tuple[torch.Tensor, list[Region]] | None:
+def row_fold_regions(source: fx.Node, path: list[fx.Node],
+                     producer: fx.Node) -> tuple[torch.Tensor, list[Region]] | None:
     """For ``1/s`` folded into output rows of ``source`` (fc1, up, a fused gate_up) whose values reach
     ``producer``'s output channels (the activation, the gated product) along ``path``: ``(rows, regions)``,
     ``rows[j]`` the row of ``source`` behind ``producer``'s channel ``j``, and the two regions that then
