@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ import qpass  # noqa: E402
 import qpass.backend  # noqa: E402
 from qpass import realdata  # noqa: E402
 
+import fresh_process  # noqa: E402  (bench/fresh_process.py)
 from startup import calibration, saved_checkpoint  # noqa: E402  (bench/startup.py)
 
 backend_module = sys.modules["qpass.backend"]  # the module (``qpass.backend`` is the function)
@@ -217,15 +217,6 @@ def table(results: list[dict], meta: dict) -> str:
     return body
 
 
-def cpu_kind() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "?"
-    limited = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{name} ({isa}{', kernels limited to ' + limited if limited else ''})"
-
-
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -248,20 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - reported in the parent's table
             logging.exception("contender %s failed", args.child)
             result = {"contender": args.child, "error": f"{type(e).__name__}: {e}"}
-        print("RESULT " + json.dumps(result))
+        fresh_process.report(result)
         return 0
 
     meta = {"command": "python bench/profile_compile.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "cpu": cpu_kind(), "threads": args.threads, "torch": torch.__version__, "load_before": load_average()}
+            "cpu": fresh_process.cpu_kind(), "threads": args.threads, "torch": torch.__version__,
+            "load_before": load_average()}
     results = []
     for contender in args.contenders:
+        flags = ["--prefill", str(args.prefill), "--context", str(args.context), "--threads", str(args.threads)]
         with tempfile.TemporaryDirectory(prefix="qpass-inductor-") as cache_dir:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-            cmd = [sys.executable, __file__, "--child", contender, "--prefill", str(args.prefill),
-                   "--context", str(args.context), "--threads", str(args.threads)] + (["--cprofile"] if args.cprofile else [])
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        result = json.loads(line[7:]) if line else {"contender": contender, "error": run.stderr[-500:]}
+            result = fresh_process.run(__file__, contender, flags + (["--cprofile"] if args.cprofile else []), cache_dir)
         print(json.dumps({k: v for k, v in result.items() if k not in ("cprofile", "dynamo_metrics")}), flush=True)
         results.append(result)
     meta["load_after"] = load_average()

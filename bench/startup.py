@@ -25,9 +25,7 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ import transformers  # noqa: E402
 
 import qpass  # noqa: E402
 from qpass import realdata  # noqa: E402
+
+import fresh_process  # noqa: E402  (bench/fresh_process.py)
 
 PROMPT = "The capital of France is"
 CACHE = Path(os.environ.get("QPASS_BENCH_CACHE", "~/.cache/qpass/bench")).expanduser()
@@ -99,30 +99,6 @@ def child(contender: str, new_tokens: int) -> dict:
             "fx_graph_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if k.startswith("fxgraph_cache")}}
 
 
-def cpu_kind() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor())
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2 without VNNI" if "avx2" in flags else "unknown ISA"
-    limited = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{name} ({isa}{', kernels limited to ' + limited if limited else ''})"
-
-
-def run_child(contender: str, args, cache_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", contender, "--threads", str(args.threads),
-           "--new-tokens", str(args.new_tokens)]
-    start = time.perf_counter()
-    run = subprocess.run(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        return {"contender": contender, "error": run.stderr[-1000:]}
-    result = json.loads(line[len("RESULT "):])
-    result["process_s"] = wall  # with Python's start and the imports
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["w8a8_static", "w8a8_dynamic"])
@@ -135,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.new_tokens)))
+        fresh_process.report(child(args.child, args.new_tokens))
         return 0
 
     for preset in args.presets:
         saved_checkpoint(preset)  # not timed
     meta = {"command": "python bench/startup.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "cpu": cpu_kind(), "threads": args.threads, "torch": torch.__version__,
+            "cpu": fresh_process.cpu_kind(), "threads": args.threads, "torch": torch.__version__,
             "prompt": PROMPT, "new_tokens": args.new_tokens,
             "load_average_before": os.getloadavg()}
     rows = []
@@ -152,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                       for c in contenders}
         for state in states:  # contenders interleaved, so that a change of the machine's load hits all alike
             for contender in contenders:
-                result = run_child(contender, args, cache_dirs[contender])
+                flags = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+                result = fresh_process.run(__file__, contender, flags, cache_dirs[contender])
                 result["cache"] = state
                 if state in args.caches:
                     rows.append(result)

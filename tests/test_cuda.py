@@ -14,7 +14,8 @@ import torch
 import qpass
 from qpass.passes import lower as lowering
 from tests.models import TINY_PRESETS, tiny_model, token_batches
-from tests.test_lower import EXPECTED, KERNEL_CONFIGS, Proj, _inputs, _int_reference, _worst_case_weight
+from tests.linears import KERNEL_CONFIGS, Proj, int_reference, inputs, proj_case
+from tests.test_lower import EXPECTED
 from tests.test_quantize import BOUNDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -88,8 +89,8 @@ def test_fp8_lowered_linear_matches_reference(name, k, n):
     reference quant/dequant path on the same fp8 values: equal up to accumulation order."""
     torch.manual_seed(0)
     model = Proj(k, n, bias=True).eval().to(CUDA)
-    x = _inputs(48, k, seed=1, worst_case=False).to(CUDA)
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=False).to(CUDA)])
+    x = inputs(48, k, seed=1, worst_case=False).to(CUDA)
+    calib = qpass.calibrate(model, [inputs(64, k, seed=99, worst_case=False).to(CUDA)])
     outs = {}
     for lower in (False, True):
         torch._dynamo.reset()
@@ -106,15 +107,9 @@ def test_fp8_lowered_linear_matches_reference(name, k, n):
 def test_int_mm_dot_products_are_exact(name, m, k, n, worst_case):
     """``_int_mm`` on CUDA (padded to the shapes it takes): the integer dot products recovered from
     the lowered output equal an int64 matmul of the quantized operands, element by element."""
-    torch.manual_seed(m * 1000 + k)
-    model = Proj(k, n, bias=True).eval()
-    if worst_case:
-        with torch.no_grad():
-            model.proj.weight.copy_(_worst_case_weight(n, k))
-    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
-    calib_x = _inputs(64, k, seed=99, worst_case=worst_case)
+    model, x, calib_x, calib = proj_case(m, k, n, worst_case=worst_case)
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
-    acc, unit = _int_reference(model, x, config, qpass.calibrate(model, [calib_x]), lowering.GRID_8BIT)
+    acc, unit = int_reference(model, x, config, calib, lowering.GRID_8BIT)
 
     model_cuda = Proj(k, n, bias=True).eval()
     model_cuda.load_state_dict(model.state_dict())

@@ -17,7 +17,7 @@ import qpass
 from qpass import kernels
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
-from tests.test_lower import KERNEL_CONFIGS, Proj, _compile, _inputs, _worst_case_weight
+from tests.linears import KERNEL_CONFIGS, Proj, inputs, proj_case, run_backend
 
 pytestmark = [
     pytest.mark.int_mm,
@@ -53,15 +53,9 @@ def test_int_mm_equals_integer_reference(name, m, worst_case):
     """The int32 dot products of the lowered linear are exact (worst case: every product at the
     grid's ends), taken on the reference's integers; its output equals the reference path's."""
     k, n = 100, 70
-    torch.manual_seed(m * 1000 + k)
-    model = Proj(k, n, bias=True).eval()
-    if worst_case:
-        with torch.no_grad():
-            model.proj.weight.copy_(_worst_case_weight(n, k))
-    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    model, x, _, calib = proj_case(m, k, n, worst_case=worst_case)
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
-    y, backend = _compile(model, config, calib, x, inductor=False)
+    y, backend = run_backend(model, config, calib, x, inductor=False)
     assert backend.report.rows["proj"].kernels == (LABEL,)
     probe = _IntMmProbe(backend.graphs[-1])
     params = {"weight": model.proj.weight, "bias": model.proj.bias}
@@ -70,7 +64,7 @@ def test_int_mm_equals_integer_reference(name, m, worst_case):
     with torch.no_grad():
         torch.testing.assert_close(probe.run(*args)[0], y, rtol=0, atol=0)
     assert probe.calls == 1
-    ref, _ = _compile(model, config.replace(lower=False), calib, x, inductor=False)
+    ref, _ = run_backend(model, config.replace(lower=False), calib, x, inductor=False)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
@@ -140,11 +134,11 @@ def test_int_mm_under_inductor_equals_eager_graph(name, m):
     k, n = 64, 48
     torch.manual_seed(m)
     model = Proj(k, n, bias=True).eval()
-    x = _inputs(m, k, seed=1, worst_case=False)
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=False)])
+    x = inputs(m, k, seed=1, worst_case=False)
+    calib = qpass.calibrate(model, [inputs(64, k, seed=99, worst_case=False)])
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
-    eager, _ = _compile(model, config, calib, x, inductor=False)
-    compiled, backend = _compile(model, config, calib, x, inductor=True)
+    eager, _ = run_backend(model, config, calib, x, inductor=False)
+    compiled, backend = run_backend(model, config, calib, x, inductor=True)
     assert backend.report.rows["proj"].kernels == (LABEL,)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6 * eager.abs().max().item())
 

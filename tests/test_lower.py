@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import qpass
 from qpass import kernels
 from qpass.passes import lower as lowering
+from tests.linears import (KERNEL_CONFIGS, Proj, int_reference, inputs, proj_case, run_backend,
+                            worst_case_weight)
 from tests.models import tiny_model, token_batches
 
 CPU = lowering.Target.detect(torch.device("cpu"))
@@ -40,87 +41,9 @@ def _split(label: str) -> tuple[str, lowering.Grid | None]:
         if grid_note and label.endswith(f" ({grid_note})"):
             return label[: -len(grid_note) - 3] + note, grid
     return label + note, (lowering.GRID_8BIT if label in ("onednn", "fbgemm") else None)
-KERNEL_PRESETS = ("w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic")
-#: The int8 kernel configs: the presets plus dynamic activations with zero points (subtracted after
-#: the integer product), per token and per tensor.
-KERNEL_CONFIGS = {
-    **{name: qpass.preset(name) for name in KERNEL_PRESETS},
-    "asym per-token": qpass.preset("w8a8_dynamic", activation=qpass.QuantSpec("int8", qpass.PerToken(), symmetric=False)),
-    "asym per-tensor": qpass.preset(
-        "w8a8_tensor_dynamic", activation=qpass.QuantSpec("int8", qpass.PerTensor(), symmetric=False)),
-}
+
 
 needs_onednn = pytest.mark.skipif(not CPU.onednn, reason="oneDNN int8 kernels not available")
-
-
-class Proj(nn.Module):
-    def __init__(self, k: int, n: int, bias: bool):
-        super().__init__()
-        self.proj = nn.Linear(k, n, bias=bias)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def _compile(model, config, calib, x, *, inductor=True):
-    torch._dynamo.reset()
-    backend = qpass.backend(config, calibration=calib, inductor=inductor)
-    with torch.no_grad():
-        y = torch.compile(model, backend=backend, dynamic=False)(x)
-    return y, backend
-
-
-def _inputs(m: int, k: int, seed: int, worst_case: bool) -> torch.Tensor:
-    """``(1, m, k)`` activations with outlier channels, a zero row, and (``worst_case``) every
-    activation at the top of its grid (uint8 255, or 127 on the 7-bit grid): with the weights of
-    :func:`_worst_case_weight` every u8 x s8 product is as large as it gets, and so is each pair sum."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, m, k, generator=g)
-    x[..., :3] *= 30.0
-    if worst_case:
-        x[0, :, :] = 5.0
-    if m > 2:
-        x[0, 1] = 0.0  # an all-zero token: its scale is clamped, its output is the bias
-    return x
-
-
-def _worst_case_weight(n: int, k: int) -> torch.Tensor:
-    """Every weight at +-absmax (int8 +-127, or +-63 on the 7-bit grid), one sign per output row."""
-    return torch.where(torch.arange(n)[:, None] % 2 == 0, 1.0, -1.0).expand(n, k) * 0.3
-
-
-def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib,
-                   grid: lowering.Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(acc, unit)``: the exact int64 dot products on ``grid`` and the float value of one integer
-    unit per element (activation scale x weight scale), written out from the definitions."""
-    w = model.proj.weight.detach().double()
-    s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float().double()
-    w8 = torch.clamp(torch.round(w / s8[:, None]), -127, 127)
-    qw, qa = grid.w_qmax, grid.act_qmax
-    w_k = torch.clamp(torch.round(w8 * qw / 127), -qw, qw)  # requantized from the int8 weights
-    s_k = s8 * 127 / qw
-    xf = x.reshape(-1, x.shape[-1]).float()
-    act = config.activation
-    if not act.symmetric:  # integers in [0, 2 * qa + 1] with a zero point per token (or tensor)
-        per_token = isinstance(act.granularity, qpass.PerToken)
-        lo = (xf.amin(dim=1, keepdim=True) if per_token else xf.amin().reshape(1, 1)).clamp(max=0)
-        hi = (xf.amax(dim=1, keepdim=True) if per_token else xf.amax().reshape(1, 1)).clamp(min=0)
-        qmax = 2 * qa + 1
-        sx = ((hi - lo) / qmax).clamp(min=1e-12)
-        zp = torch.clamp(-torch.round(lo / sx), 0, qmax)
-        x_q = torch.clamp(torch.round(xf / sx) + zp, 0, qmax) - zp
-        return x_q.long() @ w_k.long().T, sx.double() * s_k[None, :]
-    if not act.dynamic:  # the reference's static scale, rescaled to the grid
-        st = calib["proj"]
-        ref = (torch.maximum(-st.min.min(), st.max.max()).clamp(min=0) / 127).clamp(min=1e-12).reshape(1, 1)
-        sx = (ref.double() * (127.0 / qa)).float()
-    elif isinstance(act.granularity, qpass.PerToken):
-        sx = (xf.abs().amax(dim=1, keepdim=True) / qa).clamp(min=1e-12)
-    else:
-        sx = (xf.abs().amax() / qa).clamp(min=1e-12).reshape(1, 1)
-    x_q = torch.clamp(torch.round(xf / sx), -qa - 1, qa)
-    acc = x_q.long() @ w_k.long().T
-    return acc, sx.double() * s_k[None, :]
 
 
 @needs_onednn
@@ -130,21 +53,15 @@ def _int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, cali
 @pytest.mark.parametrize("m", [1, 3, 17, 513])
 @pytest.mark.parametrize("name", KERNEL_CONFIGS)
 def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case):
-    torch.manual_seed(m * 1000 + k)
-    model = Proj(k, n, bias).eval()
-    if worst_case:
-        with torch.no_grad():
-            model.proj.weight.copy_(_worst_case_weight(n, k))
-    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    model, x, _, calib = proj_case(m, k, n, bias=bias, worst_case=worst_case)
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
-    y, backend = _compile(model, config, calib, x)
+    y, backend = run_backend(model, config, calib, x)
     row = backend.report.rows["proj"]
     kernel, grid = _split(row.kernel)
     assert kernel == ("fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"), row
     assert grid in lowering.cpu_grids(CPU, kernel), row
 
-    acc, unit = _int_reference(model, x, config, calib, grid)
+    acc, unit = int_reference(model, x, config, calib, grid)
     b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)
     acc_hat = (y.reshape(-1, n).double() - b) / unit
     per_tensor_zp = not config.activation.symmetric and isinstance(config.activation.granularity, qpass.PerTensor)
@@ -173,18 +90,12 @@ def test_avx2_grids_equal_integer_reference(monkeypatch, name, m, worst_case, gr
     k, n = 100, 70
     _with_target(monkeypatch, FAKE_CPU)
     monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
-    torch.manual_seed(m * 1000 + k)
-    model = Proj(k, n, True).eval()
-    if worst_case:
-        with torch.no_grad():
-            model.proj.weight.copy_(_worst_case_weight(n, k))
-    x = _inputs(m, k, seed=m + k, worst_case=worst_case)
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=worst_case)])
+    model, x, _, calib = proj_case(m, k, n, worst_case=worst_case)
     config = KERNEL_CONFIGS[name].replace(smoothing=None)
-    y, backend = _compile(model, config, calib, x)
+    y, backend = run_backend(model, config, calib, x)
     kernel, used = _split(backend.report.rows["proj"].kernel)
     assert used == grid and kernel == ("fbgemm" if m <= lowering.DECODE_M else "onednn"), kernel
-    acc, unit = _int_reference(model, x, config, calib, grid)
+    acc, unit = int_reference(model, x, config, calib, grid)
     acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
     tol = 0.25
     if not config.activation.symmetric:
@@ -212,22 +123,22 @@ def _split_grid_runs(force, grids: tuple[lowering.Grid, ...]) -> list[list]:
     k, n = 100, 70
     model = Proj(k, n, True).eval()
     with torch.no_grad():
-        model.proj.weight.copy_(_worst_case_weight(n, k))
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=True)])
+        model.proj.weight.copy_(worst_case_weight(n, k))
+    calib = qpass.calibrate(model, [inputs(64, k, seed=99, worst_case=True)])
     runs = []
     for name in ("w8a8_dynamic", "w8a8_static", "asym per-token"):
         config = KERNEL_CONFIGS[name].replace(smoothing=None)
         acc = None
         for m in (3, 32):
-            x = _inputs(m, k, seed=m, worst_case=True)
-            acc, unit = _int_reference(model, x, config, calib, lowering.GRID_8BIT)
+            x = inputs(m, k, seed=m, worst_case=True)
+            acc, unit = int_reference(model, x, config, calib, lowering.GRID_8BIT)
             # float32 roundings of results up to |acc| (127 * 127 * 100 here): well under one unit
             tol = 0.25 + 4 * 2.0**-24 * acc.abs().max().item()
             if not config.activation.symmetric:
                 tol += 4 * 2.0**-24 * 255 * 127 * k
             for grid in grids:
                 force(grid)
-                y, backend = _compile(model, config, calib, x, inductor=False)
+                y, backend = run_backend(model, config, calib, x, inductor=False)
                 acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
                 err = (acc_hat - acc.double()).abs().max().item()
                 runs.append([name, m, backend.report.rows["proj"].kernel, err, tol])
@@ -295,12 +206,12 @@ def test_split_weights_chosen_by_calibration_error(monkeypatch):
     _with_target(monkeypatch, FAKE_CPU)
     torch.manual_seed(0)
     model = Proj(100, 70, True).eval()
-    x = _inputs(32, 100, seed=1, worst_case=False)
-    calib = qpass.calibrate(model, [_inputs(64, 100, seed=99, worst_case=False)])
+    x = inputs(32, 100, seed=1, worst_case=False)
+    calib = qpass.calibrate(model, [inputs(64, 100, seed=99, worst_case=False)])
     config = qpass.preset("w8a8_dynamic", smoothing=None)
     out = {}
     for d in (0.0, 1.0, None):
-        out[d], backend = _compile(model, config.replace(split_weights=d, lower=d is not None), calib, x, inductor=False)
+        out[d], backend = run_backend(model, config.replace(split_weights=d, lower=d is not None), calib, x, inductor=False)
         row = backend.report.rows["proj"]
         if d == 0.0:
             assert row.kernel == "onednn (8-bit split weights)", row
@@ -462,7 +373,7 @@ def test_cuda_lowering_runs_under_dynamic_shapes(monkeypatch, name):
     llama = tiny_model("llama", layers=1)
     proj = Proj(37, 23, True).eval()
     calibs = {"llama": qpass.calibrate(llama, token_batches(2)),
-              "proj": qpass.calibrate(proj, [_inputs(64, 37, seed=5, worst_case=False)])}
+              "proj": qpass.calibrate(proj, [inputs(64, 37, seed=5, worst_case=False)])}
     for label, model in (("llama", llama), ("proj", proj)):
         torch._dynamo.reset()
         backend = qpass.backend(config, calibration=calibs[label], inductor=False)
@@ -475,7 +386,7 @@ def test_cuda_lowering_runs_under_dynamic_shapes(monkeypatch, name):
                 with torch.no_grad():
                     out, ref = (f(ids, use_cache=False).logits for f in (lowered, reference))
             else:
-                x = _inputs(seq, 37, seed=seq, worst_case=False)
+                x = inputs(seq, 37, seed=seq, worst_case=False)
                 with torch.no_grad():
                     out, ref = lowered(x), reference(x)
             err = ((out - ref).abs().max() / ref.abs().max()).item()
@@ -597,7 +508,7 @@ def test_odd_weight_dtype_falls_back_with_layer_name(caplog):
     x = torch.randn(1, 32, 64)
     config = qpass.preset("w8a8_dynamic", smoothing=None, weight=qpass.QuantSpec("int8", qpass.PerGroup(16)))
     with caplog.at_level(logging.WARNING, logger="qpass.passes.lower"):
-        y, backend = _compile(model, config, None, x)
+        y, backend = run_backend(model, config, None, x)
     assert backend.report.rows["proj"].kernel == "reference (per-group weights)"
     assert [r.getMessage() for r in caplog.records] == [
         "proj: kept on the reference quant/dequant path: per-group weights"]
@@ -609,7 +520,7 @@ def test_odd_weight_dtype_falls_back_with_layer_name(caplog):
 def test_lowering_leaves_user_weights_untouched():
     model = Proj(37, 23, True).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _compile(model, qpass.preset("w8a8_dynamic"), qpass.calibrate(model, [torch.randn(1, 8, 37)]), torch.randn(1, 20, 37))
+    run_backend(model, qpass.preset("w8a8_dynamic"), qpass.calibrate(model, [torch.randn(1, 8, 37)]), torch.randn(1, 20, 37))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -625,17 +536,17 @@ _PROBE_SCRIPT = """
 import json, logging, sys, torch, qpass
 from qpass import kernels
 from qpass.passes import lower as lowering
-from tests.test_lower import KERNEL_CONFIGS, Proj, _inputs, _worst_case_weight
+from tests.linears import KERNEL_CONFIGS, Proj, inputs, worst_case_weight
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s", stream=sys.stdout)
 cpu = lowering.Target.detect(torch.device("cpu"))
 out = {"probe": {k: kernels.int8_dot_exact(k) for k in kernels.PROBED_KERNELS},
        "grids": {k: [g.note for g in lowering.cpu_grids(cpu, k)] for k in kernels.PROBED_KERNELS}, "runs": []}
 model = Proj(100, 70, True).eval()
 with torch.no_grad():
-    model.proj.weight.copy_(_worst_case_weight(70, 100))
+    model.proj.weight.copy_(worst_case_weight(70, 100))
 config = KERNEL_CONFIGS["w8a8_dynamic"].replace(smoothing=None)
 for m in (32, 3, 32):
-    x = _inputs(m, 100, seed=m, worst_case=True)
+    x = inputs(m, 100, seed=m, worst_case=True)
     torch._dynamo.reset()
     backend = qpass.backend(config, inductor=False)
     ref_backend = qpass.backend(config.replace(lower=False), inductor=False)
@@ -698,12 +609,12 @@ def test_quantized_engine_is_never_changed(monkeypatch, caplog):
         model = Proj(k, n, True).eval()
         config = qpass.preset("w8a8_dynamic", smoothing=None)
         for m in (3, 3):
-            x = _inputs(m, k, seed=m, worst_case=False)
+            x = inputs(m, k, seed=m, worst_case=False)
             with caplog.at_level(logging.INFO, logger="qpass.passes.lower"):
-                y, backend = _compile(model, config, None, x)
+                y, backend = run_backend(model, config, None, x)
             kernel, grid = _split(backend.report.rows["proj"].kernel)
             assert kernel == "onednn" and torch.backends.quantized.engine == "onednn"
-            acc, unit = _int_reference(model, x, config, None, grid)
+            acc, unit = int_reference(model, x, config, None, grid)
             acc_hat = (y.reshape(-1, n).double() - model.proj.bias.detach().double()) / unit
             tol = 0.25 + 4 * 2.0**-24 * (2 * grid.act_qmax + 1) * (grid.w_qmax * k)
             assert (acc_hat - acc.double()).abs().max().item() < tol

@@ -1,16 +1,22 @@
 """Snapshots of rewritten graphs, printed by qpass.format_graph (positions, module paths,
 dtypes and shapes; no PyTorch node names). Accept changes with EXPECTTEST_ACCEPT=1,
 read the diff, and commit it with the change that caused it. Each snapshot has a
-numerical twin in test_smoothing.py / test_quantize.py."""
+numerical twin in test_smoothing.py / test_quantize.py (the lowering snapshots: test_int_mm.py,
+test_decode.py)."""
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import expecttest
 import pytest
 import torch
+from torch import nn
 
 import qpass
+from qpass.passes import decode
+from qpass.passes import lower as lowering
+from tests.linears import Proj, inputs
 from tests.models import TINY_PRESETS, tiny_model, token_batches
 
 
@@ -110,6 +116,135 @@ const h.0.mlp.c_proj.weight : f32[256,64]
 
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+#: A CPU where ``torch._int_mm`` is exact (VNNI / AMX), forced so that the graphs are the same on every CPU
+#: (they are only printed here; test_int_mm.py runs them where the real probe finds the kernel exact).
+INT_MM_CPU = lowering.Target("cpu", onednn=True, fbgemm=True, int_mm=True)
+W8A8 = qpass.preset("w8a8_dynamic", smoothing=None)
+
+
+def _lowered(model: nn.Module, x: torch.Tensor, *, inductor: bool) -> str:
+    """``model(x)`` through the backend with ``W8A8`` on ``INT_MM_CPU``, its one rewritten graph printed whole."""
+    torch._dynamo.reset()
+    calib = qpass.calibrate(model, [inputs(16, x.shape[-1], seed=99, worst_case=False)])
+    backend = qpass.backend(W8A8, calibration=calib, inductor=inductor)
+    with mock.patch.object(lowering.Target, "detect", staticmethod(lambda device: INT_MM_CPU)), torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(x)
+    assert len(backend.graphs) == 1
+    return qpass.format_graph(backend.graphs[0], focus=False)
+
+
+class _Head(nn.Module):
+    """A decoder's last int8 linear and its float ``lm_head`` (which the presets skip)."""
+
+    def __init__(self, dim: int = 32, vocab: int = 64):
+        super().__init__()
+        self.proj, self.lm_head = nn.Linear(dim, dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(self.proj(x))
+
+
+class TestLoweringSnapshots(expecttest.TestCase):
+    def test_int_mm_one_token(self):
+        """One linear on ``torch._int_mm`` at one token: the (1, K) activation through an explicit
+        ``as_strided`` (torch's CPU ``_int_mm`` misreads a one-row operand whose row stride is not K)."""
+        torch.manual_seed(0)
+        self.assertExpectedInline(_lowered(Proj(32, 16, True).eval(), inputs(1, 32, seed=1, worst_case=False),
+                                           inductor=False), """\
+param proj.weight : f32[16,32]
+param proj.bias : f32[16]
+%2 = input : f32[1,1,32]
+const proj.weight_int8 : i8[16,32]
+const proj.weight_scale : f32[16]
+const proj.weight_colsum : f32[16]
+%6 = qpass.choose_qparams(%2, True, False, -128, 127) : (f32[1,1,1], f32[1,1,1])
+%7 = getitem(%6, 0) : f32[1,1,1]
+%8 = getitem(%6, 1) : f32[1,1,1]
+%9 = qpass.quantize(%2, %7, %8, -128, 127, i8) : i8[1,1,32]
+%10 = reshape(%9, (-1, 32)) : i8[1,32]
+%11 = as_strided(%10, (1, 32), (32, 1)) : i8[1,32]
+%12 = t(const proj.weight_int8) : i8[32,16]
+%13 = _int_mm(%11, %12) : i32[1,16]
+%14 = prims.convert_element_type(%13, f32) : f32[1,16]
+%15 = reshape(%7, (-1, 1)) : f32[1,1]
+%16 = mul(%15, const proj.weight_scale) : f32[1,16]
+%17 = mul(%14, %16) : f32[1,16]
+%18 = reshape(%8, (-1, 1)) : f32[1,1]
+%19 = mul(%18, %15) : f32[1,1]
+%20 = mul(%19, const proj.weight_colsum) : f32[1,16]
+%21 = sub(%17, %20) : f32[1,16]
+%22 = reshape(%21, (1, 1, 16)) : f32[1,1,16]
+%23 = add(%22, param proj.bias) : f32[1,1,16]
+""")
+
+    def test_int_mm_four_tokens(self):
+        """The same linear at four tokens: no ``as_strided``."""
+        torch.manual_seed(0)
+        self.assertExpectedInline(_lowered(Proj(32, 16, True).eval(), inputs(4, 32, seed=1, worst_case=False),
+                                           inductor=False), """\
+param proj.weight : f32[16,32]
+param proj.bias : f32[16]
+%2 = input : f32[1,4,32]
+const proj.weight_int8 : i8[16,32]
+const proj.weight_scale : f32[16]
+const proj.weight_colsum : f32[16]
+%6 = qpass.choose_qparams(%2, True, False, -128, 127) : (f32[1,4,1], f32[1,4,1])
+%7 = getitem(%6, 0) : f32[1,4,1]
+%8 = getitem(%6, 1) : f32[1,4,1]
+%9 = qpass.quantize(%2, %7, %8, -128, 127, i8) : i8[1,4,32]
+%10 = reshape(%9, (-1, 32)) : i8[4,32]
+%11 = t(const proj.weight_int8) : i8[32,16]
+%12 = _int_mm(%10, %11) : i32[4,16]
+%13 = prims.convert_element_type(%12, f32) : f32[4,16]
+%14 = reshape(%7, (-1, 1)) : f32[4,1]
+%15 = mul(%14, const proj.weight_scale) : f32[4,16]
+%16 = mul(%13, %15) : f32[4,16]
+%17 = reshape(%8, (-1, 1)) : f32[4,1]
+%18 = mul(%17, %14) : f32[4,1]
+%19 = mul(%18, const proj.weight_colsum) : f32[4,16]
+%20 = sub(%16, %19) : f32[4,16]
+%21 = reshape(%20, (1, 4, 16)) : f32[1,4,16]
+%22 = add(%21, param proj.bias) : f32[1,4,16]
+""")
+
+    def test_decode_lm_head_as_reduction(self):
+        """At one token under Inductor the float ``lm_head`` becomes ``sum(unsqueeze(x, -2) * W, -1)``
+        (``qpass.passes.decode``); the int8 linear before it keeps its ``_int_mm``."""
+        torch.manual_seed(0)
+        with mock.patch.object(decode, "FLOAT_DECODE_MIN_NUMEL", 0):  # the tiny lm_head is 64 x 32
+            text = _lowered(_Head().eval(), inputs(1, 32, seed=1, worst_case=False), inductor=True)
+        self.assertExpectedInline(text, """\
+param proj.weight : f32[32,32]
+param proj.bias : f32[32]
+%2 = input : f32[1,1,32]
+param lm_head.weight : f32[64,32]
+const proj.weight_int8 : i8[32,32]
+const proj.weight_scale : f32[32]
+const proj.weight_colsum : f32[32]
+%7 = qpass.choose_qparams(%2, True, False, -128, 127) : (f32[1,1,1], f32[1,1,1])
+%8 = getitem(%7, 0) : f32[1,1,1]
+%9 = getitem(%7, 1) : f32[1,1,1]
+%10 = qpass.quantize(%2, %8, %9, -128, 127, i8) : i8[1,1,32]
+%11 = reshape(%10, (-1, 32)) : i8[1,32]
+%12 = as_strided(%11, (1, 32), (32, 1)) : i8[1,32]
+%13 = t(const proj.weight_int8) : i8[32,32]
+%14 = _int_mm(%12, %13) : i32[1,32]
+%15 = prims.convert_element_type(%14, f32) : f32[1,32]
+%16 = reshape(%8, (-1, 1)) : f32[1,1]
+%17 = mul(%16, const proj.weight_scale) : f32[1,32]
+%18 = mul(%15, %17) : f32[1,32]
+%19 = reshape(%9, (-1, 1)) : f32[1,1]
+%20 = mul(%19, %16) : f32[1,1]
+%21 = mul(%20, const proj.weight_colsum) : f32[1,32]
+%22 = sub(%18, %21) : f32[1,32]
+%23 = reshape(%22, (1, 1, 32)) : f32[1,1,32]
+%24 = add(%23, param proj.bias) : f32[1,1,32]
+%25 = unsqueeze(%24, -2) : f32[1,1,1,32]
+%26 = mul(%25, param lm_head.weight) : f32[1,1,64,32]
+%27 = sum(%26, -1) : f32[1,1,64]
+""")
 
 
 @pytest.mark.parametrize("arch, preset", [(arch, p) for p in sorted(TINY_PRESETS) for arch in ("llama", "opt")]

@@ -19,7 +19,8 @@ import qpass
 from qpass import qmath
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
-from tests.test_lower import CPU, Proj, _int_reference, _inputs, _split, needs_onednn
+from tests.linears import Proj, int_reference, inputs
+from tests.test_lower import CPU, _split, needs_onednn
 
 W8 = "int8 weight-only (_weight_int8pack_mm)"
 W4 = "int4 weight-only (_weight_int4pack_mm_for_cpu)"
@@ -176,8 +177,8 @@ def test_llm_int8_inliers_equal_integer_reference(m):
     k, n = 100, 70
     torch.manual_seed(m)
     model = Proj(k, n, True).eval()
-    calib = qpass.calibrate(model, [_inputs(64, k, seed=99, worst_case=False)])
-    x = _inputs(m, k, seed=m + k, worst_case=False)
+    calib = qpass.calibrate(model, [inputs(64, k, seed=99, worst_case=False)])
+    x = inputs(m, k, seed=m + k, worst_case=False)
     config = qpass.preset("llm_int8")
     y, backend = _run(model, config, x, calib)
     row = backend.report.rows["proj"]
@@ -193,7 +194,7 @@ def test_llm_int8_inliers_equal_integer_reference(m):
     inliers = Proj(k, n, False)
     with torch.no_grad():
         inliers.proj.weight.copy_(model.proj.weight * mask)
-    acc, unit = _int_reference(inliers, x * mask, config, calib, grid)
+    acc, unit = int_reference(inliers, x * mask, config, calib, grid)
     x2 = x.reshape(-1, k).double()
     outlier_part = x2[:, outliers] @ model.proj.weight.detach().double()[:, outliers].T
     rest = y.reshape(-1, n).double() - model.proj.bias.detach().double() - outlier_part

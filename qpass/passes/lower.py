@@ -541,6 +541,36 @@ def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     return e.finish(q, y, None if static else scale, q.bias, before)
 
 
+def _emit_mm(e: _Emit, q: QLinear, w_q: Tensor, w_s: Tensor,
+             product: Callable[[fx.Node, fx.Node], tuple[fx.Node, fx.Node]]) -> fx.Node:
+    """The linear as one 2-D product of the reference's own integers (or fp8 values), the frame of
+    the kernels that take them as they are (CPU ``_int_mm``, CUDA ``_int_mm`` / ``_scaled_mm``)::
+
+        linear(dequantize(x_q, sx, zp), dequantize(W_q, W_s), b)
+    ->  y2 = product(reshape(x_q, (-1, K)))                 # (M, N) float32, times sx and W_s
+        y2 = y2 - (zp * sx) * const(W_s * sum_k W_q[n, k])  # asymmetric activations only
+        y = reshape(y2, (..., N)) + b
+
+    ``product(x2, before)`` gives ``(y2, sx)``: the scaled product and the activation scale it applied.
+    ``w_q`` / ``w_s``: the int8 ``(N, K)`` weight and its ``(N,)`` scales (``_Emit.weight``). M and the
+    output's leading sizes are read from the graph, so the lowering runs under dynamic shapes."""
+    before = q.out
+    n, k = w_q.shape
+    x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
+    y2, sx = product(x2, before)
+    if q.act.zero_point is not None:  # asymmetric: subtract sx * zp * sw * sum_k W[n, k]
+        zp = _rows(e, q, q.act.zero_point, before)
+        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), w_q, w_s, "weight_colsum", before)
+    y = e.call(torch.reshape, (y2, (*e.sizes(q.act.x, before)[:-1], n)), before)
+    return e.finish(q, y, None, q.bias, before)
+
+
+def _rows(e: _Emit, q: QLinear, node: fx.Node, before: fx.Node) -> fx.Node:
+    """A per-token activation scale or zero point as ``(M, 1)`` rows of the ``(M, N)`` product; a
+    per-tensor one as it is."""
+    return e.call(torch.reshape, (node, (-1, 1)), before) if q.act.per_token else node
+
+
 def _emit_cuda_int8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     return _emit_cuda(e, q, kernels.int8_scaled_mm)
 
@@ -550,60 +580,51 @@ def _emit_cuda_fp8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
 
 
 def _emit_cuda(e: _Emit, q: QLinear, mm) -> fx.Node:
-    """``mm(x_q (M, K), W_q.T, ...)`` on the reference's own integer (or fp8) grid: exact on CUDA.
-    Padded to the shapes CUDA accepts (``pad=True``, also when the graph runs on CPU tensors); M and
-    the output's leading sizes are read from the graph, so the lowering runs under dynamic shapes."""
-    before = q.out
-    n, k = _val(q.w_q).shape
-    x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
-    w_t = e.call(torch.t, (q.w_q,), before)  # a column-major view of the (N, K) constant
-    tensorwise = not q.act.per_token and q.per_tensor
-    if tensorwise:
-        sx, sw = q.act.scale, q.w_scale
-    else:
-        sx = e.call(torch.reshape, (q.act.scale, (-1, 1)), before)
-        sw = e.call(torch.reshape, (q.w_scale, (1, -1)), before)
-    if mm is kernels.fp8_scaled_mm and not tensorwise:
-        # Rowwise _scaled_mm wants sm90 and bf16 output: run it unscaled in fp32, scale outside.
-        y2 = e.call(mm, (x2, w_t, 1.0, 1.0, None, torch.float32, True), before)
-        y2 = e.call(torch.mul, (e.call(torch.mul, (y2, sx), before), sw), before)
-    else:
-        y2 = e.call(mm, (x2, w_t, sx, sw, None, torch.float32, True), before)
-    if q.act.zero_point is not None:  # asymmetric int8: subtract sx * zp * sw * sum_k W[n, k]
-        zp = e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
-        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), *e.weight(q, GRID_8BIT),
-                                     "weight_colsum", before)
-    y = e.call(torch.reshape, (y2, (*e.sizes(q.act.x, before)[:-1], n)), before)
-    return e.finish(q, y, None, q.bias, before)
+    """``mm(x_q (M, K), W_q.T, ...)`` (``_emit_mm``) on the reference's own integer (or fp8) grid:
+    exact on CUDA. Padded to the shapes CUDA accepts (``pad=True``, also when the graph runs on CPU
+    tensors)."""
+
+    def product(x2: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+        w_t = e.call(torch.t, (q.w_q,), before)  # a column-major view of the (N, K) constant
+        tensorwise = not q.act.per_token and q.per_tensor
+        if tensorwise:
+            sx, sw = q.act.scale, q.w_scale
+        else:
+            sx = e.call(torch.reshape, (q.act.scale, (-1, 1)), before)
+            sw = e.call(torch.reshape, (q.w_scale, (1, -1)), before)
+        if mm is kernels.fp8_scaled_mm and not tensorwise:
+            # Rowwise _scaled_mm wants sm90 and bf16 output: run it unscaled in fp32, scale outside.
+            y2 = e.call(mm, (x2, w_t, 1.0, 1.0, None, torch.float32, True), before)
+            return e.call(torch.mul, (e.call(torch.mul, (y2, sx), before), sw), before), sx
+        return e.call(mm, (x2, w_t, sx, sw, None, torch.float32, True), before), sx
+
+    return _emit_mm(e, q, *e.weight(q, GRID_8BIT), product)
 
 
 def _emit_cpu_int_mm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
-    """``torch._int_mm(x_q (M, K), W_q.t())`` in int32 on the reference's own 8-bit integers, then the
-    scales (and an asymmetric activation's zero point) as aten ops that Inductor fuses; where the
-    probe finds ``_int_mm`` exact (VNNI / AMX). The weight is the plain int8 ``(N, K)`` tensor read as
-    a column-major ``(K, N)`` view: nothing packed, one copy shared by every graph of the backend (prefill
-    and decode), and no Python-level kernel (Inductor calls the aten op from its generated code)."""
-    before = q.out
+    """``torch._int_mm(x_q (M, K), W_q.t())`` (``_emit_mm``) in int32 on the reference's own 8-bit
+    integers, then the scales as aten ops that Inductor fuses; where the probe finds ``_int_mm`` exact
+    (VNNI / AMX). The weight is the plain int8 ``(N, K)`` tensor read as a column-major ``(K, N)``
+    view: nothing packed, one copy shared by every graph of the backend (prefill and decode), and no
+    Python-level kernel (Inductor calls the aten op from its generated code)."""
     w_q, w_s = e.weight(q, GRID_8BIT)
-    n, k = w_q.shape
     w_q = e.packed("int_mm", q.path, w_q, w_s, w_q.contiguous)
     w = e.qg.constant(f"{q.path}.weight_int8", w_q)
-    x2 = e.call(torch.reshape, (q.act.x_q, (-1, k)), before)
-    if q.m == 1:
-        # torch 2.13's CPU _int_mm reads a (1, K) operand's row stride as its leading dimension, and
-        # Inductor gives a size-1 dim any stride (0 for this reshape): wrong products. An explicit
-        # as_strided keeps row stride K (padding to two rows also works, at 2-3x the GEMM's time).
-        x2 = e.call(torch.as_strided, (x2, (1, k), (k, 1)), before)
-    acc = e.call(torch._int_mm, (x2, e.call(torch.t, (w,), before)), before)
-    y2 = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
-    sx = q.act.scale if not q.act.per_token else e.call(torch.reshape, (q.act.scale, (-1, 1)), before)
-    sxw = e.call(torch.mul, (sx, e.qg.constant(f"{q.path}.weight_scale", w_s)), before)
-    y2 = e.call(torch.mul, (y2, sxw), before)
-    if q.act.zero_point is not None:  # asymmetric: subtract sx * zp * sw * sum_k W[n, k]
-        zp = q.act.zero_point if not q.act.per_token else e.call(torch.reshape, (q.act.zero_point, (-1, 1)), before)
-        y2 = e.zero_point_correction(q, y2, e.call(torch.mul, (zp, sx), before), w_q, w_s, "weight_colsum", before)
-    y = e.call(torch.reshape, (y2, (*e.sizes(q.act.x, before)[:-1], n)), before)
-    return e.finish(q, y, None, q.bias, before)
+
+    def product(x2: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+        if q.m == 1:
+            # torch 2.13's CPU _int_mm reads a (1, K) operand's row stride as its leading dimension, and
+            # Inductor gives a size-1 dim any stride (0 for this reshape): wrong products. An explicit
+            # as_strided keeps row stride K (padding to two rows also works, at 2-3x the GEMM's time).
+            k = w_q.shape[1]
+            x2 = e.call(torch.as_strided, (x2, (1, k), (k, 1)), before)
+        acc = e.call(torch._int_mm, (x2, e.call(torch.t, (w,), before)), before)
+        y2 = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
+        sx = _rows(e, q, q.act.scale, before)
+        sxw = e.call(torch.mul, (sx, e.qg.constant(f"{q.path}.weight_scale", w_s)), before)
+        return e.call(torch.mul, (y2, sxw), before), sx
+
+    return _emit_mm(e, q, w_q, w_s, product)
 
 
 def _emit_cpu_w8(e: _Emit, q: QLinear, target: Target) -> fx.Node:

@@ -21,8 +21,8 @@ from torch import fx, nn
 
 from qpass.graph import ExpertsSite, QGraph
 
-from .base import Absorber, ArgEdits, Region
-from .walk import NotChannelPreserving, is_mul, probe_for, trace_channels, walk_back
+from .base import Absorber, ArgEdits
+from .walk import NotChannelPreserving, is_mul, product_factors, row_fold_regions, walk_back
 
 # Ops that keep every row of a (rows, channels) value in place (the chunk / getitem of a fused
 # gate_up, casts); anything else between the two grouped matmuls refuses the per-expert fold.
@@ -30,33 +30,16 @@ _ROW_WISE_METHODS = {"chunk", "split", "to", "float", "half", "bfloat16", "type_
 
 
 def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | None:
-    if not is_mul(producer) or len(producer.args) != 2:
-        return None
-    operands = [a for a in producer.args if isinstance(a, fx.Node)]
-    if len(operands) != 2 or any(qg.value(a) is not None for a in operands):
-        return None
-    for up in reversed(operands):  # act(gate) * up
+    for up in product_factors(qg, producer):  # act(gate) * up
         up_producer, up_path = walk_back(up, qg)
         site = qg.experts_site(up_producer)
-        if site is None:
-            continue
-        try:
-            walk = trace_channels(up_producer, up_path)
-        except NotChannelPreserving:
-            continue
-        if walk.index.unique().numel() != walk.index.numel():
+        if site is None or (found := row_fold_regions(up_producer, up_path, producer)) is None:
             continue
         if (why := moves_rows([*up_path, producer], rows_of(up_producer))) is not None:
             raise NotChannelPreserving(f"per-expert fold refused: {why}")
-        up_rows = torch.zeros(walk.probes[up_producer].shape[-1], dtype=torch.bool)
-        up_rows[walk.index] = True
-        probe = probe_for(producer)
-        regions = [
-            Region([up_producer, *up_path], walk.probes, up_rows),
-            Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
-        ]
+        rows, regions = found
         experts = qg.value(site.weight_node).shape[0]
-        return Absorber("gated-act", site.path, expert_row_fold(site, walk.index), regions, experts, site.offsets)
+        return Absorber("gated-act", site.path, expert_row_fold(site, rows), regions, experts, site.offsets)
     return None
 
 

@@ -17,36 +17,19 @@ from torch import fx, nn
 
 from qpass.graph import QGraph
 
-from .base import Absorber, Region
+from .base import Absorber
 from .linear_linear import row_fold
-from .walk import NotChannelPreserving, is_mul, probe_for, trace_channels, walk_back
+from .walk import product_factors, row_fold_regions, walk_back
 
 
 def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | None:
-    if not is_mul(producer) or len(producer.args) != 2:
-        return None
-    operands = [a for a in producer.args if isinstance(a, fx.Node)]
-    if len(operands) != 2 or any(qg.value(a) is not None for a in operands):
-        return None
-    for up in reversed(operands):  # prefer the right operand: act(gate) * up
+    for up in product_factors(qg, producer):  # prefer the right operand: act(gate) * up
         up_producer, up_path = walk_back(up, qg)
         site = qg.site(up_producer)
-        if site is None:
+        if site is None or (found := row_fold_regions(up_producer, up_path, producer)) is None:
             continue
-        try:
-            walk = trace_channels(up_producer, up_path)
-        except NotChannelPreserving:
-            continue
-        if walk.index.unique().numel() != walk.index.numel():
-            continue  # one up row feeding two product channels cannot take two scales
-        up_rows = torch.zeros(walk.probes[up_producer].shape[-1], dtype=torch.bool)
-        up_rows[walk.index] = True
-        probe = probe_for(producer)
-        regions = [
-            Region([up_producer, *up_path], walk.probes, up_rows),
-            Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
-        ]
-        return Absorber("gated-act", site.path, row_fold(site, walk.index), regions, site=site, rows=walk.index)
+        rows, regions = found
+        return Absorber("gated-act", site.path, row_fold(site, rows), regions, site=site, rows=rows)
     return None
 
 

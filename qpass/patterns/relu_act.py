@@ -19,9 +19,9 @@ from torch import fx, nn
 
 from qpass.graph import QGraph
 
-from .base import Absorber, Region
+from .base import Absorber
 from .linear_linear import row_fold
-from .walk import NotChannelPreserving, homogeneous_arg, probe_for, trace_channels, walk_back
+from .walk import homogeneous_arg, row_fold_regions, walk_back
 
 
 def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | None:
@@ -29,22 +29,10 @@ def match(qg: QGraph, producer: fx.Node, scaled: torch.Tensor) -> Absorber | Non
         return None  # not a relu-family op, or one that broadcasts its input
     fc1_node, path = walk_back(z, qg)
     site = qg.site(fc1_node)
-    if site is None:
+    if site is None or (found := row_fold_regions(fc1_node, path, producer)) is None:
         return None
-    try:
-        walk = trace_channels(fc1_node, path)
-    except NotChannelPreserving:
-        return None
-    if walk.index.unique().numel() != walk.index.numel():
-        return None  # one fc1 row feeding two activation channels cannot take two scales
-    rows = torch.zeros(walk.probes[fc1_node].shape[-1], dtype=torch.bool)
-    rows[walk.index] = True
-    probe = probe_for(producer)
-    regions = [
-        Region([fc1_node, *path], walk.probes, rows),
-        Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
-    ]
-    return Absorber("relu-act", site.path, row_fold(site, walk.index), regions, site=site, rows=walk.index)
+    rows, regions = found
+    return Absorber("relu-act", site.path, row_fold(site, rows), regions, site=site, rows=rows)
 
 
 def _shape(node: fx.Node):

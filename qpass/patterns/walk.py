@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .base import Region
+
 __all__ = [
     "Walk", "NotChannelPreserving", "walk_back", "trace_channels", "replay", "probe_for", "nonlinear_use", "is_mul",
-    "homogeneous_arg",
+    "homogeneous_arg", "product_factors", "row_fold_regions",
 ]
 
 
@@ -271,3 +273,37 @@ def trace_channels(producer: fx.Node, path: list[fx.Node]) -> Walk:
     if not bool((rows == rows[:1]).all()) or not bool((rows == rows.round()).all()):
         raise NotChannelPreserving("channels are mixed or moved across positions")
     return Walk(producer, path, rows[0].round().long(), env)
+
+
+def product_factors(qg, producer: fx.Node) -> list[fx.Node]:
+    """The factors of ``producer`` when it multiplies two computed values (``act(gate) * up``), the
+    right one first (where ``up`` usually is); [] otherwise (no product, or a constant factor)."""
+    if not is_mul(producer) or len(producer.args) != 2:
+        return []
+    operands = [a for a in producer.args if isinstance(a, fx.Node)]
+    if len(operands) != 2 or any(qg.value(a) is not None for a in operands):
+        return []
+    return operands[::-1]
+
+
+def row_fold_regions(source: fx.Node, path: list[fx.Node],
+                     producer: fx.Node) -> tuple[torch.Tensor, list[Region]] | None:
+    """For ``1/s`` folded into output rows of ``source`` (fc1, up, a fused gate_up) whose values reach
+    ``producer``'s output channels (the activation, the gated product) along ``path``: ``(rows, regions)``,
+    ``rows[j]`` the row of ``source`` behind ``producer``'s channel ``j``, and the two regions that then
+    carry scaled values (``source`` and ``path`` on the rows used; all of ``producer``'s output), whose
+    readers the smoothing pass checks. None where ``path`` mixes channels or one row of ``source``
+    feeds two channels (it cannot take two scales)."""
+    try:
+        walk = trace_channels(source, path)
+    except NotChannelPreserving:
+        return None
+    if walk.index.unique().numel() != walk.index.numel():
+        return None
+    used = torch.zeros(walk.probes[source].shape[-1], dtype=torch.bool)
+    used[walk.index] = True
+    probe = probe_for(producer)
+    return walk.index, [
+        Region([source, *path], walk.probes, used),
+        Region([producer], {producer: probe}, torch.ones(probe.shape[-1], dtype=torch.bool)),
+    ]
