@@ -15,9 +15,10 @@ PRESETS: dict[str, QuantConfig] = {
     # outlier channels are mostly one-signed (SmolLM2, 20 x 1024 tokens: +0.71% perplexity against +1.01%).
     "w8a8_dynamic": QuantConfig(_INT8_W, QuantSpec("int8", PerToken(), symmetric=False), Smoothing("auto")),
     # INT8 per-tensor static activations (scale from calibration after smoothing), per-channel weights (O3-like, fastest);
-    # a linear whose calibration outputs lose over 8x more through the static scale than per-token runs per-token.
+    # a linear whose calibration outputs lose over 1.5x more through the static scale than per-token runs per-token
+    # (SmolLM2: 145 of 210 linears, within 0.6% of fp32 perplexity on two texts; at 8x, 80 linears and +3.0% / +1.2%).
     "w8a8_static": QuantConfig(
-        _INT8_W, QuantSpec("int8", PerTensor(), dynamic=False), Smoothing("auto"), dynamic_fallback=8.0
+        _INT8_W, QuantSpec("int8", PerTensor(), dynamic=False), Smoothing("auto"), dynamic_fallback=1.5
     ),
     # INT8 per-tensor dynamic activations, per-channel weights (O2-like).
     "w8a8_tensor_dynamic": QuantConfig(_INT8_W, QuantSpec("int8", PerTensor()), Smoothing("auto")),

@@ -85,7 +85,8 @@ def test_module_paths_do_not_depend_on_the_root_argument_name():
     model = _Renamed().eval()
     x = torch.randn(2, 5, 16)
     calib = qpass.calibrate(model, [x])
-    backend = qpass.backend(qpass.preset("w8a8_static", smoothing=None), calibration=calib, inductor=False)
+    config = qpass.preset("w8a8_static", smoothing=None, dynamic_fallback=None)  # the static scale needs the path
+    backend = qpass.backend(config, calibration=calib, inductor=False)
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(x)
     assert list(backend.report.rows) == ["proj"]

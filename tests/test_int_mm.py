@@ -72,10 +72,17 @@ def test_int_mm_equals_integer_reference(name, m, worst_case):
 def test_int_mm_llama_equals_reference_path(preset):
     """A Llama through the backend: every int8 linear on ``_int_mm`` (q/k/v and gate/up as one GEMM
     each: 4 per layer; 7 with an outlier split), logits equal to the reference quant/dequant path up
-    to float rounding."""
+    to float rounding. Float rounding includes the rare activation that lands on the other side of a
+    rounding boundary (each layer's input differs from the reference's by float summation order): one
+    such integer changes every later position through attention (measured with ``w8a8_static``'s
+    per-token fallback: position 7 of 16, logits 0.2% apart against the reference's 1.6% from fp32),
+    so the bound is a small share of the quantization error itself; the integers are checked one by
+    one in the test above."""
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2))
     ids = token_batches(1, seed=5)[0]
+    with torch.no_grad():
+        fp32 = model(ids, use_cache=False).logits
     logits = {}
     for lower in (False, True):
         backend = qpass.backend(qpass.preset(preset, lower=lower), calibration=calib, inductor=False)
@@ -87,7 +94,11 @@ def test_int_mm_llama_equals_reference_path(preset):
     graph = backend.graphs[-1].graph
     per_layer = 7 if preset == "llm_int8" else 4  # an outlier split's inlier linears are not fused
     assert sum(n.target is torch._int_mm for n in graph.nodes) == per_layer * 2
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(logits[True], logits[False]) < 0.2 * rel(logits[False], fp32)
 
 
 def test_int_mm_prefill_and_decode_share_one_weight_copy():

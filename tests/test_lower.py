@@ -199,33 +199,39 @@ def test_split_weights_equal_8bit_integer_reference(monkeypatch):
 
 @needs_onednn
 def test_split_weights_chosen_by_calibration_error(monkeypatch):
-    """On a CPU without VNNI (forced), ``split_weights=d`` splits a linear's weights where its best
-    7-bit grid's output error on the calibration samples exceeds the 8-bit error by more than d, says
-    so in the report, and the split linear gives the reference path's output; d = 1 (100%) splits none
-    (nor does the default, None: ``test_kernel_choice_per_preset_and_device``)."""
+    """On a CPU without VNNI (forced), ``split_weights=0.0`` (the default) splits every int8 linear's
+    weights without measuring; ``d > 0`` splits where the best 7-bit grid's output error on the
+    calibration samples exceeds the 8-bit error by more than d; each says so in the report, and the
+    split linear gives the reference path's output; d = 1 (100%) splits none, nor does None."""
     _with_target(monkeypatch, FAKE_CPU)
     torch.manual_seed(0)
     model = Proj(100, 70, True).eval()
     x = inputs(32, 100, seed=1, worst_case=False)
     calib = qpass.calibrate(model, [inputs(64, 100, seed=99, worst_case=False)])
     config = qpass.preset("w8a8_dynamic", smoothing=None)
+    ref, _ = run_backend(model, config.replace(lower=False), calib, x, inductor=False)  # quant/dequant
     out = {}
-    for d in (0.0, 1.0, None):
-        out[d], backend = run_backend(model, config.replace(split_weights=d, lower=d is not None), calib, x, inductor=False)
+    for d in (0.0, 1e-9, 1.0, None):
+        out[d], backend = run_backend(model, config.replace(split_weights=d), calib, x, inductor=False)
         row = backend.report.rows["proj"]
         if d == 0.0:
             assert row.kernel == "onednn (8-bit split weights)", row
-            assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 0%, split"), row.reason
+            assert row.reason == lowering.SPLIT_ALL, row.reason
+        elif d == 1e-9:
+            assert row.kernel == "onednn (8-bit split weights)", row
+            assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 1e-07%, split"), row.reason
         elif d == 1.0:
             assert _split(row.kernel)[1] in (lowering.GRID_W7, lowering.GRID_A7), row
             assert ", 8-bit " in row.reason and "split" not in row.reason, row.reason  # measured, not taken
-    ref = out[None]  # the reference quant/dequant path
+        else:  # the 7-bit grids only
+            assert _split(row.kernel)[1] in (lowering.GRID_W7, lowering.GRID_A7), row
+            assert "kernel grid by calibration error" in row.reason and "8-bit" not in row.reason, row.reason
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    assert rel(out[0.0], ref) < 1e-6
-    assert rel(out[1.0], ref) > 1e-4  # the 7-bit grid differs
+    assert rel(out[0.0], ref) < 1e-6 and rel(out[1e-9], ref) < 1e-6
+    assert rel(out[1.0], ref) > 1e-4 and rel(out[None], ref) > 1e-4  # the 7-bit grid differs
 
 
 def test_split_weights_config_errors():
@@ -319,10 +325,10 @@ def test_kernel_choice_per_preset_and_device(monkeypatch, name, caplog):
         rows = {p: r for p, r in backend.report.rows.items() if p != "lm_head"}
         assert len(rows) == 7
         got = {p: _split(r.kernel)[0] for p, r in rows.items()}
-        if target is FAKE_CPU:  # each layer on one of the two exact grids, chosen by calibration error
+        if target is FAKE_CPU:  # 8-bit products saturate: every int8 layer's weights split in two halves
             assert {_split(r.kernel)[1] for r in rows.values() if not r.kernel.startswith("reference")} <= {
-                lowering.GRID_W7, lowering.GRID_A7}
-            assert all("kernel grid by calibration error" in r.reason for r in rows.values()
+                lowering.GRID_SPLIT}
+            assert all(lowering.SPLIT_ALL in r.reason for r in rows.values()
                        if not r.kernel.startswith("reference")), rows
         if name == "llm_int8":
             unsplit = EXPECTED["w8a8_dynamic"][cases.index((target, seq))]
@@ -450,12 +456,13 @@ def test_shared_input_linears_run_as_one_gemm_equal_to_unfused(monkeypatch, name
 
 @needs_onednn
 def test_shared_input_groups_split_by_grid(monkeypatch):
-    """Without VNNI each linear takes the 7-bit grid its calibration samples prefer: linears of one
-    input on different grids quantize it differently, so only those on the same grid share a GEMM."""
+    """Without VNNI and with ``split_weights=None`` each linear takes the 7-bit grid its calibration
+    samples prefer: linears of one input on different grids quantize it differently, so only those on
+    the same grid share a GEMM."""
     _with_target(monkeypatch, FAKE_CPU)
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2))
-    backend = qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib, inductor=False)
+    backend = qpass.backend(qpass.preset("w8a8_dynamic", split_weights=None), calibration=calib, inductor=False)
     ids = token_batches(1, batch=1, seq=32, seed=3)[0]
     with torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
@@ -545,16 +552,17 @@ model = Proj(100, 70, True).eval()
 with torch.no_grad():
     model.proj.weight.copy_(worst_case_weight(70, 100))
 config = KERNEL_CONFIGS["w8a8_dynamic"].replace(smoothing=None)
-for m in (32, 3, 32):
-    x = inputs(m, 100, seed=m, worst_case=True)
-    torch._dynamo.reset()
-    backend = qpass.backend(config, inductor=False)
-    ref_backend = qpass.backend(config.replace(lower=False), inductor=False)
-    with torch.no_grad():
-        y = torch.compile(model, backend=backend, dynamic=False)(x)
+for split in (0.0, None):
+    for m in (32, 3, 32):
+        x = inputs(m, 100, seed=m, worst_case=True)
         torch._dynamo.reset()
-        ref = torch.compile(model, backend=ref_backend, dynamic=False)(x)
-    out["runs"].append([m, backend.report.rows["proj"].kernel, ((y - ref).norm() / ref.norm()).item()])
+        backend = qpass.backend(config.replace(split_weights=split), inductor=False)
+        ref_backend = qpass.backend(config.replace(lower=False), inductor=False)
+        with torch.no_grad():
+            y = torch.compile(model, backend=backend, dynamic=False)(x)
+            torch._dynamo.reset()
+            ref = torch.compile(model, backend=ref_backend, dynamic=False)(x)
+        out["runs"].append([m, split, backend.report.rows["proj"].kernel, ((y - ref).norm() / ref.norm()).item()])
 print(json.dumps(out))
 """
 
@@ -569,9 +577,10 @@ print(json.dumps(out))
 def test_saturation_probe_sees_a_limited_isa(limits):
     """oneDNN and FBGEMM each choose their instructions at run time, and each can be limited to AVX2
     (``vpmaddubsw``, saturating int16 pair sums) whatever the CPU flags say. In a fresh process so
-    limited, each kernel's probe reports what the kernel does, the lowering takes the 7-bit grids for
-    exactly the saturating kernels, logs that once per kernel, and stays right on worst-case inputs
-    (on the 8-bit grid a saturating kernel is off by half the result)."""
+    limited, each kernel's probe reports what the kernel does, logs that once per kernel, and on
+    worst-case inputs (on the 8-bit grid a saturating kernel is off by half the result) the lowering
+    computes the reference's integers on exactly the saturating kernels by splitting the weights (the
+    default), or stays close on the 7-bit grids (``split_weights=None``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")}
     run = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], env={**env, **limits}, capture_output=True,
                          text=True, cwd=Path(__file__).parent.parent, timeout=600)
@@ -585,9 +594,15 @@ def test_saturation_probe_sees_a_limited_isa(limits):
                             "fbgemm": [""] if fbgemm_exact else ["7-bit weights", "7-bit act"]}, got
     probe_logs = [line for line in lines if line.startswith("LOG qpass.passes.lower") and "worst-case probe" in line]
     assert len(probe_logs) == 2 and "onednn" in probe_logs[0] + probe_logs[1], probe_logs
-    for m, kernel, err in got["runs"]:
-        assert kernel.startswith("onednn (7-bit" if m > lowering.DECODE_M else "fbgemm"), (m, kernel)
-        assert err < 0.02, (m, kernel, err)
+    for m, split, kernel, err in got["runs"]:
+        saturating = m > lowering.DECODE_M or not fbgemm_exact
+        name = "onednn" if m > lowering.DECODE_M else "fbgemm"
+        if split is None:
+            assert kernel.startswith(f"{name} (7-bit") if saturating else kernel == name, (m, kernel)
+            assert err < 0.02, (m, kernel, err)
+        else:
+            assert kernel == (f"{name} (8-bit split weights)" if saturating else name), (m, kernel)
+            assert err < 1e-6, (m, kernel, err)
 
 
 @needs_onednn

@@ -302,13 +302,13 @@ EXPERTS_ONLY = ("lm_head", "*self_attn*", "*shared_expert*")
 
 @pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static"])
 def test_forced_7bit_grid_keeps_the_bound(moe, monkeypatch, name):
-    """A (fake) CPU without VNNI, only the experts quantized: each expert layer on the 7-bit grid its
-    calibration samples reproduce better, named in the report, within twice the reference path's
-    error of fp32 (the dense test's bound). Measured: 1.0-1.14x."""
+    """A (fake) CPU without VNNI, only the experts quantized, ``split_weights=None``: each expert layer
+    on the 7-bit grid its calibration samples reproduce better, named in the report, within twice the
+    reference path's error of fp32 (the dense test's bound). Measured: 1.0-1.14x."""
     model, calib, ids, ref = moe
     monkeypatch.setattr(lowering.Target, "detect", staticmethod(
         lambda device: lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=False)))
-    config = qpass.preset(name, skip=EXPERTS_ONLY)
+    config = qpass.preset(name, skip=EXPERTS_ONLY, split_weights=None)
     reference, _ = _logits(model, config.replace(lower=False), calib, ids)
     out, backend = _logits(model, config, calib, ids)
     for p in _expert_paths(model):
@@ -319,11 +319,11 @@ def test_forced_7bit_grid_keeps_the_bound(moe, monkeypatch, name):
 
 
 def test_split_weights_chosen_for_experts_by_calibration_error(monkeypatch):
-    """A (fake) CPU without VNNI, only the experts quantized, ``split_weights=0.0``: every expert layer
-    takes the split weights (its best 7-bit grid loses to 8-bit on its calibration samples), says so
-    in the report, and gives the reference path's logits: the split computes its 8-bit integers
-    (measured 4e-8). Without ``split_weights`` the 7-bit grids are chosen:
-    ``test_forced_7bit_grid_keeps_the_bound``."""
+    """A (fake) CPU without VNNI, only the experts quantized: with ``split_weights=0.0`` (the default)
+    every expert layer takes the split weights unmeasured; with a tiny ``d > 0`` where its best 7-bit
+    grid loses to 8-bit on its calibration samples. Each says so in the report and gives the reference
+    path's logits: the split computes its 8-bit integers (measured 4e-8). With ``split_weights=None``
+    the 7-bit grids are chosen: ``test_forced_7bit_grid_keeps_the_bound``."""
     model = tiny_model("qwen2_moe", layers=1)
     calib = qpass.calibrate(model, token_batches(2))
     ids = token_batches(1, seed=7)[0]
@@ -331,12 +331,16 @@ def test_split_weights_chosen_for_experts_by_calibration_error(monkeypatch):
         lambda device: lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=False)))
     config = qpass.preset("w8a8_dynamic", skip=EXPERTS_ONLY, smoothing=None)  # the grids are the point
     reference, _ = _logits(model, config.replace(lower=False), calib, ids)
-    out, backend = _logits(model, config.replace(split_weights=0.0), calib, ids)
-    for p in _expert_paths(model):
-        row = backend.report.rows[p]
-        assert row.kernel == lowering.experts_label(lowering.GRID_SPLIT), row.kernel
-        assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 0%, split"), row.reason
-    assert _rel(out, reference) < 1e-5, _rel(out, reference)
+    for d in (0.0, 1e-9):
+        out, backend = _logits(model, config.replace(split_weights=d), calib, ids)
+        for p in _expert_paths(model):
+            row = backend.report.rows[p]
+            assert row.kernel == lowering.experts_label(lowering.GRID_SPLIT), row.kernel
+            if d == 0.0:
+                assert row.reason.endswith(lowering.SPLIT_ALL), row.reason
+            else:
+                assert ", 8-bit " in row.reason and row.reason.endswith("7-bit over 8-bit by more than 1e-07%, split"), row.reason
+        assert _rel(out, reference) < 1e-5, _rel(out, reference)
 
 
 def test_dynamic_shapes_across_sequence_lengths():

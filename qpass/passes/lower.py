@@ -115,6 +115,7 @@ GRID_A7 = Grid(63, 127, "7-bit act")
 #: in [-64, 64] (2 * 255 * 64 < 2**15), the activations repeated along K, so the one GEMM's int32
 #: accumulator holds exactly the 8-bit reference's integers, at about twice the GEMM time.
 GRID_SPLIT = Grid(127, 127, "8-bit split weights", halves=True)
+SPLIT_ALL = "8-bit products saturate int16 on this CPU: weights split into two 7-bit halves (the 8-bit integers exactly)"
 
 
 def cpu_grids(target: Target, kernel: str) -> tuple[Grid, ...]:
@@ -140,7 +141,8 @@ def _probed_int8_dot(kernel: str) -> bool:
         "qpass lower: %s: a worst-case probe of the kernel (u8 255 x s8 127 / -128) %s", kernel,
         "is exact: int8 layers use the 8-bit grids" if exact else
         "saturates int16 pair sums (no VNNI / AMX, or a limited ISA): so that no product can saturate, "
-        "each int8 layer uses 7-bit weights or 7-bit activations, whichever reproduces the calibration outputs better")
+        "int8 layers run with their weights split into two 7-bit halves (split_weights=0.0, the default: the 8-bit "
+        "integers at about twice the GEMM time) or on 7-bit weights or activations (split_weights=None or > 0)")
     return exact
 
 
@@ -356,6 +358,9 @@ class _Emit:
         if q.path in self.grids:
             return self.grids[q.path][0]
         grids = cpu_grids(target, kernel)
+        if len(grids) > 1 and self.split_weights == 0.0:
+            self.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
+            return GRID_SPLIT
         stats = self.calibration.get(q.path) if self.calibration is not None else None
         if len(grids) == 1 or stats is None or stats.samples is None:
             self.grids[q.path] = (grids[0], "")
@@ -907,6 +912,9 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
     if q.path in e.grids:
         return e.grids[q.path][0]
     grids = cpu_grids(target, "onednn")
+    if len(grids) > 1 and e.split_weights == 0.0:
+        e.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
+        return GRID_SPLIT
     stats = e.calibration.get(q.path) if e.calibration is not None else None
     if len(grids) == 1 or stats is None or stats.samples is None or stats.sample_experts is None:
         e.grids[q.path] = (grids[0], "")
