@@ -46,13 +46,14 @@ LINEARS = 210  # 30 layers x 7; lm_head stays fp32
 # Relative perplexity change vs fp32 allowed on these 2 held-out windows of 512 tokens with the small
 # calibration above, on the reference path (which does not depend on the CPU). Measured 2026-11-30 on a
 # 2-core AMD EPYC with AVX-512 VNNI, eager, one thread (fp32 26.085), with 64 calibration samples per linear
-# for the searches: w8a8_dynamic +0.98%, w8a8_static (per-token fallback at 1.5x) +{STATIC}% with
-# {FALLBACKS} of 210 linears per-token. Each bound fails a result 2x worse than the measurement. These 1024
+# for the searches: w8a8_dynamic +0.98%, w8a8_static (per-token fallback at 1.5x) +2.49% with
+# 171 of 210 linears per-token. Each bound fails a result 2x worse than the measurement. These 1024
 # tokens are far from the accuracy claim (bench/accuracy.py, README): the bounds guard against regressions.
-BOUNDS = {"w8a8_dynamic": 0.02, "w8a8_static": 0.03}
-FALLBACK_RANGE = (100, 190)  # per-token linears of w8a8_static: most, not all (measured {FALLBACKS})
+BOUNDS = {"w8a8_dynamic": 0.02, "w8a8_static": 0.05}
+FALLBACK_RANGE = (105, 209)  # per-token linears of w8a8_static: most, not all (measured 171)
 # Lowered against the reference path: the same integers, so only float summation order differs (measured
-# 2026-11-30, same machine: _int_mm {INTMM}, split on forced 7-bit-saturating kernels {SPLIT}).
+# 2026-11-30, same machine: _int_mm -0.15% / +0.18% (w8a8_dynamic / w8a8_static), weights split where
+# 8-bit products saturate (forced) +0.01% / +0.13%: a few activations on the other side of a rounding boundary).
 LOWERED_VS_REFERENCE = 0.005
 
 
