@@ -198,6 +198,7 @@ class QGraph:
         sources: list[tuple[str, str]] | None = None,
         memo: dict | None = None,
         stored_weights: Mapping[str, QuantizedWeight] | None = None,
+        stored_params: Mapping[str, tuple] | None = None,
     ):
         self.graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
@@ -237,6 +238,10 @@ class QGraph:
         # path -> the quantized weight a checkpoint stored for it (``qpass.load``): the quantize pass
         # uses it as it is instead of quantizing the dequantized weight again
         self.stored_weights: Mapping[str, QuantizedWeight] = stored_weights or {}
+        # path -> (weak reference to the parameter ``qpass.load`` wrote as the stored weight
+        # dequantized, ``storage_mark`` of it then): while the layer reads that parameter unchanged,
+        # the stored weight needs no comparison against it
+        self.stored_params: Mapping[str, tuple] = stored_params or {}
 
 
     # -- reading ---------------------------------------------------------------
@@ -448,6 +453,12 @@ class QGraph:
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm
+
+
+def storage_mark(t: torch.Tensor) -> tuple:
+    """What tells a tensor's values unchanged without reading them: its storage, view and version
+    counter (every in-place write bumps the counter; ``.data =`` or a new tensor changes the storage)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
 
 
 def _fake_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

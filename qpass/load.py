@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from qpass.backend import QPassBackend
 from qpass.calibration import Calibration, ChannelStats, is_experts_module, is_linear_module
 from qpass.config import PerGroup, PerOutputChannel, PerTensor, PerToken, QuantConfig, QuantSpec
 from qpass.expert_names import ExpertLayout, expert_layout
+from qpass.graph import storage_mark
 from qpass.qmath import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,12 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     integers) with its forward compiled by ``qpass.compile`` for exactly the stored quantization:
     the backend quantizes each linear with the stored integers and scales as they are.
     ``compile=False`` leaves ``model.forward`` alone and returns the same backend, not yet used
-    (``torch.compile(model.forward, backend=backend)`` runs it)."""
+    (``torch.compile(model.forward, backend=backend)`` runs it).
+
+    The weights written here are trusted to equal the stored ones while they stay the same tensors,
+    unchanged (their version counter): a layer whose weight was replaced or written in place
+    (``weight.mul_(2)``, ``copy_``) is compared and, if changed, quantized again. Writes through
+    ``weight.data`` bypass the version counter and are not seen: edit weights under ``torch.no_grad()``."""
     import transformers
     from safetensors.torch import load_file
 
@@ -117,6 +124,10 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     else:
         backend = QPassBackend(config, calibration, **compile_kwargs).bind(model)
     backend.stored_weights.update(stored)
+    for path in stored:  # written here as the stored weight dequantized: the quantize pass need not compare them
+        if path in linears:
+            param = linears[path].weight
+            backend.stored_params[path] = (weakref.ref(param), storage_mark(param))
     return model, backend
 
 
