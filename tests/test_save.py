@@ -189,6 +189,9 @@ def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, mo
     torch._dynamo.reset()
     qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
     reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    assert len(backend.stored_params) == 14
+    for path, qw in backend.stored_weights.items():  # what it trusts is the stored weight dequantized, exactly
+        assert torch.equal(reloaded.get_submodule(path).weight, qw.dequantize())
     compared = []
     dequantize = qpass.qmath.QuantizedWeight.dequantize
     monkeypatch.setattr(qpass.qmath.QuantizedWeight, "dequantize", lambda self, *a: compared.append(1) or dequantize(self, *a))
