@@ -203,6 +203,33 @@ def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, mo
     assert all(written for _, written in calls) and not compared
 
 
+@pytest.mark.int_mm
+@pytest.mark.skipif(not kernels.int_mm_exact(), reason="torch._int_mm saturates int16 pair sums here (no VNNI / AMX)")
+def test_load_concatenates_shared_input_weights_once_for_every_graph(llama, tmp_path, monkeypatch):
+    """q / k / v and gate / up run as one ``_int_mm`` over their concatenated weights: for a loaded
+    model (the same stored integers in every graph) each member's weight is read and concatenated
+    once per backend, not again for the second graph; both graphs still lower every linear.
+    (oneDNN keeps only its packed weight, so the concatenation is not alive to be reused there.)"""
+    from qpass.passes import lower as lower_pass
+
+    read = []
+    weight = lower_pass._Emit.weight
+    monkeypatch.setattr(lower_pass._Emit, "weight", lambda self, q, grid: read.append(q.path) or weight(self, q, grid))
+    model, calib = llama
+    torch._dynamo.reset()
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2
+    members = [p for p in read if p.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    assert len(members) == len(set(members)) == 10  # 2 layers x 5, once each
+    rows = backend.report.rows
+    assert all("one GEMM with" in rows[p].reason for p in members)
+    assert all(rows[p].kernels == ("int8 (_int_mm)",) for p in rows if "proj" in p)
+
+
 def test_a_weight_replaced_after_loading_is_compared(tmp_path, caplog, monkeypatch):
     """A parameter ``qpass.load`` did not write (a new tensor in its place, equal or not) is compared
     with the stored weight: equal values keep the stored integers, others are quantized again."""

@@ -23,7 +23,9 @@ GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,15 +110,24 @@ def _written_by_load(qg: QGraph, path: str, w: torch.Tensor, param: torch.Tensor
 
 def _checked_stored_weight(path: str, w: torch.Tensor, stored: qmath.QuantizedWeight, spec: QuantSpec,
                            granularity, written_by_load: bool = False) -> qmath.QuantizedWeight | None:
-    ours = qmath.quantize_weight(w.to("meta"), spec, granularity)  # the shapes the kernels expect (no values needed)
-    if stored.q.shape != ours.q.shape or stored.scale.numel() != ours.scale.numel() or stored.group_size != ours.group_size:
+    q_shape, scale_shape, group_size = _weight_layout(tuple(w.shape), spec, granularity)
+    if stored.q.shape != q_shape or stored.scale.numel() != math.prod(scale_shape) or stored.group_size != group_size:
         raise ValueError(f"{path}: the stored quantized weight {tuple(stored.q.shape)} does not fit this layer's config")
-    stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(ours.scale.shape), stored.group_size,
-                                   None if stored.zero_point is None else stored.zero_point.reshape(ours.scale.shape))
+    stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(scale_shape), stored.group_size,
+                                   None if stored.zero_point is None else stored.zero_point.reshape(scale_shape))
     if not written_by_load and not torch.equal(stored.dequantize(), w):
         logger.warning("qpass: %s: its weight is no longer the checkpoint's (changed after loading); quantizing it again", path)
         return None
     return stored
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_layout(shape: tuple[int, ...], spec: QuantSpec, granularity) -> tuple[torch.Size, torch.Size, int]:
+    """(integers' shape, scales' shape, group size) the quantize pass gives a weight of ``shape``:
+    the shapes the kernels expect, from ``quantize_weight`` on a meta tensor (no values needed),
+    once per shape and spec (a model has a few shapes and hundreds of layers)."""
+    ours = qmath.quantize_weight(torch.empty(shape, device="meta"), spec, granularity)
+    return ours.q.shape, ours.scale.shape, ours.group_size
 
 
 #: Why a mixture-of-experts router keeps full precision.
