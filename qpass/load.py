@@ -131,8 +131,8 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
         backend = QPassBackend(config, calibration, **compile_kwargs).bind(model)
     backend.stored_weights.update(stored)
     for path in stored:  # written here as the stored weight dequantized: the quantize pass need not compare them
-        if path in linears:
-            param = linears[path].weight
+        param = linears[path].weight if path in linears else None
+        if param is not None and counts.get(id(param)) == 1:  # a tied weight may hold the other tensor's values
             backend.stored_params[path] = (weakref.ref(param), storage_mark(param))
     return model, backend
 
