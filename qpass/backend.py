@@ -86,6 +86,9 @@ class QPassBackend:
         self.inductor = inductor
         # path -> quantized weight used as it is (``qpass.load`` fills it from a checkpoint)
         self.stored_weights: dict[str, QuantizedWeight] = {}
+        # path -> (weak reference to the parameter qpass.load filled with the stored weight
+        # dequantized, its ``graph.storage_mark`` then): such a parameter, unchanged, is not compared
+        self.stored_params: dict[str, tuple[weakref.ref, tuple]] = {}
         self.graphs: list[fx.GraphModule] = []
         # Parameters the compiled graphs read / no longer read (the lowered linears hold their own
         # low-precision copies), for ``release_weights``: id -> weak reference.
@@ -117,7 +120,7 @@ class QPassBackend:
     def _compile(self, gm: fx.GraphModule, example_inputs: list, sources=None) -> Callable:
         """Rewrite and compile ``gm`` for the parameters among ``example_inputs``."""
         memo = self._memo.setdefault(_param_key(example_inputs), {})
-        qg = QGraph(gm, example_inputs, self._names, sources, memo, self.stored_weights)
+        qg = QGraph(gm, example_inputs, self._names, sources, memo, self.stored_weights, self.stored_params)
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
         checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)

@@ -165,13 +165,45 @@ def test_load_ties_the_embeddings_of_a_tied_model(tmp_path):
 
 
 def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, monkeypatch):
-    """Whether a layer still holds the checkpoint's weight is checked once per backend: a second
-    graph (another prompt length) reuses the answer instead of dequantizing and comparing again."""
+    """Whether a layer still holds the checkpoint's weight is decided once per backend: a second
+    graph (another prompt length) reuses the answer. The parameters ``qpass.load`` itself wrote,
+    unchanged since, are not dequantized and compared at all (the startup of a checkpoint)."""
     import qpass.passes.quantize as quantize_pass
 
     calls = []
     checked = quantize_pass._checked_stored_weight
-    monkeypatch.setattr(quantize_pass, "_checked_stored_weight", lambda path, *a: calls.append(path) or checked(path, *a))
+    monkeypatch.setattr(quantize_pass, "_checked_stored_weight",
+                        lambda path, *a: calls.append((path, a[-1])) or checked(path, *a))
+    model, calib = llama
+    torch._dynamo.reset()
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    assert len(backend.stored_params) == 14
+    for path, qw in backend.stored_weights.items():  # what it trusts is the stored weight dequantized, exactly
+        assert torch.equal(reloaded.get_submodule(path).weight, qw.dequantize())
+    compared = []
+    dequantize = qpass.qmath.QuantizedWeight.dequantize
+    monkeypatch.setattr(qpass.qmath.QuantizedWeight, "dequantize", lambda self, *a: compared.append(1) or dequantize(self, *a))
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2
+    assert len(calls) == len({p for p, _ in calls}) == 14  # the tiny Llama's quantized linears, once each
+    assert all(written for _, written in calls) and not compared
+
+
+@pytest.mark.int_mm
+@pytest.mark.skipif(not kernels.int_mm_exact(), reason="torch._int_mm saturates int16 pair sums here (no VNNI / AMX)")
+def test_load_concatenates_shared_input_weights_once_for_every_graph(llama, tmp_path, monkeypatch):
+    """q / k / v and gate / up run as one ``_int_mm`` over their concatenated weights: for a loaded
+    model (the same stored integers in every graph) each member's weight is read and concatenated
+    once per backend, not again for the second graph; both graphs still lower every linear.
+    (oneDNN keeps only its packed weight, so the concatenation is not alive to be reused there.)"""
+    from qpass.passes import lower as lower_pass
+
+    read = []
+    weight = lower_pass._Emit.weight
+    monkeypatch.setattr(lower_pass._Emit, "weight", lambda self, q, grid: read.append(q.path) or weight(self, q, grid))
     model, calib = llama
     torch._dynamo.reset()
     qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
@@ -180,7 +212,39 @@ def test_load_checks_each_stored_weight_once_for_every_graph(llama, tmp_path, mo
         reloaded(token_batches(1, seq=16)[0], use_cache=False)
         reloaded(token_batches(1, seq=8)[0], use_cache=False)
     assert backend.report.graphs == 2
-    assert len(calls) == len(set(calls)) == 14  # the tiny Llama's quantized linears, once each
+    members = [p for p in read if p.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    assert len(members) == len(set(members)) == 10  # 2 layers x 5, once each
+    rows = backend.report.rows
+    assert all("one GEMM with" in rows[p].reason for p in members)
+    assert all(rows[p].kernels == ("int8 (_int_mm)",) for p in rows if "proj" in p)
+
+
+def test_a_weight_replaced_after_loading_is_compared(tmp_path, caplog, monkeypatch):
+    """A parameter ``qpass.load`` did not write (a new tensor in its place, equal or not) is compared
+    with the stored weight: equal values keep the stored integers, others are quantized again."""
+    import qpass.passes.quantize as quantize_pass
+
+    decided = {}
+    checked = quantize_pass._checked_stored_weight
+    monkeypatch.setattr(quantize_pass, "_checked_stored_weight",
+                        lambda path, *a: decided.setdefault(path, (a[-1], checked(path, *a)))[1])
+    model = tiny_model("llama", layers=1)
+    qpass.save(model, "w8a8_dynamic", tmp_path, calibration=qpass.calibrate(model, token_batches(2)))
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(tmp_path, inductor=False, dynamic=False)
+    mlp = reloaded.model.layers[0].mlp
+    mlp.gate_proj.weight.data = mlp.gate_proj.weight.detach().clone()  # same values, another storage
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach() * 2, requires_grad=False)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="qpass"):
+        reloaded(token_batches(1)[0], use_cache=False)
+    changed = [r.getMessage() for r in caplog.records if "no longer the checkpoint's" in r.getMessage()]
+    assert changed == [
+        "qpass: model.layers.0.mlp.up_proj: its weight is no longer the checkpoint's (changed after loading); quantizing it again"
+    ]
+    written, kept = decided["model.layers.0.mlp.gate_proj"]  # compared, and equal: the stored integers
+    assert not written and kept.q is backend.stored_weights["model.layers.0.mlp.gate_proj"].q
+    assert decided["model.layers.0.mlp.up_proj"] == (False, None)
+    assert decided["model.layers.0.mlp.down_proj"][0]  # untouched: trusted
 
 
 def test_w4a16_groups_round_trip_packed(llama, tmp_path):

@@ -36,7 +36,7 @@ from torch import Tensor, fx
 from qpass import kernels, ops, qmath
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import QGraph
+from qpass.graph import QGraph, storage_mark
 from qpass.report import Report
 
 logger = logging.getLogger(__name__)
@@ -728,27 +728,48 @@ def _emit_shared_input(e: _Emit, qs: list[QLinear], target: Target, name: str) -
     outs = {q.out for q in qs}
     before = next(n for n in qg.graph.nodes if n in outs)
     grid = e.grid(q0, target, name)
-    weights = [e.weight(q, grid) for q in qs]
     path = "+".join(q.path.rsplit(".", 1)[-1] for q in qs)
     path = f"{q0.path.rsplit('.', 1)[0]}.{path}" if "." in q0.path else path
     e.grids.setdefault(path, (grid, ""))
+    rows, w_cat, s_cat = _concatenated(e, qs, grid, path)
     bias = None
     if any(q.bias is not None for q in qs):
         bias = qg.constant(f"{path}.bias", torch.cat([qg.value(q.bias) for q in qs]))
-    fused = QLinear(path=path, out=before, act=q0.act, w_q=torch.cat([w for w, _ in weights]),
-                    w_scale=torch.cat([s for _, s in weights]), group_size=0, bias=bias,
+    fused = QLinear(path=path, out=before, act=q0.act, w_q=w_cat, w_scale=s_cat, group_size=0, bias=bias,
                     weight_dtype=q0.weight_dtype, m=q0.m, device=q0.device, out_dtype=torch.float32)
     y = KERNELS[name].emit(e, fused, target)
     ys, start = [], 0
-    for q, (w, _) in zip(qs, weights):
-        part = e.call(torch.narrow, (y, -1, start, w.shape[0]), before)
+    for q, n in zip(qs, rows):
+        part = e.call(torch.narrow, (y, -1, start, n), before)
         # contiguous, as the linear's own output was (a view of it may follow)
         part = e.call(torch.ops.aten.clone.default, (part,), before, {"memory_format": torch.contiguous_format})
         if q.out_dtype != torch.float32:
             part = e.call(torch.ops.prims.convert_element_type.default, (part, q.out_dtype), before)
         ys.append(part)
-        start += w.shape[0]
+        start += n
     return ys
+
+
+def _concatenated(e: _Emit, qs: list[QLinear], grid: Grid, path: str) -> tuple[list[int], Tensor, Tensor]:
+    """Each member's output rows, and the members' weights on ``grid`` and their scales
+    concatenated: once per backend while the members' quantized weights are the same unchanged
+    tensors (every graph of a ``qpass.load``ed model, whose stored integers the quantize pass
+    hands on as they are) and the concatenation is still alive (the ``_int_mm`` lowering keeps it
+    as the graphs' weight), instead of per graph (SmolLM2: 2 x 60 concatenations, 0.6-3 s of a
+    warm start). Held by weak references only: this adds no memory."""
+    members = [t for q in qs for t in (e.qg.value(q.w_q), e.qg.value(q.w_scale))]
+    marks = tuple(map(storage_mark, members))
+    key = ("shared_input_weights", path, grid)
+    cached = e.qg.memo.get(key)
+    if cached is not None and cached[0] == marks:
+        rows, storages, w_cat, s_cat = cached[1], cached[2], cached[3](), cached[4]()
+        # the members' storages alive (so not reused by others) and the concatenation still held
+        if w_cat is not None and s_cat is not None and all(r() is not None for r in storages):
+            return rows, w_cat, s_cat
+    weights = [e.weight(q, grid) for q in qs]
+    rows, w_cat, s_cat = [w.shape[0] for w, _ in weights], torch.cat([w for w, _ in weights]), torch.cat([s for _, s in weights])
+    e.qg.memo[key] = (marks, rows, [weakref.ref(t.untyped_storage()) for t in members], weakref.ref(w_cat), weakref.ref(s_cat))
+    return rows, w_cat, s_cat
 
 
 # ----------------------------------------------------------------------------- the pass

@@ -23,7 +23,9 @@ GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from torch import fx
 from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
 from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerToken, QuantConfig, QuantSpec
-from qpass.graph import ExpertsSite, LinearSite, QGraph
+from qpass.graph import ExpertsSite, LinearSite, QGraph, storage_mark
 from qpass.passes.smooth import fp32_value
 from qpass.report import Report
 
@@ -76,11 +78,13 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     return done
 
 
-def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity) -> qmath.QuantizedWeight | None:
+def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity,
+                   param: torch.Tensor | None = None) -> qmath.QuantizedWeight | None:
     """The quantized weight a checkpoint stored for ``path`` (``qpass.load``), reshaped like the
     quantize pass's own, when the layer's weight is still its dequantized value; else None. Another
     tool may choose scales qpass would not (an observer that clips, or rounds the scale), so the
-    stored integers and scales are used as they are rather than recomputed from the weight."""
+    stored integers and scales are used as they are rather than recomputed from the weight.
+    ``param``: the parameter ``w`` was read from, if any."""
     stored = qg.stored_weights.get(path)
     if stored is None:
         return None
@@ -88,25 +92,42 @@ def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, gran
     # parameter (same storage, same version counter) and takes the same answer without comparing
     # the whole dequantized weight again (SmolLM2: 2 x 210 full-size dequantizations and compares).
     key = ("stored_weight", path)
-    mark = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w._version,
-            spec, granularity)
+    mark = (storage_mark(w), spec, granularity)
     if key in qg.memo and qg.memo[key][0] == mark:
         return qg.memo[key][1]
-    qg.memo[key] = (mark, _checked_stored_weight(path, w, stored, spec, granularity))
+    qg.memo[key] = (mark, _checked_stored_weight(path, w, stored, spec, granularity, _written_by_load(qg, path, w, param)))
     return qg.memo[key][1]
 
 
+def _written_by_load(qg: QGraph, path: str, w: torch.Tensor, param: torch.Tensor | None) -> bool:
+    """Whether ``w`` is the very parameter ``qpass.load`` filled with ``path``'s stored weight
+    dequantized, unchanged since (same tensor, storage, view and version counter): then it equals
+    the stored weight without reading it (SmolLM2: 210 dequantizations and compares, 1-9 s of startup)."""
+    written = qg.stored_params.get(path)
+    return (written is not None and param is not None and written[0]() is param
+            and storage_mark(param) == written[1] == storage_mark(w))
+
+
 def _checked_stored_weight(path: str, w: torch.Tensor, stored: qmath.QuantizedWeight, spec: QuantSpec,
-                           granularity) -> qmath.QuantizedWeight | None:
-    ours = qmath.quantize_weight(w.to("meta"), spec, granularity)  # the shapes the kernels expect (no values needed)
-    if stored.q.shape != ours.q.shape or stored.scale.numel() != ours.scale.numel() or stored.group_size != ours.group_size:
+                           granularity, written_by_load: bool = False) -> qmath.QuantizedWeight | None:
+    q_shape, scale_shape, group_size = _weight_layout(tuple(w.shape), spec, granularity)
+    if stored.q.shape != q_shape or stored.scale.numel() != math.prod(scale_shape) or stored.group_size != group_size:
         raise ValueError(f"{path}: the stored quantized weight {tuple(stored.q.shape)} does not fit this layer's config")
-    stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(ours.scale.shape), stored.group_size,
-                                   None if stored.zero_point is None else stored.zero_point.reshape(ours.scale.shape))
-    if not torch.equal(stored.dequantize(), w):
+    stored = qmath.QuantizedWeight(stored.q, stored.scale.reshape(scale_shape), stored.group_size,
+                                   None if stored.zero_point is None else stored.zero_point.reshape(scale_shape))
+    if not written_by_load and not torch.equal(stored.dequantize(), w):
         logger.warning("qpass: %s: its weight is no longer the checkpoint's (changed after loading); quantizing it again", path)
         return None
     return stored
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_layout(shape: tuple[int, ...], spec: QuantSpec, granularity) -> tuple[torch.Size, torch.Size, int]:
+    """(integers' shape, scales' shape, group size) the quantize pass gives a weight of ``shape``:
+    the shapes the kernels expect, from ``quantize_weight`` on a meta tensor (no values needed),
+    once per shape and spec (a model has a few shapes and hundreds of layers)."""
+    ours = qmath.quantize_weight(torch.empty(shape, device="meta"), spec, granularity)
+    return ours.q.shape, ours.scale.shape, ours.group_size
 
 
 #: Why a mixture-of-experts router keeps full precision.
@@ -178,7 +199,8 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
         w_main = w * keep_mask
     else:
         w_main = w
-    qw = _stored_weight(qg, site.path, w_main, wspec, granularity) or qmath.quantize_weight(w_main, wspec, granularity)
+    param = qg.params[site.weight_node][1] if site.weight_node in qg.params else None
+    qw = _stored_weight(qg, site.path, w_main, wspec, granularity, param) or qmath.quantize_weight(w_main, wspec, granularity)
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
         if key not in qg.memo:
