@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 import qpass
+from qpass import kernels
 from tests.models import tiny_model, token_batches
 
 pytestmark = pytest.mark.skipif(
