@@ -53,8 +53,10 @@ BOUNDS = {"w8a8_dynamic": 0.02, "w8a8_static": 0.05}
 FALLBACK_RANGE = (105, 209)  # per-token linears of w8a8_static: most, not all (measured 171)
 # Lowered against the reference path: the same integers, so only float summation order differs (measured
 # 2026-11-30, same machine: _int_mm -0.15% / +0.18% (w8a8_dynamic / w8a8_static), weights split where
-# 8-bit products saturate (forced) +0.01% / +0.13%: a few activations on the other side of a rounding boundary).
-LOWERED_VS_REFERENCE = 0.005
+# 8-bit products saturate (forced) +0.01% / +0.13%, and -0.57% with ATen, oneDNN and FBGEMM limited to AVX2, where the
+# reference path's own float sums (and so its alpha choices) differ too: the odd activation lands on the other side
+# of a rounding boundary, which on 1,024 tokens moves perplexity by up to about 0.6%).
+LOWERED_VS_REFERENCE = 0.01
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_lowered_linear_equals_integer_reference(name, m, k, n, bias, worst_case
     row = backend.report.rows["proj"]
     kernel, grid = _split(row.kernel)
     assert kernel == ("fbgemm" if m <= lowering.DECODE_M and CPU.fbgemm else "onednn"), row
-    assert grid in lowering.cpu_grids(CPU, kernel), row
+    assert grid in lowering.kernel_grids(CPU, kernel, config.split_weights), row
 
     acc, unit = int_reference(model, x, config, calib, grid)
     b = model.proj.bias.detach().double() if bias else torch.zeros(n, dtype=torch.float64)

@@ -149,7 +149,7 @@ def test_lowered_experts_equal_integer_reference(monkeypatch, name, grid, worst_
     config = CONFIGS[name].replace(smoothing=None)
     calib = _static_calibration(_rows(8, seed=4, worst_case=worst_case), _offs((2, 2, 2, 2))) if name == "static" else None
     y, backend, _ = _lowered(model, config, calib, x, offs)
-    used = grid or lowering.cpu_grids(CPU, "onednn")[0]
+    used = grid or lowering.kernel_grids(CPU, "onednn", config.split_weights)[0]
     assert backend.report.rows["gate_up_proj"].kernel == lowering.experts_label(used)
     _check_integers(model, config, calib, x, offs, y, used)
 
@@ -235,7 +235,7 @@ def test_inductor_dynamic_shapes_one_graph_for_every_row_count():
         else:
             with torch.no_grad():
                 y = compiled(x, offs)
-        _check_integers(model, config, None, x, offs, y, lowering.cpu_grids(CPU, "onednn")[0])
+        _check_integers(model, config, None, x, offs, y, lowering.kernel_grids(CPU, "onednn", config.split_weights)[0])
     assert len(backend.graphs) == 1
     assert backend.report.rows["gate_up_proj"].kernel.startswith(lowering.EXPERTS_KERNEL[:-1])
 
@@ -283,7 +283,7 @@ def test_lowered_moe_close_to_reference_path(moe, name, caplog):
     with caplog.at_level(logging.WARNING, logger="qpass.passes.lower"):
         out, backend = _logits(model, qpass.preset(name), calib, ids)
     reference, _ = _logits(model, qpass.preset(name, lower=False), calib, ids)
-    labels = {lowering.experts_label(g) for g in lowering.cpu_grids(CPU, "onednn")}  # 7-bit ones without VNNI
+    labels = {lowering.experts_label(g) for g in lowering.kernel_grids(CPU, "onednn", 0.0)}  # split without VNNI
     for p in _expert_paths(model):
         assert backend.report.rows[p].kernel in labels, (p, backend.report.rows[p].kernel)
     assert not [r for r in caplog.records if "fused expert" in r.getMessage()]

@@ -42,7 +42,7 @@ from qpass.report import Report
 logger = logging.getLogger(__name__)
 
 __all__ = ["lower", "shared_input_groups", "FUSE_SHARED_INPUT", "Target", "Grid", "QLinear", "QExperts", "match",
-           "match_experts", "choose", "cpu_grids", "grid_error", "narrow_weight", "split_weight", "DECODE_M"]
+           "match_experts", "choose", "cpu_grids", "kernel_grids", "grid_error", "narrow_weight", "split_weight", "DECODE_M"]
 
 #: Token counts up to this are "decode": the FBGEMM kernel beats oneDNN there (see bench/speed.py).
 DECODE_M = 16
@@ -124,6 +124,18 @@ def cpu_grids(target: Target, kernel: str) -> tuple[Grid, ...]:
         return (GRID_8BIT,)
     exact = target.int8_dot if target.int8_dot is not None else _probed_int8_dot(kernel)
     return (GRID_8BIT,) if exact else (GRID_W7, GRID_A7)
+
+
+def kernel_grids(target: Target, kernel: str, split_weights: float | None) -> tuple[Grid, ...]:
+    """The grids a linear on ``kernel`` can run on with ``QuantConfig.split_weights``, the default
+    first: the 8-bit grid where 8-bit products are exact; where they saturate, the split weights
+    (``0.0``), the 7-bit grids (``None``), or either by calibration error (``d > 0``)."""
+    grids = cpu_grids(target, kernel)
+    if len(grids) == 1:
+        return grids
+    if split_weights == 0.0:
+        return (GRID_SPLIT,)
+    return grids if split_weights is None else grids + (GRID_SPLIT,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -357,10 +369,10 @@ class _Emit:
         calibration samples (the default grid without samples)."""
         if q.path in self.grids:
             return self.grids[q.path][0]
-        grids = cpu_grids(target, kernel)
-        if len(grids) > 1 and self.split_weights == 0.0:
+        if kernel_grids(target, kernel, self.split_weights) == (GRID_SPLIT,):
             self.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
             return GRID_SPLIT
+        grids = cpu_grids(target, kernel)
         stats = self.calibration.get(q.path) if self.calibration is not None else None
         if len(grids) == 1 or stats is None or stats.samples is None:
             self.grids[q.path] = (grids[0], "")
@@ -932,10 +944,10 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
     expert's weights split) where the best 7-bit grid's error exceeds the 8-bit one's by more than d."""
     if q.path in e.grids:
         return e.grids[q.path][0]
-    grids = cpu_grids(target, "onednn")
-    if len(grids) > 1 and e.split_weights == 0.0:
+    if kernel_grids(target, "onednn", e.split_weights) == (GRID_SPLIT,):
         e.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
         return GRID_SPLIT
+    grids = cpu_grids(target, "onednn")
     stats = e.calibration.get(q.path) if e.calibration is not None else None
     if len(grids) == 1 or stats is None or stats.samples is None or stats.sample_experts is None:
         e.grids[q.path] = (grids[0], "")
