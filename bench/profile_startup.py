@@ -19,7 +19,6 @@ import contextlib
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,39 +34,10 @@ import qpass.load  # noqa: E402
 from qpass.passes import lower as lower_pass  # noqa: E402
 from qpass.passes import quantize as quantize_pass  # noqa: E402
 
+from profile_compile import Timers, patched  # noqa: E402  (bench/profile_compile.py)
+
 backend_module = sys.modules["qpass.backend"]  # the modules (``qpass.backend`` / ``qpass.load`` are functions)
 load_module = sys.modules["qpass.load"]
-
-
-class Timers:
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self._depth: dict[str, int] = defaultdict(int)
-
-    def wrap(self, name: str, fn):
-        """``fn`` timed under ``name`` (the outermost call only, so recursion counts once)."""
-        def timed(*args, **kwargs):
-            self._depth[name] += 1
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth[name] -= 1
-                if not self._depth[name]:
-                    self.seconds[name] += time.perf_counter() - start
-                    self.calls[name] += 1
-        return timed
-
-
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def main(argv: list[str] | None = None) -> int:
