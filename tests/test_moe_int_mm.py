@@ -211,6 +211,44 @@ def test_lowered_moe_equals_reference_path(moe, monkeypatch, name, target):
     assert _rel(out, ref) < min(2e-3, 0.2 * _rel(ref, fp32)), (_rel(out, ref), _rel(ref, fp32))
 
 
+def test_prefill_and_decode_share_the_expert_weights():
+    """Qwen2-MoE with ``dynamic=True`` on this CPU, 5 tokens then 1 (decode: its own graph): every
+    graph reads the same int8 expert tensors (no second copy, nothing packed). Their numbers:
+    ``test_lowered_moe_equals_reference_path`` and the Inductor test above."""
+    model = tiny_model("qwen2_moe", layers=1)
+    calib = qpass.calibrate(model, token_batches(2))
+    torch._dynamo.reset()
+    backend = qpass.backend(qpass.preset("w8a8_dynamic"), calibration=calib, inductor=False)
+    lowered = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for seq in (5, 1):
+            lowered(token_batches(1, batch=1, seq=seq, seed=seq)[0], use_cache=False)
+    experts = [p for p, w in model.named_parameters() if w.dim() == 3]
+    assert all(backend.report.rows[p].kernel == lowering.experts_label(None, "cpu_int_mm") for p in experts)
+    storages = [{t.untyped_storage().data_ptr() for t in gm.buffers() if t.dtype == torch.int8 and t.dim() == 3}
+                for gm in backend.graphs]
+    assert len(storages) == 2 and len(storages[0]) == len(experts) and storages[0] == storages[1]
+    assert not any(t.is_mkldnn for gm in backend.graphs for t in gm.buffers())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bf16_experts(monkeypatch, target):
+    """bf16 experts (``torch._grouped_mm``): on ``_int_mm`` per expert, output in bf16, within twice the
+    reference path's error of the bf16 model."""
+    _force(monkeypatch, target)
+    model = tiny_model("qwen2_moe", layers=1).to(torch.bfloat16)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.float()
+    reference, _ = _logits(model, qpass.preset("w8a8_dynamic", lower=False), calib, ids)
+    out, backend = _logits(model, qpass.preset("w8a8_dynamic"), calib, ids)
+    assert out.dtype == torch.bfloat16
+    experts = [p for p, w in model.named_parameters() if w.dim() == 3]
+    assert all(backend.report.rows[p].kernel == lowering.experts_label(None, KERNEL[target]) for p in experts)
+    assert 0 < _rel(out.float(), ref) < 2.0 * _rel(reference.float(), ref), (_rel(out.float(), ref), _rel(reference.float(), ref))
+
+
 def test_fp8_experts_on_cuda_keep_the_reference_path(monkeypatch):
     """fp8 experts on a (fake) H100: no grouped fp8 kernel yet, so the reference path, said in each row."""
     _force(monkeypatch, "fake-cuda")
