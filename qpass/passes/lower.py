@@ -1087,7 +1087,9 @@ def _emit_experts_int_mm(e: _Emit, q: QExperts, target: Target) -> fx.Node:
 
     ``sx``: per token ``(rows, 1)``, per tensor ``(1,)``, or each row's expert's static scale. The
     weight is the plain ``(E, N, K)`` int8 constant, shared by every graph of the backend; on CUDA
-    (``pad``) it is zero-padded once to N and K multiples of 8 and the output narrowed back to N."""
+    (``pad``) it is zero-padded once to N and K multiples of 8 and the output narrowed back to N.
+    Rows past ``offs[-1]`` (which grouped matmuls leave undefined and transformers masks) are zero,
+    except with asymmetric activations: minus their zero point's term for the last expert, as on oneDNN."""
     before, a, qg = q.node, q.act, e.qg
     w_q = qg.value(q.w_q)  # (E, N, K) int8
     experts, n, k = w_q.shape
