@@ -2,7 +2,7 @@
 
 Importing this package registers ``qpass::onednn_qlinear``, ``qpass::fbgemm_dynamic_linear`` and
 ``qpass::fbgemm_qlinear`` and
-``qpass::onednn_grouped_qlinear`` (fused mixture-of-experts weights). ``weight_only`` describes
+``qpass::onednn_grouped_qlinear`` and ``qpass::grouped_int_mm`` (fused mixture-of-experts weights). ``weight_only`` describes
 ATen's weight-only int8 / int4 CPU kernels and packs for them.
 """
 
@@ -16,7 +16,7 @@ from .capability import (
     saturation_probe_operands,
 )
 from .cuda import fp8_scaled_mm, int8_scaled_mm
-from .experts import onednn_grouped_qlinear
+from .experts import grouped_int_mm, onednn_grouped_qlinear
 from .fbgemm import (
     FbgemmPacked,
     fbgemm_dynamic_linear,
@@ -65,6 +65,7 @@ __all__ = [
     "fbgemm_packs",
     "fbgemm_qlinear",
     "fp8_scaled_mm",
+    "grouped_int_mm",
     "int8_dot_exact",
     "int_mm_exact",
     "int8_scaled_mm",

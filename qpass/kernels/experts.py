@@ -1,21 +1,25 @@
-"""oneDNN INT8 grouped matmul for fused mixture-of-experts weights: ``qpass::onednn_grouped_qlinear``.
+"""INT8 grouped matmuls for fused mixture-of-experts weights.
 
-Rows of ``x_u8`` are sorted by expert; ``offs[e]`` is the end of expert ``e``'s segment (as
-transformers' grouped matmul takes it). Each expert's ``(N, K)`` int8 weight is packed once by
-:func:`~qpass.kernels.onednn.pack_onednn_int8`; at run time the op reads ``offs`` once and runs
-``onednn::qlinear_pointwise`` on every non-empty segment, at unit activation scale: the caller
-multiplies the output by each row's activation scale (per token, or its expert's static scale) as
-an aten op, which Inductor fuses with what follows. Rows past ``offs[-1]`` give zeros, like the
-grouped matmul it replaces. The same int16-saturation rules as the dense op apply (see
-:mod:`qpass.kernels.onednn`): the lowering picks the grid.
+Rows of the activation are sorted by expert; ``offs[e]`` is the end of expert ``e``'s segment (as
+transformers' grouped matmul takes it). Each op reads ``offs`` once and runs one GEMM per non-empty
+segment; rows past ``offs[-1]`` give zeros, like the grouped matmul they replace. The caller applies
+the scales as aten ops, which Inductor fuses with what follows.
+
+* ``qpass::onednn_grouped_qlinear``: each expert's ``(N, K)`` int8 weight packed once by
+  :func:`~qpass.kernels.onednn.pack_onednn_int8`, ``onednn::qlinear_pointwise`` at unit activation
+  scale on uint8 rows. The same int16-saturation rules as the dense op apply (see
+  :mod:`qpass.kernels.onednn`): the lowering picks the grid.
+* ``qpass::grouped_int_mm``: ``torch._int_mm`` on the reference's own int8 integers and each
+  expert's plain int8 weight (nothing packed), int32 out: on CPUs where its probe finds it exact
+  (VNNI / AMX) and on CUDA (padded to its shape rules).
 """
-
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from ._lib import cpu_op
+from .cuda import INT_MM_ALIGN, INT_MM_MIN_M
 
 _QLINEAR = torch.ops.onednn.qlinear_pointwise.default
 
@@ -62,5 +66,68 @@ def onednn_grouped_qlinear(x_u8: Tensor, offs: Tensor, packed_w: list[Tensor], w
             raise ValueError(f"activation has K={k}, expert {e}'s packed weight has K={packed_w[e].shape[0]}")
         out[start:end] = _QLINEAR(x[start:end], 1.0, int(x_zp), packed_w[e], scales[e], None, None,
                                   1.0, 0, torch.float32, "none", [], "")
+        start = end
+    return out
+
+
+def _grouped_int_mm_fake(x_i8: Tensor, offs: Tensor, w_i8: Tensor, pad: bool) -> Tensor:
+    torch._check(offs.shape[0] == w_i8.shape[0])
+    torch._check(w_i8.shape[2] >= x_i8.shape[1])
+    return x_i8.new_empty((x_i8.shape[0], w_i8.shape[1]), dtype=torch.int32)
+
+
+@cpu_op(
+    "grouped_int_mm",
+    "(Tensor x_i8, Tensor offs, Tensor w_i8, bool pad) -> Tensor",
+    fake=_grouped_int_mm_fake,
+    keys=("CPU", "CUDA"),
+)
+def grouped_int_mm(x_i8: Tensor, offs: Tensor, w_i8: Tensor, pad: bool) -> Tensor:
+    """``acc[r] = x_i8[r] @ w_i8[e].T`` in int32 for each row ``r`` of expert ``e``'s segment
+    ``offs[e-1] <= r < offs[e]``: one ``torch._int_mm`` per expert with rows, the int32 dot products
+    only (the caller applies the scales as aten ops, which Inductor fuses). Rows past ``offs[-1]``
+    give zeros, like the grouped matmul it replaces.
+
+    ``x_i8``: int8 ``(rows, K)``; ``offs``: ``(E,)`` int32/int64 segment ends; ``w_i8``: int8
+    ``(E, N, K')`` with ``K' >= K`` (columns past K are zero: the CUDA padding), each expert's
+    ``(N, K')`` row-major, read as the column-major ``(K', N)`` operand ``_int_mm`` wants. Returns
+    int32 ``(rows, N)``.
+
+    ``pad``: CUDA's ``_int_mm`` shape rules (M > 16, K and N multiples of 8): the activation's
+    columns are zero-padded to K' (the lowering pads the weight once, N and K' to multiples of 8) and
+    a segment of fewer than 17 rows runs as 17 rows, zeros below. True on a CUDA target, also when
+    the graph runs on CPU tensors (tests).
+    """
+    if x_i8.dtype != torch.int8 or x_i8.dim() != 2 or w_i8.dtype != torch.int8 or w_i8.dim() != 3:
+        raise ValueError(f"qpass::grouped_int_mm expects 2-D int8 activations and 3-D int8 weights, got "
+                         f"{x_i8.dtype} {tuple(x_i8.shape)} and {w_i8.dtype} {tuple(w_i8.shape)}")
+    experts, n, k_w = w_i8.shape
+    rows, k = x_i8.shape
+    if offs.shape != (experts,):
+        raise ValueError(f"offs of shape {tuple(offs.shape)} for {experts} experts")
+    if k_w < k:
+        raise ValueError(f"activation has K={k}, the expert weights K={k_w}")
+    if pad and (n % INT_MM_ALIGN or k_w % INT_MM_ALIGN):
+        raise ValueError(f"padded expert weights must have N and K multiples of {INT_MM_ALIGN}, got {tuple(w_i8.shape)}")
+    x = x_i8.contiguous()
+    if k_w != k:
+        x = torch.cat([x, x.new_zeros((rows, k_w - k))], dim=1)
+    out = x.new_zeros((rows, n), dtype=torch.int32)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one read of the segment ends
+        end = min(end, rows)
+        if end <= start:
+            continue
+        m = end - start
+        seg = x[start:end]
+        if pad and m < INT_MM_MIN_M:
+            acc = torch._int_mm(torch.cat([seg, seg.new_zeros((INT_MM_MIN_M - m, k_w))]), w_i8[e].t())
+            out[start:end] = acc[:m]
+        else:
+            if m == 1:
+                # torch 2.13's CPU _int_mm reads a (1, K) operand's row stride as its leading dimension,
+                # and a size-1 dim may carry any stride (Inductor gives 0): set it.
+                seg = seg.as_strided((1, k_w), (k_w, 1))
+            torch._int_mm(seg, w_i8[e].t(), out=out[start:end])
         start = end
     return out

@@ -889,16 +889,33 @@ _EXPERTS_REFERENCE_RULES: tuple[tuple[str, Callable[[QExperts, Target], bool]], 
     # product (``zp * sum_k W[e, n, k]`` of its expert); a static zero point has no 7-bit counterpart yet.
     ("asymmetric static activations", lambda q, t: not q.act.symmetric and not q.act.dynamic),
     ("fp8 on CPU", lambda q, t: q.act.dtype != torch.int8 and t.device == "cpu"),
-    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn and not t.int_mm),
-    ("no grouped kernel for fused experts on this device yet", lambda q, t: t.device != "cpu"),
+    ("oneDNN not available", lambda q, t: t.device == "cpu" and not t.onednn and _choose_experts(t) == "onednn"),
+    ("fp8 fused experts: no grouped fp8 kernel yet", lambda q, t: t.device == "cuda" and q.act.dtype != torch.int8),
+    ("no kernel for this device", lambda q, t: t.device not in ("cpu", "cuda")),
 )
 
-#: The report's kernel column for lowered experts (the grid note added as for dense linears).
-EXPERTS_KERNEL = "onednn (per expert)"
+
+def _choose_experts(target: Target) -> str:
+    """The int8 grouped kernel of fused experts on ``target``: ``_int_mm`` per expert wherever the
+    dense linears choose ``_int_mm`` (``choose``: CUDA, and CPUs where its probe finds it exact), so
+    experts and dense linears run one kernel family; oneDNN per expert elsewhere on CPU."""
+    if target.device == "cuda":
+        return "cuda_int8"
+    return "cpu_int_mm" if target.int_mm and target.int8_dot is not False else "onednn"
 
 
-def experts_label(grid: Grid | None) -> str:
-    return f"{EXPERTS_KERNEL[:-1]}, {grid.note})" if grid is not None and grid.note else EXPERTS_KERNEL
+#: The report's kernel column for lowered experts, per grouped kernel (the grid note added as for dense linears).
+EXPERTS_KERNELS = {
+    "onednn": "onednn (per expert)",
+    "cpu_int_mm": "int8 (_int_mm per expert)",
+    "cuda_int8": "cuda int8 (_int_mm per expert)",
+}
+EXPERTS_KERNEL = EXPERTS_KERNELS["onednn"]
+
+
+def experts_label(grid: Grid | None, kernel: str = "onednn") -> str:
+    label = EXPERTS_KERNELS[kernel]
+    return f"{label[:-1]}, {grid.note})" if grid is not None and grid.note else label
 
 
 def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, report: Report, emit: _Emit,
@@ -911,7 +928,8 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
                                          [const(packed W_q[e]) for e], const(W_s (E, N)), 128) * s
 
     On ``GRID_SPLIT`` (``split_weights``) each packed weight is its expert's ``[hi | lo]`` (N, 2K) and
-    the uint8 rows are repeated, ``cat([x_u8, x_u8], -1)``, as for dense linears.
+    the uint8 rows are repeated, ``cat([x_u8, x_u8], -1)``, as for dense linears. Where the dense
+    linears run ``_int_mm`` (``_choose_experts``), the experts do too: ``_emit_experts_int_mm``.
     """
     reference = []
     for node, path in list(qg.quantized_experts.items()):
@@ -923,12 +941,13 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
             row.add_kernel(f"reference ({why})")
             reference.append(f"{path} ({why})")
             continue
-        y = _emit_experts_onednn(emit, q, t)
+        kernel = _choose_experts(t)
+        y = _emit_experts_onednn(emit, q, t) if kernel == "onednn" else _emit_experts_int_mm(emit, q, t)
         node.replace_all_uses_with(y)
         qg.graph.erase_node(node)
         del qg.quantized_experts[node]
         grid, why = emit.grids.get(path, (None, ""))
-        row.add_kernel(experts_label(grid))
+        row.add_kernel(experts_label(grid, kernel))
         if why and why not in row.reason.split("; "):
             row.reason = f"{row.reason}; {why}" if row.reason else why
     if reference and not qg.memo.get("experts_reference_warned"):
@@ -1052,6 +1071,52 @@ def _experts_finish(e: _Emit, q: QExperts, y: fx.Node, scale: fx.Node) -> fx.Nod
     """``y * scale`` (each row's activation scale) in the grouped matmul's output dtype."""
     before = q.node
     y = e.call(torch.mul, (y, scale), before)
+    if q.out_dtype != torch.float32:
+        y = e.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
+    return y
+
+
+def _emit_experts_int_mm(e: _Emit, q: QExperts, target: Target) -> fx.Node:
+    """The reference's own int8 rows through ``qpass::grouped_int_mm`` (``_int_mm`` per expert, int32),
+    then the scales as aten ops that Inductor fuses (``_emit_mm``'s arithmetic with each row's expert)::
+
+        y = grouped_mm(dequantize(x_q, sx, zp), dequantize(const(W_q), const(W_s)).transpose(-2, -1), offs)
+    ->  ids = expert_of_rows(x, offs)
+        y = float(qpass.grouped_int_mm(x_q, offs, const(W_q), pad)) * (sx * index_select(const(W_s (E, N)), 0, ids))
+        y = y - (zp * sx) * index_select(const(W_s * sum_k W_q (E, N)), 0, ids)   # asymmetric activations only
+
+    ``sx``: per token ``(rows, 1)``, per tensor ``(1,)``, or each row's expert's static scale. The
+    weight is the plain ``(E, N, K)`` int8 constant, shared by every graph of the backend; on CUDA
+    (``pad``) it is zero-padded once to N and K multiples of 8 and the output narrowed back to N.
+    Rows past ``offs[-1]`` (which grouped matmuls leave undefined and transformers masks) are zero,
+    except with asymmetric activations: minus their zero point's term for the last expert, as on oneDNN."""
+    before, a, qg = q.node, q.act, e.qg
+    w_q = qg.value(q.w_q)  # (E, N, K) int8
+    experts, n, k = w_q.shape
+    w_s = qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
+    pad = target.device == "cuda"
+
+    def weight() -> Tensor:
+        if not pad:
+            return w_q.contiguous()
+        padded = w_q.new_zeros((experts, -(-n // 8) * 8, -(-k // 8) * 8))
+        padded[:, :n, :k] = w_q
+        return padded
+
+    w = qg.constant(f"{q.path}.weight_int8", e.packed("int_mm padded" if pad else "int_mm", q.path, w_q, w_s, weight))
+    acc = e.call(torch.ops.qpass.grouped_int_mm.default, (a.x_q, q.offs, w, pad), before)
+    if _val(w).shape[1] != n:
+        acc = e.call(torch.narrow, (acc, 1, 0, n), before)
+    y = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
+    # each row's expert: the static scales' own gather reads it already
+    ids = _static_expert_scales(qg, q)[1] if not a.dynamic else e.call(ops.expert_of_rows, (a.x, q.offs), before)
+    sw = e.call(torch.index_select, (qg.constant(f"{q.path}.weight_scale", w_s), 0, ids), before)
+    y = e.call(torch.mul, (y, e.call(torch.mul, (a.scale, sw), before)), before)
+    if a.zero_point is not None:  # asymmetric: subtract sx * zp * sw * sum_k W[e, n, k] of each row's expert
+        colsum = qg.constant(f"{q.path}.weight_colsum", (w_q.double().sum(dim=2) * w_s.double()).float())
+        per_row = e.call(torch.index_select, (colsum, 0, ids), before)
+        zp_sx = e.call(torch.mul, (a.zero_point, a.scale), before)
+        y = e.call(torch.sub, (y, e.call(torch.mul, (zp_sx, per_row), before)), before)
     if q.out_dtype != torch.float32:
         y = e.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
     return y
