@@ -296,7 +296,7 @@ def _torchao_weight_only(model: nn.Module):
 
 
 def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False,
-               variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False):
+               variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False, cpp_wrapper: bool = False):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
     if inductor:
@@ -312,9 +312,17 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
             return Contender("torchao int8 dynamic (freezing)", copy_, torch.compile(copy_, dynamic=False),
                              scope=lambda: torch._inductor.config.patch(freezing=True))
         yield "torchao int8 dynamic (freezing)", make_torchao
+        if cpp_wrapper:
+            def make_torchao_cpp():
+                c = make_torchao()
+                c.name += CPP_WRAPPER
+                c.scope = lambda: torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
+                return c
+            yield "torchao int8 dynamic (freezing)" + CPP_WRAPPER, make_torchao_cpp
     calib = None
     runs = [(name, "") for name in [*presets, *variants]] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
     runs += [(name, ONEDNN_DECODE) for name in presets if onednn_decode]
+    runs += [(name, CPP_WRAPPER) for name in presets if cpp_wrapper]
     for name, variant in runs:
         def make_qpass(name=name, variant=variant):
             nonlocal calib
@@ -325,7 +333,8 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                 device = next(model.parameters()).device
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
-            backend = qpass.backend(config, calibration=calib if needs_calib else None, inductor=inductor)
+            backend = qpass.backend(config, calibration=calib if needs_calib else None, inductor=inductor,
+                                    inductor_config={"cpp_wrapper": True} if variant == CPP_WRAPPER else None)
             scope = (lambda: unittest.mock.patch.object(qpass.passes.lower, "DECODE_M", 0)) if variant == ONEDNN_DECODE else _null
             return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              scope=scope, backend=backend)
@@ -335,6 +344,11 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
 #: The preset with oneDNN at every token count (``lower.DECODE_M = 0`` while it compiles): one packed
 #: copy per int8 linear instead of oneDNN's for prefill plus FBGEMM's for decode.
 ONEDNN_DECODE = " (oneDNN at decode)"
+
+
+#: Inductor's C++ wrapper (``torch._inductor.config.cpp_wrapper``): the compiled graph's kernels are
+#: called from generated C++ instead of a Python function.
+CPP_WRAPPER = " (cpp_wrapper)"
 
 
 def _not_lm_head(module: nn.Module, fqn: str) -> bool:
@@ -398,7 +412,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
-                                  args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode):
+                                  args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
+                                  cpp_wrapper=args.cpp_wrapper):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -477,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
     parser.add_argument("--onednn-decode", action="store_true",
                         help="also each preset with oneDNN at decode too (FBGEMM otherwise): one packed copy per linear")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="also torchao and each preset with Inductor's C++ wrapper (cpp_wrapper=True)")
     parser.add_argument("--eager-graphs", action="store_true",
                         help="qpass graphs run without Inductor (qpass.backend(inductor=False)): the same kernels, the "
                              "quant / rescale ops unfused; no fp32 torch.compile row, speedups vs fp32 eager; implies "

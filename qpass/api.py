@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     *,
     dynamic: bool | None = None,
     inductor: bool = True,
+    inductor_config: Mapping[str, Any] | None = None,
     **compile_kwargs,
 ) -> QPassBackend:
     """Compile ``model.forward`` in place with a qpass backend and return the backend (its
@@ -36,7 +39,8 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     ``model.forward`` becomes the compiled forward (``del model.forward`` undoes it).
     ``dynamic`` and ``compile_kwargs`` go to ``torch.compile`` (the default ``dynamic=None`` compiles
     prefill and one decode shape, then one graph with dynamic shapes for the growing KV cache);
-    ``inductor=False`` runs the rewritten graphs without Inductor (to debug a pass).
+    ``inductor=False`` runs the rewritten graphs without Inductor (to debug a pass);
+    ``inductor_config`` patches Inductor's settings while qpass's graphs compile (``qpass.backend``).
 
     Dynamo runs some frames eagerly: after a graph break inside a loop it skips the whole frame
     (a decoder's layer loop), so those layers never reach qpass. After each call, the linears that
@@ -46,7 +50,7 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
         raise TypeError(f"qpass.compile: expected an nn.Module, got {type(model).__name__}")
     if "forward" in model.__dict__:
         raise RuntimeError("qpass.compile: this model's forward is already replaced (compiled?); `del model.forward` first")
-    backend = QPassBackend(config, calibration, inductor=inductor).bind(model)
+    backend = QPassBackend(config, calibration, inductor=inductor, inductor_config=inductor_config).bind(model)
     compiled = torch.compile(type(model).forward.__get__(model), backend=backend, dynamic=dynamic, **compile_kwargs)
     linears = [path for path, module in model.named_modules() if is_linear_module(module)]
     if calibration is not None:  # the linears known to run; others may be unused (a second head)

@@ -11,7 +11,8 @@ import os
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -47,16 +48,32 @@ PIPELINE: tuple[tuple[str, Pass], ...] = (
 _INTEGER_SKIPS = ("quantize", "lower")
 
 
+def _inductor_config(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``settings`` checked against ``torch._inductor.config`` now rather than at the first compile."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"qpass.backend: inductor_config must be a mapping of Inductor settings, got {type(settings).__name__}")
+    from torch._inductor import config as inductor_config
+
+    unknown = [k for k in settings if not isinstance(k, str) or not hasattr(inductor_config, k)]
+    if unknown:
+        raise ValueError(f"qpass.backend: inductor_config names no Inductor setting: {', '.join(map(repr, unknown))}")
+    return dict(settings)
+
+
 class QPassBackend:
     """A torch.compile backend with a fixed configuration and calibration.
 
     ``report`` accumulates one row per linear over every graph compiled;
     ``graphs`` keeps the rewritten FX graphs for inspection. ``inductor=False``
-    runs the rewritten graph eagerly (useful to debug a pass).
+    runs the rewritten graph eagerly (useful to debug a pass). ``inductor_config``: Inductor
+    settings (``torch._inductor.config`` names) patched around each compile of this backend's graphs.
     """
 
     def __init__(
-        self, config: QuantConfig | str | None = None, calibration: Calibration | None = None, *, inductor: bool = True
+        self, config: QuantConfig | str | None = None, calibration: Calibration | None = None, *, inductor: bool = True,
+        inductor_config: Mapping[str, Any] | None = None,
     ):
         if isinstance(config, str):
             from qpass.presets import preset
@@ -71,6 +88,7 @@ class QPassBackend:
             raise TypeError(f"qpass.backend: calibration must be a qpass.Calibration, got {type(calibration).__name__}")
         if not isinstance(inductor, bool):
             raise TypeError(f"qpass.backend: inductor must be a bool, got {type(inductor).__name__}")
+        self.inductor_config = _inductor_config(inductor_config)
         self.calibration = calibration
         # parameter -> its path from the root module, so that graphs Dynamo traced from inside a
         # submodule (a graph break there) still name layers by their full path; see ``bind``.
@@ -146,9 +164,11 @@ class QPassBackend:
             (self._read if node.users else self._superseded)[id(param)] = weakref.ref(param)
         if not self.inductor:
             return new_gm.forward
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(new_gm, example_inputs)
+        with inductor_config.patch(self.inductor_config):
+            return compile_fx(new_gm, example_inputs)
 
     def release_weights(self, model: nn.Module) -> int:
         """Free the fp32 storage of ``model``'s parameters that no graph compiled so far reads any

@@ -193,3 +193,37 @@ def test_static_cache_decode_keeps_cache_writes():
     assert ((out - ref).abs().max() / ref.abs().max()) < 1e-5
     for a, b in zip(out_cache, ref_cache):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_config_compiles_with_the_cpp_wrapper(monkeypatch):
+    """``inductor_config`` is patched around each compile of the backend's graphs (and only there):
+    Inductor's C++ wrapper around the int8 kernel ops (oneDNN at prefill, FBGEMM at decode here),
+    prefill and a decode step, gives the Python wrapper's logits."""
+    from torch._inductor import compile_fx as inductor_compile_fx
+
+    from qpass.passes import lower
+
+    seen = []
+    real = inductor_compile_fx.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(torch._inductor.config.cpp_wrapper)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", spy)
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(2), progress=False)
+    prompt = token_batches(1, batch=1, seq=lower.DECODE_M + 4, seed=3)[0]  # oneDNN at prefill
+    runs = []
+    for settings in (None, {"cpp_wrapper": True}):
+        torch._dynamo.reset()
+        backend = qpass.backend("w8a8_dynamic", calibration=calib, inductor_config=settings)
+        fn = torch.compile(model.forward, backend=backend, dynamic=False)
+        with torch.no_grad():
+            out = fn(prompt, use_cache=True)
+            step = fn(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        runs.append((out.logits, step.logits, {k for r in backend.report.rows.values() for k in r.kernels}))
+    assert seen == [False, False, True, True] and not torch._inductor.config.cpp_wrapper
+    assert runs[1][2] == {"onednn", "fbgemm"}
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-6, atol=1e-6)

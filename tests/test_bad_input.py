@@ -347,6 +347,7 @@ def test_backend_takes_a_preset_name():
         (lambda: qpass.backend(42), r"config must be a qpass.QuantConfig or a preset name, got int"),
         (lambda: qpass.backend(qpass.QuantConfig(), calibration={}), r"calibration must be a qpass.Calibration, got dict"),
         (lambda: qpass.backend(inductor="yes"), r"inductor must be a bool, got str"),
+        (lambda: qpass.backend(inductor_config=["cpp_wrapper"]), r"inductor_config must be a mapping of Inductor settings, got list"),
         (lambda: qpass.backend().bind("model"), r"bind: expected an nn.Module, got str"),
         (lambda: qpass.QuantConfig(weight="int8"), r"QuantConfig.weight must be a qpass.QuantSpec or None, got 'int8'"),
         (lambda: qpass.QuantConfig(skip="lm_head"), r"QuantConfig.skip must be a tuple of module paths"),
@@ -371,6 +372,11 @@ def test_wrong_argument_types_raise_type_error(call, message):
 def test_bools_are_not_numbers(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_unknown_inductor_setting_raises_at_construction():
+    with pytest.raises(ValueError, match=r"inductor_config names no Inductor setting: 'cpp_wraper'"):
+        qpass.backend(inductor_config={"cpp_wraper": True})
 
 
 def test_skip_pattern_matching_nothing_warns_once(caplog):
