@@ -1,5 +1,7 @@
 """Quant/dequant insertion: error bounds per preset, reference op semantics, bad input."""
 
+import re
+
 import pytest
 import torch
 
@@ -316,7 +318,12 @@ def test_dynamic_fallback_picks_per_token_where_static_loses(llama, caplog):
     fell = {p for p, r in rows.items() if r.activation == "int8 per-token dynamic"}
     kept = {p for p, r in rows.items() if r.activation == "int8 per-tensor static"}
     assert fell and kept and fell | kept == set(rows)
-    assert all("per-token dynamic activations: the static scale's error" in rows[p].reason for p in fell)
+    own = {p for p in fell if "per-token dynamic activations: the static scale's error" in rows[p].reason}
+    assert own and all(re.search(r"shares its input with \S+, which runs per-token", rows[p].reason) for p in fell - own)
+    # the linears of one input (q/k/v, gate/up) run one activation kind: one quantization, one GEMM
+    for group in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"):
+        for layer in ("model.layers.0", "model.layers.1"):
+            assert len({rows[f"{layer}.{name}"].activation for name in group}) == 1
     assert {p for p in fell if any(p in m for m in caplog.messages)} == fell
     assert _rel(mixed, ref) < _rel(plain, ref)
     # every layer falls back at ratio 1 (per-token is never worse than per-tensor on the samples

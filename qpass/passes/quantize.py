@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     """Rewrite every quantized linear to the reference quant/dequant form; returns how many."""
     if config.weight is None:
         return 0
-    done = 0
-    shared: dict[tuple, fx.Node] = {}  # one activation quantization per input and scale
+    plans: list[_Plan] = []
     for site in qg.linears():
         row = report.row(site.path)
         if config.skips(site.path):
@@ -65,8 +65,13 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             logger.warning("%s: %s", site.path, row.reason)
             continue
         stats = calibration.get(site.path) if calibration is not None else None
-        _quantize_site(qg, site, config, stats, calibration is not None, row, shared)
-        done += 1
+        plans.append(_plan_site(qg, site, config, stats, calibration is not None, row))
+    if config.dynamic_fallback is not None:
+        _per_token_together(qg, plans)
+    shared: dict[tuple, fx.Node] = {}  # one activation quantization per input and scale
+    for plan in plans:
+        _emit_site(qg, plan, config, shared)
+    done = len(plans)
     done += _experts(qg, config, calibration, report, shared)
     fell_back = qg.memo.pop("new_per_token_fallbacks", [])
     if fell_back:  # one warning for the cause, the numbers in each report row
@@ -168,7 +173,22 @@ def act_view(qg: QGraph, site: LinearSite, stats: ChannelStats | None):
     return stats.min / s, stats.max / s, stats.absmax / s, samples
 
 
-def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
+@dataclass
+class _Plan:
+    """What the quantize pass chose for one linear, before it rewrites the graph."""
+
+    site: LinearSite
+    row: object  # its report row
+    w: torch.Tensor  # (N, K) fp32 weight, smoothed
+    view: tuple | None  # act_view
+    granularity: object
+    aspec: QuantSpec | None  # the activation spec it runs
+    outliers: torch.Tensor | None
+    keep_mask: torch.Tensor | None
+    qw: qmath.QuantizedWeight
+
+
+def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibrated: bool, row) -> _Plan:
     """``stats`` is None for a layer without usable statistics; ``calibrated`` says whether the
     backend has a calibration at all (without one, static scales are a configuration error; with
     one, such a layer falls back to what needs no statistics, and ``qpass.checks`` said why)."""
@@ -208,7 +228,40 @@ def _quantize_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, cal
             if qg.memo[key] is not aspec:
                 qg.memo.setdefault("new_per_token_fallbacks", []).append(site.path)
         aspec = qg.memo[key]
+    return _Plan(site, row, w, view, granularity, aspec, outliers, keep_mask, qw)
 
+
+def _per_token_together(qg: QGraph, plans: list[_Plan]) -> None:
+    """Static activations chosen per-token for one linear (``dynamic_fallback``) go per-token for
+    every linear that reads the same input (q/k/v, gate/up): then the input is quantized once and
+    the group runs as one GEMM (``lower.FUSE_SHARED_INPUT``), and the others lose nothing (per-token
+    scales are at least as fine as the static one). Decided once per layer for every graph. Only
+    for the budget's own choices: a config's explicit ``dynamic_layers`` are kept as given."""
+    by_input: dict[fx.Node, list[_Plan]] = {}
+    for p in plans:
+        if p.aspec is not None and p.keep_mask is None:
+            by_input.setdefault(p.site.input, []).append(p)
+    for group in by_input.values():
+        per_token = [p for p in group if p.aspec.dynamic]
+        static = [p for p in group if not p.aspec.dynamic]
+        if not per_token or not static:
+            continue
+        for p in static:
+            key = ("per_token_with", p.site.path)
+            if key not in qg.memo:
+                why = f"per-token dynamic activations: shares its input with {per_token[0].site.path}, which runs per-token"
+                qg.memo[key] = per_token[0].aspec
+                _note(p.row, why)
+                p.row.per_token_fallback = True
+                qg.memo.setdefault("new_per_token_fallbacks", []).append(p.site.path)
+            p.aspec = qg.memo[key]
+
+
+def _emit_site(qg: QGraph, plan: _Plan, config: QuantConfig, shared: dict) -> None:
+    """Rewrite ``plan``'s linear to the reference quant/dequant form."""
+    site, row, w, view, granularity = plan.site, plan.row, plan.w, plan.view, plan.granularity
+    aspec, outliers, keep_mask, qw = plan.aspec, plan.outliers, plan.keep_mask, plan.qw
+    wspec = config.weight
     x = site.input
     dtype = _dtype(x)
     before = site.node
