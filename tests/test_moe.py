@@ -299,8 +299,24 @@ def test_outlier_split_on_experts_helps_and_lowers():
     torch._dynamo.reset()
     lowered, backend = _compile(model, config.replace(lower=True), calib, ids)
     assert _rel(lowered, out) <= 1e-4, _rel(lowered, out)
-    for p in _expert_params(model):
-        assert backend.report.rows[p].kernel == "onednn (per expert) + float outlier columns", backend.report.rows[p]
+    from qpass.passes import lower as lowering
+
+    for p in _expert_params(model):  # the grid: 8-bit with VNNI, split weights without (the default)
+        kernel = backend.report.rows[p].kernel
+        assert kernel in {lowering.experts_label(g) + lowering.SPLIT_NOTE for g in (None, lowering.GRID_SPLIT)}, kernel
+
+
+def test_outlier_split_on_bf16_experts():
+    """bf16 experts run ``torch._grouped_mm``, which wants rows of a multiple of 16 bytes: the outlier
+    part's width is padded (3 channels -> 8, zero weight columns); within the llm_int8 bound."""
+    model = tiny_model("qwen2_moe", layers=1).to(torch.bfloat16)
+    calib = qpass.calibrate(model, token_batches(2))
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.float()
+    out, backend = _compile(model, qpass.preset("llm_int8", lower=False), calib, ids)
+    assert out.dtype == torch.bfloat16 and 0 < _rel(out.float(), ref) <= BOUNDS["llm_int8"], _rel(out.float(), ref)
+    assert backend.report.rows["model.layers.0.mlp.experts.gate_up_proj"].activation.endswith(" + 3 fp32 outlier channels")
 
 
 def _compile_with_unsplit_experts(model, config, calib, ids):
