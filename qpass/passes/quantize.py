@@ -398,10 +398,12 @@ class ExpertOutliers:
         if self.shared:
             return f" + {self.width} fp32 outlier channels"
         lo, hi = int(self.counts.min()), int(self.counts.max())
-        return f" + {lo}-{hi} fp32 outlier channels per expert" if lo != hi else f" + {hi} fp32 outlier channels per expert"
+        counts = f"{lo}-{hi}" if lo != hi else f"{hi}"
+        return f" + {counts} fp32 outlier channels per expert"
 
 
-def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibrated: bool, row) -> ExpertOutliers | None:
+def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibrated: bool,
+                     row) -> ExpertOutliers | None:
     """The outlier channels of a grouped matmul, by the config's rule on the calibrated absmax after
     smoothing. ``gate_up``'s input is the normed hidden state, the same channels for every expert
     (only the tokens differ): one set from all routed tokens, as the dense linears reading that norm
@@ -483,11 +485,13 @@ def _add_outlier_part(qg: QGraph, site: ExpertsSite, x: fx.Node, w: torch.Tensor
     expert's channels) times that expert's float weight columns, over the same segments."""
     before = site.node
     if o.shared:
-        x_out = qg.call(torch.index_select, (x, -1, qg.constant(f"{site.path}.outlier_channels", o.channels[0])), before=before)
+        channels = qg.constant(f"{site.path}.outlier_channels", o.channels[0])
+        x_out = qg.call(torch.index_select, (x, -1, channels), before=before)
     else:
         channels = qg.constant(f"{site.path}.outlier_channels", o.channels)
         ids = qg.call(ops.expert_of_rows, (x, site.offsets), before=before)
-        x_out = qg.call(torch.gather, (x, 1, qg.call(torch.index_select, (channels, 0, ids), before=before)), before=before)
+        per_row = qg.call(torch.index_select, (channels, 0, ids), before=before)
+        x_out = qg.call(torch.gather, (x, 1, per_row), before=before)
     w_out = qg.constant(f"{site.path}.outlier_weight", outlier_weight(w, o).to(wdtype))
     w_arg = qg.call(torch.transpose, (w_out, -2, -1), before=before)
     y_out = qg.call(site.node.target, (x_out, w_arg, *site.node.args[2:]), dict(site.node.kwargs), before=before)
