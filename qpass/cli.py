@@ -489,6 +489,7 @@ def _read_report(directory: Path):
         for row in data["rows"]:
             kw = {k: v for k, v in row.items() if k in known}
             kw["kernels"] = tuple(kw.get("kernels") or ())
+            kw["expert_alphas"] = tuple(kw.get("expert_alphas") or ())
             if kw.get("outlier_ratio") is not None:
                 kw["outlier_ratio"] = tuple(kw["outlier_ratio"])
             report.rows[kw["path"]] = LayerRow(**kw)

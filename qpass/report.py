@@ -13,7 +13,8 @@ class LayerRow:
     path: str
     smoothing: str = ""  # pattern kind that smoothed it, or "none"
     absorber: str = ""  # the op that took 1/s
-    alpha: float | None = None
+    alpha: float | None = None  # a fold per expert: the median of ``expert_alphas``
+    expert_alphas: tuple[float, ...] = ()  # a fold per expert (fused experts): each expert's alpha
     outlier_ratio: tuple[float, float] | None = None  # act absmax max/median, before and after smoothing
     reason: str = ""  # why it was not smoothed / quantized / lowered as asked
     weight: str = ""  # weight quantization actually used (AdaDim shows its choice)
@@ -79,6 +80,8 @@ class Report:
         for r in self.rows.values():
             ratio = f"{r.outlier_ratio[0]:.0f} -> {r.outlier_ratio[1]:.0f}" if r.outlier_ratio else ""
             alpha = f"{r.alpha:.2f}" if r.alpha is not None else ""
+            if len(set(r.expert_alphas)) > 1:
+                alpha = f"{min(r.expert_alphas):.2f}-{max(r.expert_alphas):.2f} per expert"
             note = "; ".join(n for n in (f"calibration unusable: {r.calibration}" if r.calibration else "", r.reason) if n)
             lines.append((r.path, r.smoothing, r.absorber, alpha, ratio, r.weight, r.activation,
                           ", ".join(r.kernels) or r.kernel, note))

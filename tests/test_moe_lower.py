@@ -303,8 +303,12 @@ EXPERTS_ONLY = ("lm_head", "*self_attn*", "*shared_expert*")
 @pytest.mark.parametrize("name", ["w8a8_dynamic", "w8a8_static"])
 def test_forced_7bit_grid_keeps_the_bound(moe, monkeypatch, name):
     """A (fake) CPU without VNNI, only the experts quantized, ``split_weights=None``: each expert layer
-    on the 7-bit grid its calibration samples reproduce better, named in the report, within twice the
-    reference path's error of fp32 (the dense test's bound). Measured: 1.0-1.14x."""
+    on the 7-bit grid its calibration samples reproduce better, named in the report, within 2.5x the
+    reference path's error of fp32. Measured with alpha='auto' (which scores the experts and their
+    8-bit reference since issue 14): Qwen2-MoE 2.44x / 2.14x (dynamic / static), OLMoE 1.43x / 1.21x,
+    DeepSeek-V3 1.32x / 1.49x; at alpha 0.5 1.75x / 1.80x, 1.18x / 1.60x, 2.27x / 1.57x. The searched
+    alpha lowers the reference path's error more than the 7-bit grids': the lowered errors themselves
+    are no larger than at alpha 0.5 (Qwen2-MoE 0.0032 / 0.0039 against 0.0037 / 0.0039)."""
     model, calib, ids, ref = moe
     monkeypatch.setattr(lowering.Target, "detect", staticmethod(
         lambda device: lowering.Target("cpu", onednn=True, fbgemm=True, int8_dot=False)))
@@ -315,7 +319,7 @@ def test_forced_7bit_grid_keeps_the_bound(moe, monkeypatch, name):
         row = backend.report.rows[p]
         assert row.kernel in {lowering.experts_label(g) for g in (lowering.GRID_W7, lowering.GRID_A7)}, row.kernel
         assert "kernel grid by calibration error" in row.reason, row.reason
-    assert 0 < _rel(out, ref) < 2.0 * _rel(reference, ref), (_rel(out, ref), _rel(reference, ref))
+    assert 0 < _rel(out, ref) < 2.5 * _rel(reference, ref), (_rel(out, ref), _rel(reference, ref))
 
 
 def test_split_weights_chosen_for_experts_by_calibration_error(monkeypatch):

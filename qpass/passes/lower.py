@@ -930,6 +930,8 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
     On ``GRID_SPLIT`` (``split_weights``) each packed weight is its expert's ``[hi | lo]`` (N, 2K) and
     the uint8 rows are repeated, ``cat([x_u8, x_u8], -1)``, as for dense linears. Where the dense
     linears run ``_int_mm`` (``_choose_experts``), the experts do too: ``_emit_experts_int_mm``.
+    An outlier split lowers its int8 grouped matmul; the outlier columns' float grouped matmul and
+    the add stay.
     """
     reference = []
     for node, path in list(qg.quantized_experts.items()):
@@ -947,7 +949,8 @@ def _lower_experts(qg: QGraph, config: QuantConfig, calibration: Calibration | N
         qg.graph.erase_node(node)
         del qg.quantized_experts[node]
         grid, why = emit.grids.get(path, (None, ""))
-        row.add_kernel(experts_label(grid, kernel))
+        split = ("expert_outliers", path) in qg.memo  # the outlier columns' float grouped matmul and the add stay
+        row.add_kernel(experts_label(grid, kernel) + (SPLIT_NOTE if split else ""))
         if why and why not in row.reason.split("; "):
             row.reason = f"{row.reason}; {why}" if row.reason else why
     if reference and not qg.memo.get("experts_reference_warned"):
@@ -975,6 +978,7 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
         grids = grids + (GRID_8BIT,)
     s = e.qg.smoothing.get(q.node)
     static = None if q.act.dynamic else _static_expert_scales(e.qg, q)[0]
+    split = e.qg.memo.get(("expert_outliers", q.path))  # an outlier split: the int8 part sees the inliers
     errors, total = [0.0] * len(grids), 0
     for ex in range(q.experts):
         rows = stats.sample_experts == ex
@@ -984,6 +988,8 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
         x = stats.samples[rows].float()
         if s is not None:
             x = x / (s[ex] if s.dim() == 2 else s)
+        if split is not None:
+            x = x * split.keep[ex]
         for i, g in enumerate(grids):
             errors[i] += n * grid_error(x, w_q[ex], w_s[ex], g, per_token=q.act.per_token, symmetric=q.act.symmetric,
                                         static_scale=None if static is None else float(static[ex]))

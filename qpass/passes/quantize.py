@@ -19,6 +19,10 @@ GPT-2's ``addmm(b, x, W)`` becomes ``linear(x, W.T, b)`` on the way. With
 
     y = linear(qdq(x * const(mask)), dq(W_q without outlier columns), b)
         + linear(index_select(x, -1, const(outliers)), const(W[:, outliers]))
+
+Fused experts split the same way over the expert segments (``_expert_outliers``)::
+
+    y = grouped_mm(qdq(x * mask), dq(W_q).mT, offs) + grouped_mm(x[:, outliers], const(W_out).mT, offs)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import fx
 from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
 from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerToken, QuantConfig, QuantSpec
-from qpass.graph import ExpertsSite, LinearSite, QGraph, storage_mark
+from qpass.graph import ExpertsSite, LinearSite, QGraph, is_grouped_mm, storage_mark
 from qpass.passes.smooth import fp32_value
 from qpass.report import Report
 
@@ -346,9 +350,9 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
     Weights: each expert's (N, K) matrix at the config's granularity (AdaDim: per output channel).
     Activations: dynamic as the config says (each row is one token routed to one expert); static
     per-tensor scales per expert, from the calibrated tokens routed to it, each row taking its
-    expert's scale (``ops.expert_of_rows`` reads the expert segments from ``offs``). No outlier split
-    (``QuantConfig.outliers``): every channel is quantized, noted in each row, one warning per backend."""
-    done, unsplit = 0, []
+    expert's scale (``ops.expert_of_rows`` reads the expert segments from ``offs``). With
+    ``QuantConfig.outliers``, the outlier input channels bypass quantization (``_expert_outliers``)."""
+    done = 0
     for site in qg.experts():
         row = report.row(site.path)
         if config.skips(site.path):
@@ -356,19 +360,8 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             continue
         stats = calibration.get(site.path) if calibration is not None else None
         _quantize_experts(qg, site, config, stats, calibration is not None, row, shared)
-        if config.outliers is not None:
-            unsplit.append(site.path)
         done += 1
-    if unsplit and not qg.memo.get("experts_outliers_warned"):  # once per backend, not per graph or layer
-        qg.memo["experts_outliers_warned"] = True
-        logger.warning("qpass quantize: %d fused expert weights quantized without the outlier split (%s): %s",
-                       len(unsplit), NO_EXPERT_OUTLIERS, ", ".join(unsplit))
     return done
-
-
-#: Why fused experts take no outlier split (``QuantConfig.outliers``, the llm_int8 preset).
-NO_EXPERT_OUTLIERS = ("LLM.int8()'s fp32 outlier columns are not implemented for grouped matmuls, so "
-                      "every input channel, outliers included, goes through the int8 activations")
 
 
 def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
@@ -380,25 +373,29 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         granularity = qmath.adadim_candidates(granularity)[1]
         _note(row, f"adadim: {qmath.describe(granularity)} for fused experts (no per-expert search)")
     _check_groups(site.path, granularity, w.shape[1], k)
-    if config.outliers is not None:
-        _note(row, f"no outlier split: {NO_EXPERT_OUTLIERS}")
-    qws = _stored_experts(qg, site.path, w, wspec, granularity) or [
-        qmath.quantize_weight(w[e], wspec, granularity) for e in range(experts)]
+    s = qg.smoothing.get(site.node)
+    outliers = _expert_outliers(qg, site, config, stats, s, calibrated, row)
+    keep = None if outliers is None else outliers.keep
+    w_main = w if keep is None else w * keep[:, None, :]
+    qws = (None if keep is not None else _stored_experts(qg, site.path, w, wspec, granularity)) or [
+        qmath.quantize_weight(w_main[e], wspec, granularity) for e in range(experts)]
     q = torch.stack([qw.q for qw in qws])
     scale = torch.stack([qw.scale for qw in qws])
     zero_point = None if qws[0].zero_point is None else torch.stack([qw.zero_point for qw in qws])
 
-    s = qg.smoothing.get(site.node)
     view = None
     if stats is not None:
         s = torch.ones(k) if s is None else s
         view = (stats.min / s, stats.max / s, stats)
+        if keep is not None:  # the static scales cover what reaches the int8 grouped matmul: the inliers
+            view = (view[0] * keep, view[1] * keep, stats)
     aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row,
                              "per-expert statistics for static scales")
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)
         if key not in qg.memo:
-            qg.memo[key] = _experts_static_or_dynamic(aspec, config.dynamic_fallback, view, s, q, scale, zero_point, qws, row)
+            qg.memo[key] = _experts_static_or_dynamic(aspec, config.dynamic_fallback, view, s, q, scale, zero_point, qws, row,
+                                                      keep)
             if qg.memo[key] is not aspec:
                 qg.memo.setdefault("new_per_token_fallbacks", []).append(site.path)
         aspec = qg.memo[key]
@@ -411,18 +408,147 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
     wz = None if zero_point is None else qg.constant(f"{site.path}_zero_point", zero_point)
     w_dq = qg.call(ops.dequantize, (wq, ws, wz, qws[0].group_size, wdtype, *_group_dim(qws[0])), before=before)
     w_arg = qg.call(torch.transpose, (w_dq, -2, -1), before=before)
+    x_main = x if outliers is None else _inliers(qg, site, x, outliers, before, dtype)
     if aspec is None:
-        x_dq = x
+        x_dq = x_main
     elif aspec.dynamic:
-        x_dq = _fake_quant_act(qg, x, aspec, None, None, site, before, dtype, shared)
+        x_dq = _fake_quant_act(qg, x_main, aspec, None, None, site, before, dtype, shared)
     else:
-        x_dq = _static_per_expert(qg, site, x, aspec, view, before, dtype, row)
+        x_dq = _static_per_expert(qg, site, x_main, aspec, view, before, dtype, row)
     site.node.update_arg(0, x_dq)
     site.node.update_arg(1, w_arg)
     qg.quantized_experts[site.node] = site.path
+    if outliers is not None:
+        _add_outlier_part(qg, site, x, w, outliers, wdtype)
+        qg.memo[("expert_outliers", site.path)] = outliers  # for the lowering: its grid and its label
 
     row.weight = f"{wspec.dtype} {qmath.describe(granularity)} per expert{qmath.asym_label(wspec)}"
     row.activation = "fp32" if aspec is None else _describe_act(aspec) + ("" if aspec.dynamic else " per expert")
+    if outliers is not None:
+        row.activation += outliers.describe()
+        row.outlier_channels = outliers.width
+
+
+@dataclass
+class ExpertOutliers:
+    """An outlier split of fused experts (``QuantConfig.outliers``): per expert, the input channels
+    that bypass quantization. ``channels`` is padded to one width for all experts, a multiple of 8
+    (``torch._grouped_mm`` wants rows of a multiple of 16 bytes), with weight columns of zero, so
+    one float grouped matmul over the same segments computes every expert's outlier part."""
+
+    keep: torch.Tensor  # (E, K) bool: the inlier channels of each expert
+    channels: torch.Tensor  # (E, width) int64: each expert's outlier channels, padded
+    counts: torch.Tensor  # (E,) how many of each row of ``channels`` are real
+    shared: bool  # one set for every expert (an input every expert reads the same channels of)
+
+    @property
+    def width(self) -> int:
+        """The most outlier channels of one expert (the padding not counted)."""
+        return int(self.counts.max())
+
+    def describe(self) -> str:
+        if self.shared:
+            return f" + {self.width} fp32 outlier channels"
+        lo, hi = int(self.counts.min()), int(self.counts.max())
+        counts = f"{lo}-{hi}" if lo != hi else f"{hi}"
+        return f" + {counts} fp32 outlier channels per expert"
+
+
+def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibrated: bool,
+                     row) -> ExpertOutliers | None:
+    """The outlier channels of a grouped matmul, by the config's rule on the calibrated absmax after
+    smoothing. ``gate_up``'s input is the normed hidden state, the same channels for every expert
+    (only the tokens differ): one set from all routed tokens, as the dense linears reading that norm
+    get, so an expert with few calibration tokens does not miss a channel its later tokens will
+    have. ``down``'s input is each expert's own ``act(gate) * up`` (its channels mean something else
+    in every expert): a set per expert from the tokens routed to it; an expert no calibration token
+    reached takes the rule over all experts' absmax. Which one: whether the input is computed from
+    another grouped matmul over the same expert segments (``_reads_expert_output``)."""
+    if config.outliers is None:
+        return None
+    if stats is None:
+        if not calibrated:
+            raise ValueError(f"{site.path}: OutlierSplit needs calibration statistics (pass calibration=qpass.calibrate(...))")
+        _note(row, "no outlier split: no usable statistics to find the outlier channels")
+        return None
+    experts, k = stats.absmax.shape
+    absmax = stats.absmax / (torch.ones(k) if s is None else s)
+    over_all = absmax.amax(0)
+    shared = not _reads_expert_output(site)
+    if shared:
+        sets = [_outlier_channels(config, (None, None, over_all))] * experts
+    else:
+        seen = stats.expert_tokens > 0
+        sets = [_outlier_channels(config, (None, None, absmax[e] if seen[e] else over_all)) for e in range(experts)]
+    sets = [torch.zeros(0, dtype=torch.long) if idx is None else idx for idx in sets]
+    counts = torch.tensor([idx.numel() for idx in sets])
+    width = int(counts.max())
+    if width == 0:
+        _note(row, "no outlier split: no input channel passes the outlier rule")
+        return None
+    keep = torch.ones(experts, k, dtype=torch.bool)
+    channels = torch.zeros(experts, -(-width // 8) * 8, dtype=torch.long)
+    for e, idx in enumerate(sets):
+        keep[e, idx] = False
+        channels[e, : idx.numel()] = idx
+    return ExpertOutliers(keep, channels, counts, shared)
+
+
+def _reads_expert_output(site: ExpertsSite, depth: int = 6) -> bool:
+    """Whether the grouped matmul's input is computed (within ``depth`` ops) from another grouped
+    matmul over the same expert segments (``down`` reading ``act(gate) * up``), rather than
+    gathered from a value every expert shares (``gate_up`` reading the normed hidden state)."""
+    frontier, seen = [site.input], set()
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            if is_grouped_mm(node) and node is not site.node:
+                offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+                if offs is site.offsets:
+                    return True
+            nxt += node.all_input_nodes
+        frontier = nxt
+    return False
+
+
+def _inliers(qg: QGraph, site: ExpertsSite, x: fx.Node, o: ExpertOutliers, before: fx.Node, dtype) -> fx.Node:
+    """``x`` with each row's outlier channels zeroed: ``x * mask`` (one set), or each row times its
+    expert's mask, ``x * mask[expert_of_rows(x, offs)]``."""
+    if o.shared:
+        return qg.call(torch.mul, (x, qg.constant(f"{site.path}.inlier_mask", o.keep[0].to(dtype))), before=before)
+    mask = qg.constant(f"{site.path}.inlier_mask", o.keep.to(dtype))
+    ids = qg.call(ops.expert_of_rows, (x, site.offsets), before=before)
+    return qg.call(torch.mul, (x, qg.call(torch.index_select, (mask, 0, ids), before=before)), before=before)
+
+
+def outlier_weight(w: torch.Tensor, o: ExpertOutliers) -> torch.Tensor:
+    """(E, N, width): each expert's fp32 weight columns at its outlier channels, zero at the padding."""
+    real = torch.arange(o.channels.shape[1])[None, :] < o.counts[:, None]  # (E, padded width)
+    cols = torch.stack([w[e][:, o.channels[e]] for e in range(w.shape[0])])
+    return cols * real[:, None, :]
+
+
+def _add_outlier_part(qg: QGraph, site: ExpertsSite, x: fx.Node, w: torch.Tensor, o: ExpertOutliers, wdtype) -> None:
+    """``y = grouped_mm(int8 part) + grouped_mm(x_out, W_out.transpose(-2, -1), offs)``: the outlier
+    channels of each row (``index_select`` for one set; per expert, ``gather`` of each row's
+    expert's channels) times that expert's float weight columns, over the same segments."""
+    before = site.node
+    if o.shared:
+        channels = qg.constant(f"{site.path}.outlier_channels", o.channels[0])
+        x_out = qg.call(torch.index_select, (x, -1, channels), before=before)
+    else:
+        channels = qg.constant(f"{site.path}.outlier_channels", o.channels)
+        ids = qg.call(ops.expert_of_rows, (x, site.offsets), before=before)
+        per_row = qg.call(torch.index_select, (channels, 0, ids), before=before)
+        x_out = qg.call(torch.gather, (x, 1, per_row), before=before)
+    w_out = qg.constant(f"{site.path}.outlier_weight", outlier_weight(w, o).to(wdtype))
+    w_arg = qg.call(torch.transpose, (w_out, -2, -1), before=before)
+    y_out = qg.call(site.node.target, (x_out, w_arg, *site.node.args[2:]), dict(site.node.kwargs), before=before)
+    y = qg.call(torch.add, (site.node, y_out), before=site.node.next)
+    site.node.replace_all_uses_with(y, delete_user_cb=lambda user: user is not y)
 
 
 def _stored_experts(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity) -> list[qmath.QuantizedWeight] | None:
@@ -474,9 +600,10 @@ def _static_per_expert(qg, site: ExpertsSite, x, spec: QuantSpec, view, before, 
     return qg.call(ops.dequantize, (xq, scale, zp, 0, dtype), before=before)
 
 
-def _experts_static_or_dynamic(spec, factor, view, s, q, scale, zero_point, qws, row) -> QuantSpec:
+def _experts_static_or_dynamic(spec, factor, view, s, q, scale, zero_point, qws, row, keep=None) -> QuantSpec:
     """``_static_or_dynamic`` for fused experts: one choice for the layer, from the errors of every
-    expert's static scale on its own sampled tokens (summed over experts) against per-token's."""
+    expert's static scale on its own sampled tokens (summed over experts) against per-token's
+    (``keep`` (E, K): an outlier split's inlier channels, all that the int8 activations see)."""
     lo, hi, stats = view
     if stats.samples is None or stats.sample_experts is None:
         return spec
@@ -488,7 +615,10 @@ def _experts_static_or_dynamic(spec, factor, view, s, q, scale, zero_point, qws,
             continue
         s_e = s[e] if s.dim() == 2 else s
         w_dq = qws[e].dequantize()
-        choice = qmath.static_or_per_token(stats.samples[rows] / s_e, w_dq, spec, lo[e], hi[e], factor)
+        x_e = stats.samples[rows] / s_e
+        if keep is not None:
+            x_e = x_e * keep[e]
+        choice = qmath.static_or_per_token(x_e, w_dq, spec, lo[e], hi[e], factor)
         n = int(rows.sum())
         static_err += choice.static_error * n
         dynamic_err += choice.dynamic_error * n

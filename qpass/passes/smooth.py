@@ -33,7 +33,7 @@ from torch import fx
 
 from qpass.calibration import Calibration
 from qpass import qmath
-from qpass.config import AdaDim, QuantConfig
+from qpass.config import AdaDim, PerToken, QuantConfig
 from qpass.graph import ExpertsSite, LinearSite, QGraph
 from qpass.report import Match, Report
 
@@ -290,15 +290,18 @@ def _group_scales(
 
 
 def _expert_scales(consumers: list[Consumer], weights: list[torch.Tensor], experts: int, channels: int,
-                   alpha: float, pow2: bool = False) -> torch.Tensor:
+                   alpha: float | torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """(E, channels): ``_group_scales`` for each expert, from the tokens routed to it and its own
-    weights. An expert no calibration token reached keeps s = 1."""
+    weights, at one ``alpha`` or at an alpha per expert ((E,)). An expert no calibration token
+    reached keeps s = 1."""
     a = torch.zeros(experts, channels)
     w = torch.zeros(experts, channels)
     for c, weight in zip(consumers, weights):
         idx = c.walk.index.expand(experts, -1)
         a.scatter_reduce_(1, idx, c.expert_absmax.float(), "amax")
         w.scatter_reduce_(1, idx, weight_absmax(c.site, weight, per_expert=True), "amax")
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.double()[:, None].expand(experts, channels).flatten()
     s = smoothing_scales(a.flatten(), w.flatten(), alpha).view(experts, channels)
     return torch.exp2(torch.round(torch.log2(s))) if pow2 else s
 
@@ -314,13 +317,15 @@ def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, r
     channels = consumers[0].walk.probes[producer].shape[-1]
     weights = [edits.weight(c.site) for c in consumers]
     pow2 = _pow2_scales(qg, config, consumers, producer)
-    alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
     note = ""
-    if learned is not None:
-        s, note = learned
-    elif absorber.experts is not None:
+    if absorber.experts is not None and learned is None:  # a fold per expert: an alpha per expert
+        alpha = _expert_alphas(qg, config, calibration, consumers, weights, absorber.experts, channels, pow2)
         s = _expert_scales(consumers, weights, absorber.experts, channels, alpha, pow2)
     else:
+        alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
+    if learned is not None:
+        s, note = learned
+    elif absorber.experts is None:
         s = _group_scales(qg, consumers, weights, channels, alpha, pow2)
     absorber.fold(edits, s)
     for c, w in zip(consumers, weights):
@@ -397,6 +402,11 @@ def _pow2_scales(qg: QGraph, config: QuantConfig, consumers: list[Consumer], pro
 
 
 def _record(row, kind, absorber, alpha, act_absmax, s, reason) -> None:
+    """``alpha``: a float, or (E,) for a fold per expert (the row's ``alpha`` is then their median,
+    ``expert_alphas`` each expert's)."""
+    if isinstance(alpha, torch.Tensor):
+        row.expert_alphas = tuple(round(float(a), 4) for a in alpha)
+        alpha = float(alpha.median())
     row.smoothing, row.absorber, row.alpha, row.reason = kind, absorber, alpha, reason
     row.outlier_ratio = (_outlier_ratio(act_absmax), _outlier_ratio(act_absmax / s))
 
@@ -412,30 +422,155 @@ def _alpha(qg, config, calibration, consumers, weights, channels, pow2: bool = F
 
 def _search_alpha(qg, config, calibration, consumers, weights, channels, pow2: bool = False) -> float:
     """The configured alpha, or for ``"auto"`` the grid value whose quantized layer
-    outputs are closest to fp32 on the calibration samples of this group (the sum over
-    its consumers of the per-token relative error, ``_smoothed_error``)."""
+    outputs are closest to fp32 on the calibration samples of this group: the sum over its
+    consumers of the per-token relative error (``_smoothed_error``); a grouped matmul over fused
+    experts counts as one consumer, each expert scored on the samples routed to it and the errors
+    averaged over its sampled rows (``_expert_errors``). Routers stay fp32 and are not scored."""
     alpha = config.smoothing.alpha
     if alpha not in ("auto", "learned"):  # learned factors start from the auto-alpha ones
         return float(alpha)
     if config.weight is None and config.activation is None:
         return 0.5  # nothing is quantized: any alpha keeps the function; take the usual one
-    # the error is measured on the quantized linears; routers stay fp32 and fused experts are
-    # scored by their linears' neighbours (their samples are per expert)
-    scored = [(c, w) for c, w in zip(consumers, weights) if not c.router and isinstance(c.site, LinearSite)]
-    if not scored:
+    problems = _problems(consumers, weights, calibration)
+    if not problems:
         return 0.5
-    stats = [calibration[c.site.path] for c, _ in scored]
-    if any(st.samples is None for st in stats):
-        logger.warning("%s: no calibration samples for alpha='auto'; using 0.5", consumers[0].site.path)
-        return 0.5
-    problems = [_SmoothingProblem(c, w, st) for (c, w), st in zip(scored, stats)]
     best, best_err = 0.5, float("inf")
     for a in config.smoothing.alpha_grid:
         s = _group_scales(qg, consumers, weights, channels, a, pow2)
-        err = sum(_smoothed_error(config, p, s) for p in problems)
+        err = 0.0
+        for p in problems:
+            if isinstance(p, _ExpertsProblem):
+                err += float(_decided(config, _expert_errors(config, p, s)).sum()) / p.rows
+            else:
+                err += _smoothed_error(config, p, s)
         if err < best_err:
             best, best_err = a, err
     return best
+
+
+def _problems(consumers, weights, calibration) -> list:
+    """The scored consumers' calibration problems (linears and fused experts, not routers); empty
+    (with a warning) where one of them has no calibration samples."""
+    scored = [(c, w) for c, w in zip(consumers, weights) if not c.router]
+    stats = [calibration[c.site.path] for c, _ in scored]
+    if any(st.samples is None or (isinstance(c.site, ExpertsSite) and st.sample_experts is None)
+           for (c, _), st in zip(scored, stats)):
+        logger.warning("%s: no calibration samples for alpha='auto'; using 0.5", consumers[0].site.path)
+        return []
+    return [(_ExpertsProblem if isinstance(c.site, ExpertsSite) else _SmoothingProblem)(c, w, st)
+            for (c, w), st in zip(scored, stats)]
+
+
+def _expert_alphas(qg, config, calibration, consumers, weights, experts: int, channels: int,
+                   pow2: bool = False) -> torch.Tensor:
+    """(E,): the alpha of each expert in a fold per expert (up rows / down columns of that expert).
+    For ``"auto"``, each expert takes the grid value with the smallest quantized output error on
+    its own routed samples (an expert's factors change only its own products, so the per-expert
+    choices minimise the layer's summed error). An expert without samples takes the alpha best
+    for all experts together (its factors are 1 where no token reached it). With static
+    activations and ``dynamic_fallback`` the quantize pass decides static or per-token once for the
+    layer: each expert's best alpha is taken for both modes, and the pair with the smaller error
+    under its own decision wins. Once per fold for every graph (``QGraph.memo``)."""
+    key = ("expert_alphas", tuple(c.site.path for c in consumers), pow2)
+    if key in qg.memo:
+        return qg.memo[key]
+    alpha = config.smoothing.alpha
+    problems = []
+    if alpha in ("auto", "learned") and (config.weight is not None or config.activation is not None):
+        problems = _problems(consumers, weights, calibration)
+    if alpha not in ("auto", "learned") or not problems:
+        qg.memo[key] = torch.full((experts,), float(alpha) if alpha not in ("auto", "learned") else 0.5)
+        return qg.memo[key]
+    grid = torch.tensor(config.smoothing.alpha_grid, dtype=torch.float64)
+    # (grid, modes, E): per-expert errors at each alpha, summed over the fold's grouped matmuls
+    errors = torch.stack([
+        sum(_expert_errors(config, p, _expert_scales(consumers, weights, experts, channels, float(a), pow2))
+            for p in problems)
+        for a in grid
+    ])
+    sampled = torch.stack([p.sampled for p in problems]).any(0)
+    candidates = []
+    for mode in range(min(errors.shape[1], 2)):  # static, and per-token where the layer may fall back
+        pick = errors[:, mode].argmin(0)
+        pick = torch.where(sampled, pick, errors[:, mode].sum(1).argmin())
+        chosen = errors.gather(0, pick[None, None, :].expand(1, errors.shape[1], -1))[0]
+        candidates.append((float(_decided(config, chosen).sum()), pick))
+    qg.memo[key] = grid[min(candidates, key=lambda c: c[0])[1]].float()
+    return qg.memo[key]
+
+
+class _ExpertsProblem:
+    """A grouped matmul's calibration samples split by the expert they were routed to: per expert
+    with samples, its rows, its fp32 weight (N, K) and its fp32 output."""
+
+    def __init__(self, c: Consumer, w: torch.Tensor, stats):
+        self.consumer, self.stats = c, stats
+        experts = w.shape[0]
+        self.parts = []
+        self.sampled = torch.zeros(experts, dtype=torch.bool)
+        for e in range(experts):
+            rows = stats.sample_experts == e
+            if not bool(rows.any()):
+                continue
+            x = stats.samples[rows].float()
+            w_e = w[e].t().float()  # the weight argument is (E, K, N)
+            ref = x @ w_e.T
+            self.parts.append((e, x, w_e, ref, ref.pow(2).sum(dim=1).clamp(min=1e-30)))
+            self.sampled[e] = True
+        self.experts = experts
+        self.rows = max(1, sum(part[1].shape[0] for part in self.parts))
+
+
+def _expert_errors(config, p: _ExpertsProblem, s: torch.Tensor) -> torch.Tensor:
+    """(modes, E): per expert, the per-token relative output errors (``_smoothed_error``'s) summed
+    over its sampled rows, quantized after smoothing by ``s`` ((K,), or (E, K) per expert) as the
+    quantize pass runs it (``quantize._quantize_experts``: each expert's weight at the config's
+    granularity, AdaDim per output channel; static activations at the expert's own calibrated
+    range). With static activations and ``dynamic_fallback``, 4 modes: the static run's error,
+    per-token dynamic's, and the activation-only errors of each (against the quantized weight's
+    output) that decide between them for the whole layer (``_decided``); otherwise 1."""
+    c, stats = p.consumer, p.stats
+    act, weight = config.activation, config.weight
+    fallback = act is not None and not act.dynamic and config.dynamic_fallback is not None
+    out = torch.zeros(4 if fallback else 1, p.experts, dtype=torch.float64)
+    sc = s[..., c.walk.index] if c.walk is not None else s
+    g = None
+    if weight is not None:
+        g = qmath.adadim_candidates(weight.granularity)[1] if isinstance(weight.granularity, AdaDim) else weight.granularity
+    for e, x, w_e, ref, energy in p.parts:
+        s_e = sc[e] if sc.dim() == 2 else sc
+        x, w = x / s_e, w_e * s_e
+        if weight is not None:
+            w = qmath.fake_quant_weight(w, weight, g)
+
+        def err(y, ref=ref, energy=energy):
+            return float(((y - ref).pow(2).sum(dim=1) / energy).sum())
+
+        if act is None:
+            out[0, e] = err(x @ w.T)
+            continue
+        if act.dynamic:
+            out[0, e] = err(qmath.fake_quant_act(x, act) @ w.T)
+            continue
+        y_static = qmath.fake_quant_act(x, act, *qmath.static_act_qparams(stats.min[e] / s_e, stats.max[e] / s_e, act)) @ w.T
+        out[0, e] = err(y_static)
+        if fallback:
+            y_dynamic = qmath.fake_quant_act(x, replace(act, granularity=PerToken(), dynamic=True)) @ w.T
+            out[1, e] = err(y_dynamic)
+            act_ref = x @ w.T
+            n = x.shape[0]
+            out[2, e] = qmath.token_error(y_static, act_ref) * n
+            out[3, e] = qmath.token_error(y_dynamic, act_ref) * n
+    return out
+
+
+def _decided(config, errors: torch.Tensor) -> torch.Tensor:
+    """(E,): the per-expert errors of the mode the quantize pass runs: static unless its activation
+    error over all experts' samples is over ``dynamic_fallback`` times per-token's
+    (``quantize._experts_static_or_dynamic``)."""
+    if errors.shape[0] == 1:
+        return errors[0]
+    return errors[0] if float(errors[2].sum()) <= config.dynamic_fallback * float(errors[3].sum()) else errors[1]
 
 
 class _SmoothingProblem:
