@@ -193,7 +193,7 @@ def moe(request):
     with torch.no_grad():
         fp32 = model(ids, use_cache=False).logits
     reference = {name: _logits(model, qpass.preset(name, lower=False), calib, ids)[0]
-                 for name in ("w8a8_dynamic", "w8a8_static")}
+                 for name in ("w8a8_dynamic", "w8a8_static", "llm_int8")}
     return model, calib, ids, fp32, reference
 
 
@@ -215,6 +215,19 @@ def test_lowered_moe_equals_reference_path(moe, monkeypatch, name, target):
         assert backend.report.rows[p].kernel == lowering.experts_label(None, KERNEL[target]), backend.report.rows[p].kernel
     assert not any(t.is_mkldnn for gm in backend.graphs for t in gm.buffers())
     ref = reference[name]
+    assert _rel(out, ref) < min(2e-3, 0.2 * _rel(ref, fp32)), (_rel(out, ref), _rel(ref, fp32))
+
+
+@exact
+def test_outlier_split_experts_on_int_mm(moe):
+    """``llm_int8``: the experts' int8 inlier part on ``_int_mm`` per expert, the outlier columns'
+    float grouped matmul added, equal to the reference path as above (measured 2.0e-7 to 2.3e-7)."""
+    model, calib, ids, fp32, reference = moe
+    out, backend = _logits(model, qpass.preset("llm_int8"), calib, ids)
+    experts = [p for p, w in model.named_parameters() if w.dim() == 3]
+    for p in experts:
+        assert backend.report.rows[p].kernel == lowering.experts_label(None, "cpu_int_mm") + lowering.SPLIT_NOTE
+    ref = reference["llm_int8"]
     assert _rel(out, ref) < min(2e-3, 0.2 * _rel(ref, fp32)), (_rel(out, ref), _rel(ref, fp32))
 
 
