@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import tempfile
 from dataclasses import dataclass
@@ -137,6 +138,14 @@ def save(
             if path in linears and not linears[path].per_token:
                 linears[path].tensors.setdefault("input_scale", scale.clone())
 
+    two_d = sorted({p for gm in backend.graphs for p in _per_token_two_d(gm) if p in linears})
+    if two_d:
+        logger.warning(
+            "qpass.save: %d linears take 2-D (tokens, hidden) inputs with per-token activation scales: %s. "
+            "The checkpoint says per token, as vLLM and qpass.load run it; transformers' compressed-tensors "
+            "runtime (its \"token\" strategy keeps dims 0 and 1 of the input) computes one scale over a whole "
+            "2-D input there, i.e. per tensor", len(two_d), ", ".join(two_d))
+
     for param, tensors in experts.items():
         state.pop(param)
         linears.update(_per_expert(layouts[param], tensors, expert_rows[param]))
@@ -198,23 +207,40 @@ def save(
     return backend
 
 
-def _input_scales(gm) -> dict[str, torch.Tensor]:
-    """Module path -> the static scale of its input, read off the reference graph
-    (``linear(dequantize(quantize(x, scale)), dequantize(weight_q, ...))``)."""
+def _quantized_linears(gm):
+    """``(module path, dequantized input node, its scale node)`` of each quantized linear of the
+    reference graph (``linear(dequantize(quantize(x, scale)), dequantize(weight_q, ...))``)."""
     from qpass import ops
 
-    out = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or len(node.args) < 2:
             continue
         x, w = node.args[0], node.args[1]
         if not all(isinstance(n, torch.fx.Node) and n.target is ops.dequantize for n in (x, w)):
             continue
-        wq, scale = w.args[0], x.args[1]
-        if wq.op == "get_attr" and isinstance(scale, torch.fx.Node) and scale.op == "get_attr":
-            name = gm.qpass_names.get(wq.target, "")
-            if name.endswith(".weight_q"):
-                out[name[: -len(".weight_q")]] = getattr(gm, scale.target).detach().cpu()
+        wq = w.args[0]
+        name = gm.qpass_names.get(wq.target, "") if wq.op == "get_attr" else ""
+        if name.endswith(".weight_q"):
+            yield name[: -len(".weight_q")], x, x.args[1]
+
+
+def _input_scales(gm) -> dict[str, torch.Tensor]:
+    """Module path -> the static scale of its input, read off the reference graph."""
+    return {path: getattr(gm, scale.target).detach().cpu() for path, _, scale in _quantized_linears(gm)
+            if isinstance(scale, torch.fx.Node) and scale.op == "get_attr"}
+
+
+def _per_token_two_d(gm) -> list[str]:
+    """Module paths whose per-token dynamic activations come from a 2-D ``(tokens, hidden)`` input."""
+    from qpass import ops
+
+    out = []
+    for path, x, scale in _quantized_linears(gm):
+        choose = scale.args[0] if isinstance(scale, torch.fx.Node) and scale.target is operator.getitem else None
+        val = x.meta.get("val")
+        if (choose is not None and choose.target is ops.choose_qparams and choose.args[1] is True
+                and val is not None and val.dim() == 2):
+            out.append(path)
     return out
 
 

@@ -37,16 +37,18 @@ def llama():
 
 
 @pytest.mark.parametrize("name", list(AGREEMENT))
-def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path):
+def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path, caplog):
     import transformers
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors import safe_open
 
     model, calib = llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qpass.save(model, CONFIGS[name], tmp_path, calibration=calib)
+    with caplog.at_level("WARNING", logger="qpass.save"):
+        qpass.save(model, CONFIGS[name], tmp_path, calibration=calib)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the user's model is untouched
+    assert not any("2-D" in r.getMessage() for r in caplog.records)  # Llama's linears take (batch, seq, hidden)
 
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     QuantizationConfig.model_validate(qc)  # the package parses what we wrote
@@ -71,7 +73,7 @@ def test_saved_checkpoint_loads_in_transformers(name, llama, tmp_path):
     assert _rel(theirs, ours) < AGREEMENT[name]
 
 
-def test_relu_mlp_fold_saves_and_loads(tmp_path):
+def test_relu_mlp_fold_saves_and_loads(tmp_path, caplog):
     """OPT's fc1 -> relu -> fc2 folds 1/s into fc1's rows (no multiply before fc2), so the format
     holds it: the reloaded checkpoint computes the logits qpass computed before saving. (Compared
     through ``qpass.load``: transformers' own loader quantizes OPT's fc1/fc2 inputs per tensor, not
@@ -81,8 +83,13 @@ def test_relu_mlp_fold_saves_and_loads(tmp_path):
     calib = qpass.calibrate(model, token_batches(2))
     ids = token_batches(1)[0]
     torch._dynamo.reset()
-    saved = qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
+    with caplog.at_level("WARNING", logger="qpass.save"):
+        saved = qpass.save(model, "w8a8_dynamic", tmp_path, calibration=calib)
     assert saved.report.rows["model.decoder.layers.0.fc2"].smoothing == "relu-act"
+    # OPT flattens to (tokens, hidden) before fc1 / fc2: the one warning names them and no other linear
+    [warning] = [r.getMessage() for r in caplog.records if "2-D" in r.getMessage()]
+    assert warning.startswith("qpass.save: 2 linears take 2-D (tokens, hidden) inputs with per-token activation "
+                              "scales: model.decoder.layers.0.fc1, model.decoder.layers.0.fc2. "), warning
     torch._dynamo.reset()
     backend = qpass.backend("w8a8_dynamic", calibration=calib, inductor=False)
     with torch.no_grad():
