@@ -99,9 +99,9 @@ class Probe:
 
     def _replace_linear(self, qg, q) -> torch.fx.Node:
         x_dq, w_dq = q.linear.args[0], q.linear.args[1]
-        if q.act.zero_point is not None or q.w_zero_point is not None or q.group_size:
-            raise RuntimeError(f"{q.path}: this probe handles symmetric, ungrouped linears only")
         if self.mode == "exact":
+            if q.act.zero_point is not None or q.w_zero_point is not None or q.group_size:
+                raise RuntimeError(f"{q.path}: the exact probe handles symmetric, ungrouped linears only")
             return qg.call(exact_linear, (q.act.x_q, q.act.scale, q.w_q, q.w_scale, q.bias), before=q.out)
         k = qg.value(q.w_q).shape[1]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + sum(map(ord, q.path)))
@@ -280,6 +280,38 @@ def layers_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(payload: dict, subsets=(4, 8, 16)) -> str:
+    """Markdown: each mode's perplexity change vs fp32 on the last 4 / 8 / all windows of each text
+    (the shorter sets are the ends of the longer ones, as ``realdata.eval_windows`` cuts them), and
+    the spread of the float-rounding variants (every mode is the same quantized model)."""
+    nll, per = payload["nll"], payload["tokens_per_window"]
+    modes = [m for m in nll if m not in ("fp32", "kernels")]
+    texts = list(nll["fp32"])
+    total = len(nll["fp32"][texts[0]])
+    subsets = sorted({n for n in subsets if n <= total} | {total})
+
+    def change(mode: str, text: str, n: int) -> float:
+        a, b = sum(nll[mode][text][-n:]), sum(nll["fp32"][text][-n:])
+        return 100 * (math.exp((a - b) / (n * per)) - 1)
+
+    cols = [(t, n) for n in subsets for t in texts]
+    lines = ["| mode | " + " | ".join(f"{t} {n}w" for t, n in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines.append("| fp32 perplexity | " + " | ".join(
+        f"{math.exp(sum(nll['fp32'][t][-n:]) / (n * per)):.2f}" for t, n in cols) + " |")
+    for m in modes:
+        lines.append(f"| {m} | " + " | ".join(f"{change(m, t, n):+.2f}%" for t, n in cols) + " |")
+    stats = []
+    for t, n in cols:
+        v = [change(m, t, n) for m in modes]
+        mean = sum(v) / len(v)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
+        stats.append((mean, sd, min(v), max(v)))
+    lines.append("| mean of all modes | " + " | ".join(f"{m:+.2f}%" for m, *_ in stats) + " |")
+    lines.append("| sd of all modes (points) | " + " | ".join(f"{sd:.2f}" for _, sd, *_ in stats) + " |")
+    lines.append("| min .. max | " + " | ".join(f"{lo:+.2f} .. {hi:+.2f}" for *_, lo, hi in stats) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     global PRESET
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,13 +320,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", nargs="+", default=["wiki", "news"], choices=["wiki", "news"])
     p.add_argument("--modes", nargs="*", default=[], help="reference, lowered, exact, perm:S, ulp:S")
     p.add_argument("--layers", type=int, default=0, help="per-layer comparison on the first N windows of each text")
-    p.add_argument("--calibration-cache", type=Path, required=True, help="bench/accuracy.py's calibration file")
+    p.add_argument("--calibration-cache", type=Path, help="bench/accuracy.py's calibration file (required to measure)")
+    p.add_argument("--summarize", type=Path, help="print the tables of a JSON this script wrote, and exit")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--preset", default=PRESET, help="the preset probed (--layers: any int8 preset; modes exact / perm: "
-                   "symmetric activations only)")
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--preset", default=PRESET, help="the preset probed (any int8 preset; mode exact: "
+                   "symmetric activations, ungrouped weights)")
+    p.add_argument("--json", type=Path, help="where the measurements go (required to measure)")
     args = p.parse_args(argv)
     PRESET = args.preset
+    if args.summarize:
+        payload = json.loads(args.summarize.read_text())
+        if "layers" in payload:
+            print(layers_table(payload["layers"]["linears"]))
+        if "nll" in payload:
+            print(summary(payload))
+        return 0
+    if args.calibration_cache is None:
+        p.error("--calibration-cache is required to measure")
+    if args.json is None:
+        p.error("--json is required to measure")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qpass").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
