@@ -309,7 +309,38 @@ def summary(payload: dict, subsets=(4, 8, 16)) -> str:
     lines.append("| mean of all modes | " + " | ".join(f"{m:+.2f}%" for m, *_ in stats) + " |")
     lines.append("| sd of all modes (points) | " + " | ".join(f"{sd:.2f}" for _, sd, *_ in stats) + " |")
     lines.append("| min .. max | " + " | ".join(f"{lo:+.2f} .. {hi:+.2f}" for *_, lo, hi in stats) + " |")
+    # Each path with its own rounding variants: a systematic difference between the paths shows as a
+    # gap between these means larger than their standard errors.
+    families = {"reference and perm:*": ["reference"] + [m for m in modes if m.startswith("perm:")],
+                "lowered and ulp:*": ["lowered"] + [m for m in modes if m.startswith("ulp:")]}
+    for label, members in families.items():
+        members = [m for m in members if m in nll]
+        if len(members) < 2:
+            continue
+        cells = []
+        for t, n in cols:
+            v = [change(m, t, n) for m in members]
+            mean = sum(v) / len(v)
+            se = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
+            cells.append(f"{mean:+.2f} ± {se:.2f}")
+        lines.append(f"| mean of {label} ({len(members)}) ± s.e. | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merge(payloads: list[dict]) -> dict:
+    """One payload from several runs' (the same windows: their fp32 NLLs must agree); the first
+    run's per-layer table."""
+    out = dict(payloads[0])
+    for other in payloads[1:]:
+        if "nll" not in other:
+            continue
+        if "nll" not in out:
+            out["nll"], out["tokens_per_window"] = dict(other["nll"]), other["tokens_per_window"]
+            continue
+        if other["nll"]["fp32"] != out["nll"]["fp32"]:
+            raise ValueError("runs on different windows (their fp32 NLLs differ): not merged")
+        out["nll"] = {**out["nll"], **{m: v for m, v in other["nll"].items() if m != "kernels"}}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="*", default=[], help="reference, lowered, exact, perm:S, ulp:S")
     p.add_argument("--layers", type=int, default=0, help="per-layer comparison on the first N windows of each text")
     p.add_argument("--calibration-cache", type=Path, help="bench/accuracy.py's calibration file (required to measure)")
-    p.add_argument("--summarize", type=Path, help="print the tables of a JSON this script wrote, and exit")
+    p.add_argument("--summarize", type=Path, nargs="+",
+                   help="print the tables of the JSON files this script wrote (their modes together), and exit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--preset", default=PRESET, help="the preset probed (any int8 preset; mode exact: "
                    "symmetric activations, ungrouped weights)")
@@ -329,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     PRESET = args.preset
     if args.summarize:
-        payload = json.loads(args.summarize.read_text())
+        payload = merge([json.loads(f.read_text()) for f in args.summarize])
         if "layers" in payload:
             print(layers_table(payload["layers"]["linears"]))
         if "nll" in payload:
