@@ -186,14 +186,17 @@ def _unsmooth(path: str, y: torch.Tensor, smoothing: dict[str, torch.Tensor]) ->
     return y * s.to(y.dtype)
 
 
-def run_layers(model, calib, texts: dict[str, list[torch.Tensor]], n_windows: int) -> dict:
-    """Per quantized linear: integer flips between the reference and lowered inputs, scale moves,
-    output errors vs fp32 on both paths; summed over the first ``n_windows`` windows of each text."""
-    probes = {"reference": Probe("reference"), "lowered": Probe("lowered")}
+def run_layers(model, calib, texts: dict[str, list[torch.Tensor]], n_windows: int,
+               pair: tuple[str, str] = ("reference", "lowered")) -> dict:
+    """Per quantized linear: integer flips between the inputs of two modes (the reference and
+    lowered paths by default), scale moves, output errors vs fp32 on both; summed over the first
+    ``n_windows`` windows of each text. The result names the first mode "reference", the second
+    "lowered"."""
+    probes = {"reference": Probe(pair[0]), "lowered": Probe(pair[1])}
     fns = {}
     torch._dynamo.reset()
     for name, probe in probes.items():
-        fn, _be, pipeline = compiled(model, calib, probe, name == "lowered")
+        fn, _be, pipeline = compiled(model, calib, probe, probe.mode == "lowered" or probe.mode.startswith("ulp:"))
         fns[name] = (fn, pipeline)
     stats: dict[str, dict] = {}
     per_window: list[dict] = []
@@ -257,7 +260,7 @@ def run_layers(model, calib, texts: dict[str, list[torch.Tensor]], n_windows: in
             "err_low": math.sqrt(st["err_low"] / st["norm"]) if st["unsmoothed"] else None,
             "ref_vs_low": math.sqrt(st["diff"] / st["norm"]),
         })
-    return {"linears": rows, "windows": per_window}
+    return {"pair": list(pair), "linears": rows, "windows": per_window}
 
 
 def layers_table(rows: list[dict]) -> str:
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", nargs="+", default=["wiki", "news"], choices=["wiki", "news"])
     p.add_argument("--modes", nargs="*", default=[], help="reference, lowered, exact, perm:S, ulp:S")
     p.add_argument("--layers", type=int, default=0, help="per-layer comparison on the first N windows of each text")
+    p.add_argument("--pair", nargs=2, default=["reference", "lowered"], metavar=("A", "B"),
+                   help="--layers compares these two modes (its columns keep the names reference / lowered)")
     p.add_argument("--calibration-cache", type=Path, help="bench/accuracy.py's calibration file (required to measure)")
     p.add_argument("--summarize", type=Path, nargs="+",
                    help="print the tables of the JSON files this script wrote (their modes together), and exit")
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = qpass.Calibration.load(args.calibration_cache)
     make = {"wiki": realdata.eval_windows, "news": realdata.news_eval_windows}
     texts = {t: make[t](tok, args.seqlen, args.windows * args.seqlen) for t in args.texts}
-    meta = {"argv": sys.argv[1:], "preset": args.preset, "cpu": platform.processor() or _cpu_name(),
+    meta = {"argv": sys.argv[1:], "preset": args.preset, "cpu": _cpu_name() or platform.processor(),
             "torch": torch.__version__, "threads": args.threads, "windows": args.windows, "seqlen": args.seqlen,
             "int_mm_exact": qpass.kernels.int_mm_exact(), "note": "eager graphs; a loaded shared 2-core machine"}
     payload: dict = {"meta": meta}
@@ -393,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.no_grad():
         if args.layers:
-            payload["layers"] = run_layers(model, calib, texts, args.layers)
+            payload["layers"] = run_layers(model, calib, texts, args.layers, tuple(args.pair))
             print(layers_table(payload["layers"]["linears"]))
             save()
         if args.modes:
