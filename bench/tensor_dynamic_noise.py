@@ -1,23 +1,30 @@
-"""Why ``w8a8_tensor_dynamic`` scores differently lowered than on its reference path (SmolLM2-135M).
+r"""Why ``w8a8_tensor_dynamic`` scores differently lowered than on its reference path (SmolLM2-135M).
 
 The lowered int8 linears (``torch._int_mm`` where its probe finds it exact) multiply the reference
 path's own integers, sum them exactly in int32 and scale after; the reference path computes
 ``linear(dequantize(x_q), dequantize(W_q))`` in fp32 (rounded sums). Two measurements:
 
-``--layers N`` (per layer, first N windows of each text): fp32 eager, reference and lowered run on
-the same window one after the other; for every quantized linear, how many of its input's integers
-differ between the two paths, how far its per-tensor scale moved, and its output's error against
-fp32 on each path (v_proj / up_proj outputs unscaled by the smoothing folded into them).
+``--layers N`` (per layer, first N windows of each text): fp32 eager and two modes (``--pair``,
+the reference and lowered paths by default) run on the same window one after the other; for every
+quantized linear, how many of its input's integers differ between the two, how far its activation
+scale moved, and its output's error against fp32 on each (v_proj / up_proj outputs unscaled by the
+smoothing folded into them).
 
 ``--modes ...`` (perplexity, per-window NLLs of every text kept): ``reference``; ``lowered``;
 ``exact`` (the reference's integers and scales, products and sums in float64: what ``_int_mm``
 computes up to one final rounding); ``perm:S`` (the reference path with each linear's input channels
 in a random order of seed S: an equally valid float summation order); ``ulp:S`` (the lowered path
-with each quantized linear's output moved one ulp up or down at random, seed S).
+with each quantized linear's output moved one ulp up or down at random, seed S). ``--preset`` probes
+another int8 preset (``exact``: symmetric activations only). ``--summarize A.json [B.json ...]``
+prints the tables of one or more runs on the same windows (no model needed).
 
-    python bench/tensor_dynamic_noise.py --windows 16 --modes reference lowered exact perm:1 perm:2 \
-        --calibration-cache /tmp/acc/calib_16x512_s64.safetensors --json bench/results/tensor_dynamic_noise.json
-    python bench/tensor_dynamic_noise.py --layers 4 --json bench/results/tensor_dynamic_layers.json ...
+The README's numbers (``bench/results/tensor_dynamic_*.json``, each with its command line)::
+
+    python bench/tensor_dynamic_noise.py --windows 16 --modes reference lowered exact perm:1 ulp:1 ... \
+        --calibration-cache /tmp/acc/calib_16x512_s64.safetensors --json bench/results/tensor_dynamic_noise_16windows.json
+    python bench/tensor_dynamic_noise.py --windows 2 --layers 2 [--pair reference perm:1] [--preset w8a8_dynamic] ...
+    python bench/tensor_dynamic_noise.py --summarize bench/results/tensor_dynamic_noise_16windows.json \
+        bench/results/tensor_dynamic_noise_16windows_b.json
 
 Graphs run eagerly (``inductor=False``), 1 thread by default; the calibration is
 ``bench/accuracy.py``'s (16 x 512 Wikipedia tokens, 64 samples per linear).
