@@ -12,11 +12,11 @@ smoothing folded into them).
 
 ``--modes ...`` (perplexity, per-window NLLs of every text kept): ``reference``; ``lowered``;
 ``exact`` (the reference's integers and scales, products and sums in float64: what ``_int_mm``
-computes up to one final rounding); ``perm:S`` (the reference path with each linear's input channels
-in a random order of seed S: an equally valid float summation order); ``ulp:S`` (the lowered path
-with each quantized linear's output moved one ulp up or down at random, seed S). ``--preset`` probes
-another int8 preset (``exact``: symmetric activations only). ``--summarize A.json [B.json ...]``
-prints the tables of one or more runs on the same windows (no model needed).
+computes up to its scaling's roundings); ``perm:S`` (the reference path with each linear's input
+channels in a random order of seed S: an equally valid float summation order); ``ulp:S`` (the
+lowered path with each quantized linear's output moved one ulp up or down at random, seed S).
+``--preset`` probes another int8 preset (``exact``: symmetric activations only). ``--summarize
+A.json [B.json ...]`` prints the tables of one or more runs on the same windows (no model needed).
 
 The README's numbers (``bench/results/tensor_dynamic_*.json``, each with its command line)::
 
