@@ -68,6 +68,28 @@ def test_int_mm_equals_integer_reference(name, m, worst_case):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["w8a8_tensor_dynamic", "asym per-tensor"])
+def test_int_mm_per_tensor_scale_spans_the_batch(name):
+    """A per-tensor dynamic scale covers every row of the input, across the batch, on the lowered
+    path as on the reference: with one sequence 50x larger than the other, the small one is
+    quantized on the large one's grid by both (the same integers, one ``choose_qparams``), so each
+    sequence's outputs equal the reference's to float rounding. A scale per sequence (or padding,
+    or per-token rows) would put the small sequence on a grid 50x finer: far outside the bound."""
+    k, n = 100, 70
+    case = proj_case(8, k, n)
+    x = torch.cat([case.x, 50.0 * case.x.flip(1)])  # (2, 8, k)
+    config = KERNEL_CONFIGS[name].replace(smoothing=None)
+    y, backend = run_backend(case.model, config, case.calib, x, inductor=False)
+    assert backend.report.rows["proj"].kernels == (LABEL,)
+    ref, _ = run_backend(case.model, config.replace(lower=False), case.calib, x, inductor=False)
+    alone, _ = run_backend(case.model, config.replace(lower=False), case.calib, x[:1], inductor=False)
+    for b in range(2):
+        tol = 1e-5 * ref[b].abs().max().item()
+        torch.testing.assert_close(y[b], ref[b], rtol=1e-5, atol=tol)
+    # the bound would see a per-sequence scale: the small sequence alone is on a much finer grid
+    assert (alone[0] - ref[0]).abs().max().item() > 100 * 1e-5 * ref[0].abs().max().item()
+
+
 @pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static", "w8a8_tensor_dynamic", "llm_int8"])
 def test_int_mm_llama_equals_reference_path(preset):
     """A Llama through the backend: every int8 linear on ``_int_mm`` (q/k/v and gate/up as one GEMM
