@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 
 import pytest
 import safetensors.torch
@@ -541,3 +542,27 @@ def test_release_weights_of_a_loaded_model_frees_no_deferred_memory(saved_one_la
         up.sum()
     with torch.no_grad():
         assert torch.equal(deferred(ids, use_cache=False).logits, ours)
+
+
+@pytest.mark.int_mm
+@pytest.mark.skipif(not kernels.int_mm_exact(), reason="torch._int_mm saturates int16 pair sums here (no VNNI / AMX)")
+def test_a_loaded_models_packed_weights_are_hashed_once_for_every_graph(saved_one_layer, monkeypatch):
+    """The packed-weight cache keys each layer by a digest of its integers: for a loaded model (the
+    same stored integers, and on ``_int_mm`` the same concatenations, in every graph) the digest is
+    taken for the first graph only, and the second graph still shares the first one's weights.
+    (oneDNN / FBGEMM rebuild a shared-input group's concatenation per graph, whose digest is taken again.)"""
+    from qpass.passes import lower as lower_pass
+
+    hashed = []
+    sha1 = lower_pass.hashlib.sha1  # the lowering's own digests (FX and Dynamo hash too)
+    monkeypatch.setattr(lower_pass, "hashlib", types.SimpleNamespace(sha1=lambda data: hashed.append(1) or sha1(data)))
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(saved_one_layer, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        first = len(hashed)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2 and first > 0 and len(hashed) == first
+    consts = [{id(t) for n, t in g.named_buffers() if t.dtype in (torch.int8, torch.uint8) and t.dim() == 2}
+              for g in backend.graphs]
+    assert consts[0] and consts[0] == consts[1]  # the same packed weights in both graphs
