@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         (lower_pass, "_emit_shared_input", "lower: shared-input groups"),
         (lower_pass._Emit, "packed", "lower: packed weights"),
         (load_module, "qpass_compile", "load: qpass.compile"),
+        (backend_module.QPassBackend, "defer_weights", "load: defer_weights (quantized linears left unwritten)"),
+        (backend_module.QPassBackend, "_materialize", "deferred weights written (a read of one; 0 calls expected)"),
         (load_module, "_config", "load: config groups"),
         (torch.nn.Module, "load_state_dict", "load: load_state_dict"),
     ]

@@ -5,7 +5,7 @@
 """
 
 from qpass.api import compile
-from qpass.backend import PIPELINE, QPassBackend, ReleasedParameter, backend, qpass
+from qpass.backend import PIPELINE, DeferredParameter, QPassBackend, ReleasedParameter, backend, qpass
 from qpass.calibration import Calibration, CalibrationFileError, ChannelStats, calibrate
 from qpass.config import (
     AdaDim,
@@ -28,7 +28,7 @@ from qpass.load import load
 from qpass.save import save
 
 __all__ = [
-    "compile", "PIPELINE", "QPassBackend", "ReleasedParameter", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
+    "compile", "PIPELINE", "QPassBackend", "ReleasedParameter", "DeferredParameter", "backend", "qpass", "Calibration", "CalibrationFileError", "ChannelStats", "calibrate",
     "AdaDim", "IntegerOnly", "OutlierSplit", "PerGroup", "PerInputChannel", "PerInputChannelGroup", "PerOutputChannel", "PerTensor", "PerToken",
     "QuantConfig", "QuantSpec", "Smoothing", "format_graph", "Report", "PRESETS", "preset", "save", "load",
 ]

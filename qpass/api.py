@@ -89,3 +89,4 @@ def _check_coverage(backend: QPassBackend, linears: list[str], warned: set[str])
         "frames, e.g. after a graph break inside a loop; TORCH_LOGS=graph_breaks says where): %s",
         len(missing), ", ".join(missing),
     )
+    backend.check_deferred(missing)  # a qpass.load weight still deferred there read NaN: raises

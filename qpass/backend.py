@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from qpass import checks, coverage
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import QGraph, placeholder_sources
+from qpass.graph import QGraph, placeholder_sources, storage_mark
 from qpass.qmath import QuantizedWeight
 from qpass.passes.decode import float_decode_linears
 from qpass.passes.integer import integer_only
@@ -115,6 +116,9 @@ class QPassBackend:
         self._lent: list[nn.Parameter] = []  # released parameters, lent their class per call (see ``lend``)
         self._lend_depth = 0
         self._lend_hooked: weakref.WeakSet = weakref.WeakSet()  # models whose calls lend (see ``release_weights``)
+        # Parameters ``defer_weights`` left unwritten (their stored integers dequantized on first read):
+        # id -> (the parameter, its layer's module path, the stored weight); lent their class per call too.
+        self._deferred: dict[int, tuple[nn.Parameter, str, QuantizedWeight]] = {}
         if calibration is None and self.config.smoothing is not None:
             logger.warning("qpass: no calibration given; smoothing is off (pass calibration=qpass.calibrate(...))")
 
@@ -162,6 +166,8 @@ class QPassBackend:
         self.graphs.append(new_gm)
         for node, (_path, param) in qg.params.items():
             (self._read if node.users else self._superseded)[id(param)] = weakref.ref(param)
+            if node.users and _holds_deferred(self._deferred, param):  # the graph reads its values when it runs
+                self._materialize(param)
         if not self.inductor:
             return new_gm.forward
         from torch._inductor import config as inductor_config
@@ -169,6 +175,70 @@ class QPassBackend:
 
         with inductor_config.patch(self.inductor_config):
             return compile_fx(new_gm, example_inputs)
+
+    def defer_weights(self, model: nn.Module, weights: dict[str, tuple[nn.Parameter, QuantizedWeight]]) -> int:
+        """Leave each layer's weight ``weights[path][0]`` unwritten until something reads its values:
+        ``qpass.load``'s quantized linears, whose values are the stored integers ``weights[path][1]``
+        dequantized. The compiled graphs never read them (the quantize pass takes the stored
+        integers as they are), so a checkpoint's startup skips the dequantization and the fp32
+        weights never become resident unless read. Returns how many were deferred.
+
+        Until then a parameter is a ``DeferredParameter``: metadata answers, and the first read of
+        its values anywhere outside a compiled call (printing, arithmetic, ``state_dict()``,
+        ``.detach()``, an eager call of its module) writes ``stored.dequantize()`` into it and makes
+        it a plain ``nn.Parameter`` again. During a compiled call (``lend``) it has the
+        ``nn.Parameter`` class that the graphs' guards check, and its unwritten pages read NaN: a
+        graph that reads it is given its values before it runs (``_compile``), and a layer that
+        runs outside every compiled graph is caught by ``qpass.compile``'s forward (``check_deferred``).
+        A call of ``model`` not through this backend's ``qpass.compile`` forward (``del model.forward``,
+        another backend's ``torch.compile(model)``) writes them all first (a pre-hook on ``model``)."""
+        deferred = 0
+        with _nan_file(max((p.untyped_storage().nbytes() for p, _ in weights.values()), default=0)) as nan_path:
+            for path, (p, stored) in weights.items():
+                if type(p) is not nn.Parameter or tuple(stored.q.shape) != tuple(p.shape):
+                    raise ValueError(f"qpass defer_weights: {path}: a {type(p).__name__} {tuple(p.shape)} cannot "
+                                     f"defer to stored integers {tuple(stored.q.shape)}")
+                nbytes = p.untyped_storage().nbytes()
+                with torch.no_grad():  # nothing resident until read; a read before materializing gives NaN
+                    p.set_(torch.UntypedStorage.from_file(nan_path, shared=False, nbytes=nbytes), 0, p.shape, p.stride())
+                p.__class__ = DeferredParameter
+                self._deferred[id(p)] = (p, path, stored)
+                _DEFERRED[p] = weakref.ref(self)
+                deferred += 1
+        if deferred:
+            model.register_forward_pre_hook(torch.compiler.disable(functools.partial(self._materialize_unless_ours, model)))
+        return deferred
+
+    def _materialize_unless_ours(self, model: nn.Module, module, args) -> None:
+        if self._deferred and getattr(model.__dict__.get("forward"), "qpass_backend", None) is not self:
+            for p, _, _ in list(self._deferred.values()):
+                self._materialize(p)
+
+    def _materialize(self, p: nn.Parameter) -> None:
+        """Write a deferred parameter's stored weight dequantized into it (the same float32 products
+        ``torch.equal`` compares with) and make it a plain parameter; its values stay trusted as the
+        stored weight (``stored_params``) until changed."""
+        _param, path, stored = self._deferred.pop(id(p))
+        _DEFERRED.pop(p, None)
+        with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+            torch.mul(stored.q, stored.scale, out=p)
+        p.__class__ = nn.Parameter
+        if path in self.stored_params and self.stored_params[path][0]() is p:
+            self.stored_params[path] = (weakref.ref(p), storage_mark(p))
+
+    def check_deferred(self, paths: list[str]) -> None:
+        """Called after a compiled call with the linears no compiled graph holds (they ran eagerly,
+        or not at all): any of them whose weight was still deferred read NaN in that call. Gives
+        them their values and raises, naming them, so that no such output passes unnoticed."""
+        hit = [(p, path) for p, path, _ in list(self._deferred.values()) if path in paths]
+        for p, _path in hit:
+            self._materialize(p)
+        if hit:
+            names = ", ".join(f"{path}.weight" for _, path in hit)
+            raise RuntimeError(
+                f"qpass: {len(hit)} deferred weights were read outside the compiled graphs ({names}): Dynamo ran "
+                "their layers eagerly, on unwritten (NaN) weights, so this call's output is wrong. They hold their "
+                "dequantized values now: call the model again (or load with qpass.load(dir, defer_weights=False))")
 
     def release_weights(self, model: nn.Module) -> int:
         """Free the fp32 storage of ``model``'s parameters that no graph compiled so far reads any
@@ -194,7 +264,12 @@ class QPassBackend:
         released, freed = [], 0
         with _nan_file(max(p.untyped_storage().nbytes() for _, p in victims.values())) as nan_path:
             for name, p in victims.values():
-                freed += p.untyped_storage().nbytes()
+                if _holds_deferred(self._deferred, p):  # never written: nothing resident to free
+                    del self._deferred[id(p)]
+                    _DEFERRED.pop(p, None)
+                    p.__class__ = nn.Parameter
+                else:
+                    freed += p.untyped_storage().nbytes()
                 _poison(p, nan_path, name)
                 released.append(name)
         owners = {name.rsplit(".", 1)[0] if "." in name else "" for name in released}
@@ -239,12 +314,16 @@ class QPassBackend:
         if self._lend_depth == 1:
             for p in self._lent:
                 p.__class__ = nn.Parameter
+            for p, _, _ in self._deferred.values():
+                p.__class__ = nn.Parameter
 
     def _lend_exit(self) -> None:
         self._lend_depth -= 1
         if self._lend_depth == 0:
             for p in self._lent:
                 p.__class__ = ReleasedParameter
+            for p, _, _ in self._deferred.values():
+                p.__class__ = DeferredParameter
 
     def _lend_hook(self, module, args) -> None:
         if not torch.compiler.is_compiling():
@@ -297,6 +376,11 @@ class _PerParameters:
 def _holds(refs: dict[int, weakref.ref], p: torch.Tensor) -> bool:
     ref = refs.get(id(p))
     return ref is not None and ref() is p
+
+
+def _holds_deferred(deferred: dict, p: torch.Tensor) -> bool:
+    entry = deferred.get(id(p))
+    return entry is not None and entry[0] is p
 
 
 def _is_released(p: torch.Tensor) -> bool:
@@ -358,6 +442,31 @@ class ReleasedParameter(nn.Parameter):
         )
         where = getattr(released, "qpass_released", "a parameter")
         raise _released_error(where, f"reading its values ({name})")
+
+
+#: deferred parameter -> its backend (``QPassBackend.defer_weights``)
+_DEFERRED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: What a deferred parameter answers without its values: the metadata, and what ``storage_mark``
+#: reads (its storage's address and version counter).
+_DEFERRED_METADATA = _METADATA | {"untyped_storage", "_version", "data_ptr", "_cdata"}
+
+
+class DeferredParameter(nn.Parameter):
+    """A parameter ``QPassBackend.defer_weights`` has not written yet (``qpass.load``'s quantized
+    linears): its metadata answers, and the first read of its values (any function of it) writes its
+    stored weight dequantized into it and makes it a plain ``nn.Parameter`` again."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" else None
+        name = name or func.__name__
+        if name not in _DEFERRED_METADATA:
+            for a in (*args, *(kwargs or {}).values()):
+                for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                    if isinstance(t, DeferredParameter) and (ref := _DEFERRED.get(t)) is not None and ref() is not None:
+                        ref()._materialize(t)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 def _released_error(path: str, what: str) -> RuntimeError:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._guards import detect_fake_mode
 
+from qpass import ops
 from qpass.qmath import QuantizedWeight
 
 __all__ = ["QGraph", "LinearSite", "ExpertsSite", "normalize_path", "placeholder_sources", "LINEAR_TARGETS", "MATMUL_TARGETS"]
@@ -436,8 +437,8 @@ class QGraph:
             node = self.graph.call_function(target, args, kwargs or {})
         fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), self._meta_val)
         if self.fake_mode is not None:
-            with self.fake_mode:
-                val = _fake_linear(*fake_args, **fake_kwargs) if target is F.linear else target(*fake_args, **fake_kwargs)
+            with self.fake_mode:  # qpass's own ops (and linear) from their inputs' metadata, the rest by running them
+                val = _FAKE_RULES.get(target, target)(*fake_args, **fake_kwargs)
         else:
             val = None
         node.meta["val"] = node.meta["example_value"] = val
@@ -477,6 +478,10 @@ def _fake_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise RuntimeError(f"qpass: linear of a {x.dtype} {tuple(x.shape)} input and a {weight.dtype} "
                            f"{tuple(weight.shape)} weight")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+#: Targets whose ``meta['val']`` comes from their inputs' metadata instead of running them on fake tensors.
+_FAKE_RULES = {F.linear: _fake_linear, **ops.META}
 
 
 def placeholder_sources(gm: fx.GraphModule) -> list[tuple[str, str]]:

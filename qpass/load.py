@@ -35,12 +35,19 @@ __all__ = ["load"]
 _LINEAR = nn.Linear(1, 1, bias=False, device="meta")  # what a per-expert module is in the checkpoint's layout
 
 
-def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs) -> tuple[nn.Module, QPassBackend]:  # noqa: A002
+def load(directory: str | os.PathLike, *, compile: bool = True, defer_weights: bool = True,  # noqa: A002
+         **compile_kwargs) -> tuple[nn.Module, QPassBackend]:
     """``model, backend = qpass.load(dir)``: the model (fp32, weights dequantized from the stored
     integers) with its forward compiled by ``qpass.compile`` for exactly the stored quantization:
     the backend quantizes each linear with the stored integers and scales as they are.
     ``compile=False`` leaves ``model.forward`` alone and returns the same backend, not yet used
     (``torch.compile(model.forward, backend=backend)`` runs it).
+
+    ``defer_weights`` (with ``compile=True``): the quantized linears' fp32 weights are written only
+    when something reads them (``QPassBackend.defer_weights``): the compiled model runs on the
+    stored integers alone, so startup skips their dequantization and they take no memory until
+    read. Reading ``layer.weight`` (or ``state_dict()``, or calling the layer eagerly) gives the
+    dequantized weight. ``defer_weights=False`` writes them all here.
 
     The weights written here are trusted to equal the stored ones while they stay the same tensors,
     unchanged (their version counter): a layer whose weight was replaced or written in place
@@ -81,6 +88,7 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     if fp32_experts:  # fused experts the checkpoint keeps in full precision stay so
         config = config.replace(skip=config.skip + fp32_experts)
     state, stats, stored = {}, {}, {}
+    deferred: dict[str, tuple[nn.Parameter, QuantizedWeight]] = {}  # path -> (weight left unwritten, its integers)
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -106,8 +114,12 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
             stored[path] = QuantizedWeight(q, scale, 0)
         q = stored[path].q
         weight = linears[path].weight
-        if counts.get(id(weight)) != 1 or not _dequantize_into(stored[path], weight):  # a tied weight: as the files say
+        if counts.get(id(weight)) != 1 or not _dequantizable_into(stored[path], weight):  # a tied weight: as the files say
             state[f"{path}.weight"] = stored[path].dequantize()
+        elif not (defer_weights and compile):
+            _dequantize_into(stored[path], weight)
+        else:
+            deferred[path] = (weight, stored[path])
         input_scale = tensors.pop(f"{path}.input_scale", None)
         if static:
             if input_scale is None:
@@ -130,6 +142,7 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     else:
         backend = QPassBackend(config, calibration, **compile_kwargs).bind(model)
     backend.stored_weights.update(stored)
+    backend.defer_weights(model, deferred)
     for path in stored:  # written here as the stored weight dequantized: the quantize pass need not compare them
         param = linears[path].weight if path in linears else None
         if param is not None and counts.get(id(param)) == 1:  # a tied weight may hold the other tensor's values
@@ -137,18 +150,20 @@ def load(directory: str | os.PathLike, *, compile: bool = True, **compile_kwargs
     return model, backend
 
 
-def _dequantize_into(stored: QuantizedWeight, weight: torch.Tensor) -> bool:
-    """Write ``stored.dequantize()`` into ``weight`` as one ``q * scale`` (the same float32 products),
-    for per-channel or per-tensor scales without zero points; False where that does not apply.
-    Instead of a dequantized copy that ``load_state_dict`` copies again: one pass over the weight
-    instead of three (SmolLM2: 210 layers, 2.5 of 7 s of ``load`` at 2 threads on a loaded machine)."""
-    if (stored.group_size or stored.zero_point is not None or stored.q.dtype != torch.int8  # float8 does not promote
-            or weight.dtype != torch.float32 or tuple(weight.shape) != tuple(stored.q.shape)
-            or weight.device != stored.q.device):
-        return False
+def _dequantizable_into(stored: QuantizedWeight, weight: torch.Tensor) -> bool:
+    """Whether ``stored.dequantize()`` can be written into ``weight`` as one ``q * scale`` (the same
+    float32 products): per-channel or per-tensor scales without zero points, int8, same shape and
+    device. Such a weight is written in place (``_dequantize_into``) or deferred to its integers."""
+    return not (stored.group_size or stored.zero_point is not None or stored.q.dtype != torch.int8  # float8 does not promote
+                or weight.dtype != torch.float32 or tuple(weight.shape) != tuple(stored.q.shape)
+                or weight.device != stored.q.device)
+
+
+def _dequantize_into(stored: QuantizedWeight, weight: torch.Tensor) -> None:
+    """Write ``stored.dequantize()`` into ``weight`` as one ``q * scale``, instead of a dequantized
+    copy that ``load_state_dict`` copies again: one pass over the weight instead of three."""
     with torch.no_grad():
         torch.mul(stored.q, stored.scale, out=weight)
-    return True
 
 
 def _expert_layouts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, ExpertLayout]:

@@ -368,3 +368,44 @@ def test_auto_alpha_scores_static_layers_as_the_fallback_will_run_them():
     assert err["static"] > 8 * err["dynamic"], err
     assert err["fallback 8"] == err["dynamic"]
     assert err["fallback huge"] == err["static"]
+
+
+META_CASES = {  # op, then its arguments as (shape, dtype) for tensors
+    "quantize per token": (ops.quantize, ((2, 5, 8), torch.float32), ((2, 5, 1), torch.float32), None, -128.0, 127.0, torch.int8),
+    "quantize static u8 zp": (ops.quantize, ((5, 8), torch.bfloat16), ((1,), torch.float32), ((), torch.float32), 0.0, 255.0, torch.uint8),
+    "quantize fp8": (ops.quantize, ((3, 8), torch.float32), ((3, 1), torch.float32), None, -448.0, 448.0, torch.float8_e4m3fn),
+    "dequantize weight": (ops.dequantize, ((6, 8), torch.int8), ((6, 1), torch.float32), None, 0, torch.float32),
+    "dequantize act to half": (ops.dequantize, ((2, 5, 8), torch.int8), ((2, 5, 1), torch.float32), None, 0, torch.float16),
+    "dequantize asym groups": (ops.dequantize, ((6, 8), torch.int8), ((6, 2), torch.float32), ((6, 2), torch.float32), 4, torch.float32),
+    "dequantize row groups": (ops.dequantize, ((8, 6), torch.int8), ((2, 6), torch.float32), None, 4, torch.float32, -2),
+    "dequantize experts": (ops.dequantize, ((3, 6, 8), torch.int8), ((3, 6, 1), torch.float32), None, 0, torch.bfloat16),
+    "choose_qparams per token": (ops.choose_qparams, ((2, 5, 8), torch.float32), True, True, -128.0, 127.0),
+    "choose_qparams per tensor": (ops.choose_qparams, ((5, 8), torch.bfloat16), False, False, 0.0, 255.0),
+}
+
+
+def _example(arg):
+    """A (shape, dtype) pair -> a tensor of small integers (integer dtypes) or of values in [0.5, 1.5)."""
+    if not (isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], torch.dtype)):
+        return arg
+    shape, dtype = arg
+    return torch.randint(-3, 4, shape).to(dtype) if not dtype.is_floating_point else torch.rand(shape).add(0.5).to(dtype)
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_op_metadata_rules_match_the_ops(case):
+    """``ops.META`` (the ``meta['val']`` of inserted nodes without running the ops on fake tensors)
+    gives each op's own output shapes, dtypes, strides and devices."""
+    from torch._subclasses import FakeTensorMode
+
+    op, *spec = META_CASES[case]
+    args = [_example(a) for a in spec]
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        ruled = ops.META[op](*fake_args)
+    outs = real if isinstance(real, tuple) else (real,)
+    ruled = ruled if isinstance(ruled, tuple) else (ruled,)
+    assert len(ruled) == len(outs)
+    for r, o in zip(ruled, outs):
+        assert (r.shape, r.dtype, r.stride(), r.device) == (o.shape, o.dtype, o.stride(), o.device), case

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 
 import pytest
 import safetensors.torch
@@ -471,3 +472,104 @@ def test_a_weight_changed_after_loading_is_quantized_again(tmp_path, caplog):
     assert changed == [
         "qpass: model.layers.0.mlp.up_proj: its weight is no longer the checkpoint's (changed after loading); quantizing it again"
     ]
+
+
+@pytest.fixture(scope="module")
+def saved_one_layer(tmp_path_factory):
+    """A one-layer tiny Llama saved with w8a8_dynamic, once for the tests that only load it."""
+    out = tmp_path_factory.mktemp("w8a8_dynamic_one_layer")
+    model = tiny_model("llama", layers=1)
+    qpass.save(model, "w8a8_dynamic", out, calibration=qpass.calibrate(model, token_batches(2)))
+    return out
+
+
+def _deferred_and_written(directory):
+    """The checkpoint loaded twice: weights deferred (the default) and written."""
+    torch._dynamo.reset()
+    written, _ = qpass.load(directory, defer_weights=False, inductor=False, dynamic=False)
+    deferred, backend = qpass.load(directory, inductor=False, dynamic=False)
+    return deferred, backend, written
+
+
+def test_load_defers_the_quantized_weights_until_read(saved_one_layer):
+    """``qpass.load`` leaves the quantized linears' fp32 weights unwritten (the compiled graphs read
+    only the stored integers): the compiled model gives the logits of the model whose weights were
+    written, without writing them; the first read of a weight (its values, ``state_dict()``, an eager
+    call of its layer) gives exactly the stored weight dequantized, and it is a plain parameter again."""
+    deferred, backend, written = _deferred_and_written(saved_one_layer)
+    up = deferred.model.layers[0].mlp.up_proj.weight
+    assert isinstance(up, qpass.DeferredParameter) and len(backend._deferred) == 7
+    assert up.shape == (96, 64) and up.dtype == torch.float32 and up.requires_grad  # metadata answers as it is
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        ours = deferred(ids, use_cache=False).logits
+        assert torch.equal(ours, written(ids, use_cache=False).logits)
+    assert backend.report.graphs == 1 and len(backend._deferred) == 7  # compiled and run, no weight written
+    stored = backend.stored_weights["model.layers.0.mlp.up_proj"]
+    assert torch.equal(up * 1, stored.dequantize()) and type(up) is torch.nn.Parameter and len(backend._deferred) == 6
+    attn = deferred.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 4, 64)
+    with torch.no_grad():  # an eager call of a layer: its weight written on the way
+        assert torch.equal(attn(x), written.model.layers[0].self_attn.q_proj(x))
+    assert len(backend._deferred) == 5
+    state = deferred.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in written.state_dict().items()) and not backend._deferred
+    with torch.no_grad():  # written as the stored weights: still trusted, the same logits
+        assert torch.equal(deferred(ids, use_cache=False).logits, ours)
+
+
+def test_a_deferred_weight_read_outside_the_compiled_graphs_raises_once(saved_one_layer):
+    """A layer Dynamo runs eagerly inside a compiled call reads its deferred weight's unwritten (NaN)
+    pages: the call raises naming the layers, which hold their values from then on."""
+    deferred, backend, written = _deferred_and_written(saved_one_layer)
+    for m in (deferred, written):
+        mlp = m.model.layers[0].mlp
+        mlp.forward = torch.compiler.disable(mlp.forward)
+    ids = token_batches(1)[0]
+    names = ", ".join(f"model.layers.0.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=f"3 deferred weights were read outside the compiled graphs \\({names}\\)"):
+            deferred(ids, use_cache=False)
+        assert len(backend._deferred) == 4
+        ours = deferred(ids, use_cache=False).logits
+        assert torch.equal(ours, written(ids, use_cache=False).logits)
+
+
+def test_release_weights_of_a_loaded_model_frees_no_deferred_memory(saved_one_layer):
+    """``release_weights`` on a loaded model releases the deferred weights without writing them
+    (nothing of theirs is resident, 0 bytes freed) and the compiled model runs on."""
+    deferred, backend, written = _deferred_and_written(saved_one_layer)
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        ours = deferred(ids, use_cache=False).logits
+    assert backend.release_weights(deferred) == 0 and not backend._deferred
+    up = deferred.model.layers[0].mlp.up_proj.weight
+    assert isinstance(up, qpass.ReleasedParameter)
+    with pytest.raises(RuntimeError, match="released by QPassBackend.release_weights"):
+        up.sum()
+    with torch.no_grad():
+        assert torch.equal(deferred(ids, use_cache=False).logits, ours)
+
+
+@pytest.mark.int_mm
+@pytest.mark.skipif(not kernels.int_mm_exact(), reason="torch._int_mm saturates int16 pair sums here (no VNNI / AMX)")
+def test_a_loaded_models_packed_weights_are_hashed_once_for_every_graph(saved_one_layer, monkeypatch):
+    """The packed-weight cache keys each layer by a digest of its integers: for a loaded model (the
+    same stored integers, and on ``_int_mm`` the same concatenations, in every graph) the digest is
+    taken for the first graph only, and the second graph still shares the first one's weights.
+    (oneDNN / FBGEMM rebuild a shared-input group's concatenation per graph, whose digest is taken again.)"""
+    from qpass.passes import lower as lower_pass
+
+    hashed = []
+    sha1 = lower_pass.hashlib.sha1  # the lowering's own digests (FX and Dynamo hash too)
+    monkeypatch.setattr(lower_pass, "hashlib", types.SimpleNamespace(sha1=lambda data: hashed.append(1) or sha1(data)))
+    torch._dynamo.reset()
+    reloaded, backend = qpass.load(saved_one_layer, inductor=False, dynamic=False)
+    with torch.no_grad():
+        reloaded(token_batches(1, seq=16)[0], use_cache=False)
+        first = len(hashed)
+        reloaded(token_batches(1, seq=8)[0], use_cache=False)
+    assert backend.report.graphs == 2 and first > 0 and len(hashed) == first
+    consts = [{id(t) for n, t in g.named_buffers() if t.dtype in (torch.int8, torch.uint8) and t.dim() == 2}
+              for g in backend.graphs]
+    assert consts[0] and consts[0] == consts[1]  # the same packed weights in both graphs
