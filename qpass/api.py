@@ -66,7 +66,10 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     def forward(*args, **kwargs):
         with backend.lend():
             out = compiled(*args, **kwargs)
-        _check_coverage(backend, linears, warned)
+        try:  # before the coverage check adds rows for the layers that ran eagerly
+            backend.check_deferred()  # a qpass.load weight still deferred in no compiled graph read NaN: raises
+        finally:
+            _check_coverage(backend, linears, warned)
         return out
 
     forward.qpass_backend = backend  # release_weights knows the model runs through ``backend.lend``
@@ -89,4 +92,3 @@ def _check_coverage(backend: QPassBackend, linears: list[str], warned: set[str])
         "frames, e.g. after a graph break inside a loop; TORCH_LOGS=graph_breaks says where): %s",
         len(missing), ", ".join(missing),
     )
-    backend.check_deferred(missing)  # a qpass.load weight still deferred there read NaN: raises

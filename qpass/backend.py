@@ -226,11 +226,13 @@ class QPassBackend:
         if path in self.stored_params and self.stored_params[path][0]() is p:
             self.stored_params[path] = (weakref.ref(p), storage_mark(p))
 
-    def check_deferred(self, paths: list[str]) -> None:
-        """Called after a compiled call with the linears no compiled graph holds (they ran eagerly,
-        or not at all): any of them whose weight was still deferred read NaN in that call. Gives
-        them their values and raises, naming them, so that no such output passes unnoticed."""
-        hit = [(p, path) for p, path, _ in list(self._deferred.values()) if path in paths]
+    def check_deferred(self) -> None:
+        """Called after each compiled call: a layer whose weight is still deferred and that no
+        compiled graph holds ran eagerly (or not at all), on its unwritten (NaN) weight. Gives them
+        their values and raises, naming them, so that no such output passes unnoticed (every
+        deferred layer counts, whatever the calibration lists: a static checkpoint's per-token
+        layers have no statistics)."""
+        hit = [(p, path) for p, path, _ in list(self._deferred.values()) if path not in self.report.rows]
         for p, _path in hit:
             self._materialize(p)
         if hit:

@@ -535,6 +535,26 @@ def test_a_deferred_weight_read_outside_the_compiled_graphs_raises_once(saved_on
         assert torch.equal(ours, written(ids, use_cache=False).logits)
 
 
+def test_a_deferred_per_token_layer_of_a_static_checkpoint_read_eagerly_raises(tmp_path):
+    """The same for a static checkpoint's per-token layers (static attention, per-token MLP): the
+    calibration ``qpass.load`` builds from the static scales lists only the attention, yet the MLP's
+    eager run is still caught, by its deferred weights."""
+    model = tiny_model("llama", layers=1)
+    config = qpass.preset("w8a8_static", dynamic_fallback=None, dynamic_layers=("*.mlp.*",))
+    qpass.save(model, config, tmp_path, calibration=qpass.calibrate(model, token_batches(2)))
+    deferred, backend, written = _deferred_and_written(tmp_path)
+    assert "model.layers.0.self_attn.q_proj" in backend.calibration and "model.layers.0.mlp.up_proj" not in backend.calibration
+    for m in (deferred, written):
+        mlp = m.model.layers[0].mlp
+        mlp.forward = torch.compiler.disable(mlp.forward)
+    ids = token_batches(1)[0]
+    names = ", ".join(f"model.layers.0.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=f"3 deferred weights were read outside the compiled graphs \\({names}\\)"):
+            deferred(ids, use_cache=False)
+        assert torch.equal(deferred(ids, use_cache=False).logits, written(ids, use_cache=False).logits)
+
+
 def test_release_weights_of_a_loaded_model_frees_no_deferred_memory(saved_one_layer):
     """``release_weights`` on a loaded model releases the deferred weights without writing them
     (nothing of theirs is resident, 0 bytes freed) and the compiled model runs on."""
