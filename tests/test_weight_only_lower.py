@@ -144,6 +144,21 @@ def test_weight_only_kernels_through_inductor():
 
 
 @pytest.mark.parametrize("name", ["w8a16", "w4a16"])
+def test_weight_only_prefill_and_decode_share_one_weight_copy(name):
+    """Prefill and decode graphs of one backend read the same low-bit weights and scales (one copy
+    per layer, not one per graph)."""
+    model = tiny_model("llama", layers=1).to(torch.bfloat16)
+    backend = qpass.backend(name, inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(token_batches(1, batch=1, seq=8)[0], use_cache=False)
+        compiled(token_batches(1, batch=1, seq=1)[0], use_cache=False)
+    assert len(backend.graphs) == 2
+    storages = [{n: t.untyped_storage().data_ptr() for n, t in gm.named_buffers() if "proj" in n} for gm in backend.graphs]
+    assert len(storages[0]) == 14 and storages[0] == storages[1]  # 7 linears: weights and scales
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w4a16"])
 def test_bf16_llama_runs_weight_only_kernels(name):
     """A bf16 2-layer Llama: every decoder linear on its kernel (named in the report, ``lowered``
     in the stage summary), the logits within bf16 noise of the reference path's."""

@@ -664,9 +664,12 @@ def _emit_cpu_w8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     w_q, w_s = e.weight(q, GRID_8BIT)
     n, k = w_q.shape
     dtype = _val(x).dtype
-    scales = e.qg.constant(f"{q.path}.weight_scale_int8pack", w_s.to(dtype))
+    # one copy for every graph of the backend (prefill, decode, recompiles), as for the other kernels
+    w_q, scales = e.packed(f"int8 weight-only {dtype}", q.path, w_q, w_s, lambda: (w_q.contiguous(), w_s.to(dtype)))
+    w_q = e.qg.constant(f"{q.path}.weight_int8", w_q)
+    scales = e.qg.constant(f"{q.path}.weight_scale_int8pack", scales)
     x2 = e.call(torch.reshape, (x, (-1, k)), before)
-    y2 = e.call(torch.ops.aten._weight_int8pack_mm.default, (x2, q.w_q, scales), before)
+    y2 = e.call(torch.ops.aten._weight_int8pack_mm.default, (x2, w_q, scales), before)
     y = e.call(torch.reshape, (y2, (*e.sizes(x, before)[:-1], n)), before)
     return e.finish(q, y, None, q.bias, before)
 
