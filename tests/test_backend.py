@@ -224,6 +224,6 @@ def test_inductor_config_compiles_with_the_cpp_wrapper(monkeypatch):
             step = fn(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
         runs.append((out.logits, step.logits, {k for r in backend.report.rows.values() for k in r.kernels}))
     assert seen == [False, False, True, True] and not torch._inductor.config.cpp_wrapper
-    assert runs[1][2] == {"onednn", "fbgemm"}
+    assert {k.split(" (")[0] for k in runs[1][2]} == {"onednn", "fbgemm"}  # a grid note without VNNI
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-6, atol=1e-6)

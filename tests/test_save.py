@@ -522,6 +522,14 @@ def test_a_deferred_weight_read_outside_the_compiled_graphs_raises_once(saved_on
     """A layer Dynamo runs eagerly inside a compiled call reads its deferred weight's unwritten (NaN)
     pages: the call raises naming the layers, which hold their values from then on."""
     deferred, backend, written = _deferred_and_written(saved_one_layer)
+    _eager_mlp_raises_once(deferred, written)
+    assert len(backend._deferred) == 4
+
+
+def _eager_mlp_raises_once(deferred, written):
+    """Layer 0's MLP run eagerly (``torch.compiler.disable``) inside the compiled call of the
+    deferred model: the call raises naming its three weights; the next call gives the logits of the
+    model whose weights were written."""
     for m in (deferred, written):
         mlp = m.model.layers[0].mlp
         mlp.forward = torch.compiler.disable(mlp.forward)
@@ -530,9 +538,7 @@ def test_a_deferred_weight_read_outside_the_compiled_graphs_raises_once(saved_on
     with torch.no_grad():
         with pytest.raises(RuntimeError, match=f"3 deferred weights were read outside the compiled graphs \\({names}\\)"):
             deferred(ids, use_cache=False)
-        assert len(backend._deferred) == 4
-        ours = deferred(ids, use_cache=False).logits
-        assert torch.equal(ours, written(ids, use_cache=False).logits)
+        assert torch.equal(deferred(ids, use_cache=False).logits, written(ids, use_cache=False).logits)
 
 
 def test_a_deferred_per_token_layer_of_a_static_checkpoint_read_eagerly_raises(tmp_path):
@@ -544,15 +550,7 @@ def test_a_deferred_per_token_layer_of_a_static_checkpoint_read_eagerly_raises(t
     qpass.save(model, config, tmp_path, calibration=qpass.calibrate(model, token_batches(2)))
     deferred, backend, written = _deferred_and_written(tmp_path)
     assert "model.layers.0.self_attn.q_proj" in backend.calibration and "model.layers.0.mlp.up_proj" not in backend.calibration
-    for m in (deferred, written):
-        mlp = m.model.layers[0].mlp
-        mlp.forward = torch.compiler.disable(mlp.forward)
-    ids = token_batches(1)[0]
-    names = ", ".join(f"model.layers.0.mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))
-    with torch.no_grad():
-        with pytest.raises(RuntimeError, match=f"3 deferred weights were read outside the compiled graphs \\({names}\\)"):
-            deferred(ids, use_cache=False)
-        assert torch.equal(deferred(ids, use_cache=False).logits, written(ids, use_cache=False).logits)
+    _eager_mlp_raises_once(deferred, written)
 
 
 def test_release_weights_of_a_loaded_model_frees_no_deferred_memory(saved_one_layer):
