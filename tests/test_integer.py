@@ -89,6 +89,17 @@ def test_unsupported_op_raises_naming_it():
         _compile(arch="opt", layers=1, seq=8)
 
 
+def test_kv_cache_raises_saying_so():
+    """``generate()`` (a KV cache) is not covered yet: the error says so, and how to call the model."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=1)
+    qpass.compile(model, "illm_w8a8", calibration=qpass.calibrate(model, token_batches(2)), inductor=False)
+    with pytest.raises(Exception, match=r"model\.layers\.0\.self_attn concatenates a KV cache \(state from outside "
+                       r"the call\) with the new keys or values: .* call the model with use_cache=False"):
+        with torch.no_grad():
+            model.generate(token_batches(1, batch=1, seq=8)[0], max_new_tokens=2, do_sample=False)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="integer_only needs int8 PerToken activations"):
         qpass.preset("w8a8_static", integer_only=qpass.IntegerOnly())

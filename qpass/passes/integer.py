@@ -291,6 +291,11 @@ class _Rewriter:
     def cat(self, node: fx.Node) -> None:
         parts = node.args[0]
         if not all(p in self.ints for p in parts):
+            if any(isinstance(p, fx.Node) and not self.depends_on_region(p) for p in parts):
+                raise NotImplementedError(
+                    f"qpass integer_only: {self.where(node)} concatenates a KV cache (state from outside the call) with the new "
+                    "keys or values: the integer-only preset runs without a KV cache so far; call the model with "
+                    "use_cache=False (generate() is not supported by integer_only yet)")
             raise self.unsupported(node, "a cat of integer and float tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         comps = []
