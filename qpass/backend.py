@@ -220,8 +220,8 @@ class QPassBackend:
         stored weight (``stored_params``) until changed."""
         _param, path, stored = self._deferred.pop(id(p))
         _DEFERRED.pop(p, None)
-        with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
-            torch.mul(stored.q, stored.scale, out=p)
+        with torch._C.DisableTorchFunctionSubclass():
+            stored.dequantize_into(p)
         p.__class__ = nn.Parameter
         if path in self.stored_params and self.stored_params[path][0]() is p:
             self.stored_params[path] = (weakref.ref(p), storage_mark(p))
@@ -421,6 +421,12 @@ _METADATA = frozenset({
 })
 
 
+def _func_name(func) -> str:
+    """The name of what ``__torch_function__`` was called for (a property getter: the property's)."""
+    name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" else None
+    return name or func.__name__
+
+
 class ReleasedParameter(nn.Parameter):
     """A parameter whose fp32 storage ``QPassBackend.release_weights`` dropped, on a model compiled
     with ``qpass.compile``: its metadata (shape, dtype, device, ``numel``) still answers, and every
@@ -433,8 +439,7 @@ class ReleasedParameter(nn.Parameter):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" else None
-        name = name or func.__name__
+        name = _func_name(func)
         if name in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
@@ -460,9 +465,7 @@ class DeferredParameter(nn.Parameter):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(getattr(func, "__self__", None), "__name__", None) if func.__name__ == "__get__" else None
-        name = name or func.__name__
-        if name not in _DEFERRED_METADATA:
+        if _func_name(func) not in _DEFERRED_METADATA:
             for a in (*args, *(kwargs or {}).values()):
                 for t in (a if isinstance(a, (list, tuple)) else (a,)):
                     if isinstance(t, DeferredParameter) and (ref := _DEFERRED.get(t)) is not None and ref() is not None:

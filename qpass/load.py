@@ -117,7 +117,7 @@ def load(directory: str | os.PathLike, *, compile: bool = True, defer_weights: b
         if counts.get(id(weight)) != 1 or not _dequantizable_into(stored[path], weight):  # a tied weight: as the files say
             state[f"{path}.weight"] = stored[path].dequantize()
         elif not (defer_weights and compile):
-            _dequantize_into(stored[path], weight)
+            stored[path].dequantize_into(weight)
         else:
             deferred[path] = (weight, stored[path])
         input_scale = tensors.pop(f"{path}.input_scale", None)
@@ -153,17 +153,11 @@ def load(directory: str | os.PathLike, *, compile: bool = True, defer_weights: b
 def _dequantizable_into(stored: QuantizedWeight, weight: torch.Tensor) -> bool:
     """Whether ``stored.dequantize()`` can be written into ``weight`` as one ``q * scale`` (the same
     float32 products): per-channel or per-tensor scales without zero points, int8, same shape and
-    device. Such a weight is written in place (``_dequantize_into``) or deferred to its integers."""
+    device. Such a weight is written in place (``QuantizedWeight.dequantize_into``: one pass over
+    the weight instead of a dequantized copy that ``load_state_dict`` copies again) or deferred."""
     return not (stored.group_size or stored.zero_point is not None or stored.q.dtype != torch.int8  # float8 does not promote
                 or weight.dtype != torch.float32 or tuple(weight.shape) != tuple(stored.q.shape)
                 or weight.device != stored.q.device)
-
-
-def _dequantize_into(stored: QuantizedWeight, weight: torch.Tensor) -> None:
-    """Write ``stored.dequantize()`` into ``weight`` as one ``q * scale``, instead of a dequantized
-    copy that ``load_state_dict`` copies again: one pass over the weight instead of three."""
-    with torch.no_grad():
-        torch.mul(stored.q, stored.scale, out=weight)
 
 
 def _expert_layouts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, ExpertLayout]:

@@ -109,16 +109,16 @@ expert_of_rows = torch.ops.qpass.expert_of_rows.default
 # the nodes the passes insert: under a fake mode this builds one empty tensor instead of running the
 # op's decomposition (2-8 fake aten ops: 0.3-1.1 ms a node against 0.1 ms; SmolLM2's two graphs insert
 # about 1,500 of them). Same shapes, dtypes and devices as the kernels above (``tests/test_quantize.py``).
+def _broadcast(x, scale, zero_point) -> torch.Size:
+    return torch.broadcast_shapes(x.shape, scale.shape, *(() if zero_point is None else (zero_point.shape,)))
+
+
 def _quantize_meta(x, scale, zero_point, qmin, qmax, dtype):
-    shape = torch.broadcast_shapes(x.shape, scale.shape, *(() if zero_point is None else (zero_point.shape,)))
-    return x.new_empty(shape, dtype=dtype)
+    return x.new_empty(_broadcast(x, scale, zero_point), dtype=dtype)
 
 
 def _dequantize_meta(q, scale, zero_point, group_size, out_dtype, group_dim=-1):
-    if group_size > 0:
-        return q.new_empty(q.shape, dtype=out_dtype)
-    shape = torch.broadcast_shapes(q.shape, scale.shape, *(() if zero_point is None else (zero_point.shape,)))
-    return q.new_empty(shape, dtype=out_dtype)
+    return q.new_empty(q.shape if group_size > 0 else _broadcast(q, scale, zero_point), dtype=out_dtype)
 
 
 def _choose_qparams_meta(x, per_token, symmetric, qmin, qmax):

@@ -44,6 +44,12 @@ class QuantizedWeight:
             return ops.dequantize(self.q, self.scale, self.zero_point, self.group_size, dtype, self.group_dim)
         return ops.dequantize(self.q, self.scale, self.zero_point, self.group_size, dtype)
 
+    def dequantize_into(self, out: Tensor) -> None:
+        """Write ``dequantize()`` into ``out`` as one ``q * scale`` (the same float32 products), for
+        per-channel or per-tensor int8 weights without a zero point (``qpass.load``'s weights)."""
+        with torch.no_grad():
+            torch.mul(self.q, self.scale, out=out)
+
 
 # Granularity -> (w viewed as blocks, dim(s) to reduce over for one block's range), so that
 # ``amax(view, dims, keepdim=True)`` has one entry per scale. One rule each.

@@ -364,14 +364,21 @@ class _Emit:
         self.smoothing = {qg.module_of(n): s for n, s in qg.smoothing.items()}  # path -> s (input divided by)
         self.grids: dict[str, tuple[Grid, str]] = qg.memo.setdefault("grids", {})  # path -> (grid, why), per backend
 
+    def settled_grid(self, path: str, target: Target, kernel: str) -> Grid | None:
+        """The grid ``path`` already runs on (once per backend), or the only one ``split_weights``
+        leaves it (recorded with why); None when the calibration samples have to choose."""
+        if path in self.grids:
+            return self.grids[path][0]
+        if kernel_grids(target, kernel, self.split_weights) == (GRID_SPLIT,):
+            self.grids[path] = (GRID_SPLIT, SPLIT_ALL)
+            return GRID_SPLIT
+        return None
+
     def grid(self, q: QLinear, target: Target, kernel: str) -> Grid:
         """The exact grid for ``q`` on ``target``'s ``kernel`` with the smallest output error on the
         calibration samples (the default grid without samples)."""
-        if q.path in self.grids:
-            return self.grids[q.path][0]
-        if kernel_grids(target, kernel, self.split_weights) == (GRID_SPLIT,):
-            self.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
-            return GRID_SPLIT
+        if (settled := self.settled_grid(q.path, target, kernel)) is not None:
+            return settled
         grids = cpu_grids(target, kernel)
         stats = self.calibration.get(q.path) if self.calibration is not None else None
         if len(grids) == 1 or stats is None or stats.samples is None:
@@ -981,11 +988,8 @@ def _experts_grid(e: _Emit, q: QExperts, target: Target, w_q: Tensor, w_s: Tenso
     the calibration samples, each sample multiplied by its own expert's weight (and static scale);
     errors averaged over the sampled tokens. With ``split_weights=d``, ``GRID_SPLIT`` (every
     expert's weights split) where the best 7-bit grid's error exceeds the 8-bit one's by more than d."""
-    if q.path in e.grids:
-        return e.grids[q.path][0]
-    if kernel_grids(target, "onednn", e.split_weights) == (GRID_SPLIT,):
-        e.grids[q.path] = (GRID_SPLIT, SPLIT_ALL)
-        return GRID_SPLIT
+    if (settled := e.settled_grid(q.path, target, "onednn")) is not None:
+        return settled
     grids = cpu_grids(target, "onednn")
     stats = e.calibration.get(q.path) if e.calibration is not None else None
     if len(grids) == 1 or stats is None or stats.samples is None or stats.sample_experts is None:
@@ -1034,11 +1038,17 @@ def _static_expert_scales(qg: QGraph, q: QExperts) -> tuple[Tensor, fx.Node]:
     return qg.value(gather.args[0]), gather.args[2]
 
 
+def _expert_weight_scales(qg: QGraph, q: QExperts, n: int) -> Tensor:
+    """(E, N) float32: each expert's per-output-channel (or per-tensor, broadcast) weight scales."""
+    experts = q.experts
+    return qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
+
+
 def _emit_experts_onednn(e: _Emit, q: QExperts, target: Target) -> fx.Node:
     before, a, qg = q.node, q.act, e.qg
     w_q = qg.value(q.w_q)  # (E, N, K) int8
     experts, n = w_q.shape[:2]
-    w_s = qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
+    w_s = _expert_weight_scales(qg, q, n)
     grid = _experts_grid(e, q, target, w_q, w_s)
     pws, scales, w_ks = [], [], []
     for ex in range(experts):  # GRID_SPLIT: (N, 2K) [hi | lo] halves against the activations repeated along K
@@ -1116,7 +1126,7 @@ def _emit_experts_int_mm(e: _Emit, q: QExperts, target: Target) -> fx.Node:
     before, a, qg = q.node, q.act, e.qg
     w_q = qg.value(q.w_q)  # (E, N, K) int8
     experts, n, k = w_q.shape
-    w_s = qg.value(q.w_scale).float().reshape(experts, -1).expand(experts, n).contiguous()
+    w_s = _expert_weight_scales(qg, q, n)
     pad = target.device == "cuda"
 
     def weight() -> Tensor:

@@ -475,11 +475,11 @@ def _expert_alphas(qg, config, calibration, consumers, weights, experts: int, ch
     if key in qg.memo:
         return qg.memo[key]
     alpha = config.smoothing.alpha
-    problems = []
-    if alpha in ("auto", "learned") and (config.weight is not None or config.activation is not None):
-        problems = _problems(consumers, weights, calibration)
-    if alpha not in ("auto", "learned") or not problems:
-        qg.memo[key] = torch.full((experts,), float(alpha) if alpha not in ("auto", "learned") else 0.5)
+    fixed = alpha not in ("auto", "learned")
+    quantized = config.weight is not None or config.activation is not None
+    problems = _problems(consumers, weights, calibration) if not fixed and quantized else []
+    if not problems:  # a configured alpha; or nothing quantized, or no samples: the usual 0.5
+        qg.memo[key] = torch.full((experts,), float(alpha) if fixed else 0.5)
         return qg.memo[key]
     grid = torch.tensor(config.smoothing.alpha_grid, dtype=torch.float64)
     # (grid, modes, E): per-expert errors at each alpha, summed over the fold's grouped matmuls
