@@ -96,6 +96,23 @@ class _TopkSpy(fx.Interpreter):
         return out
 
 
+def _both_graphs(qb, interpreter, ref: list, out: list):
+    """A backend that rewrites each graph with ``qb`` and runs both the captured fp32 graph and the
+    rewritten one through ``interpreter`` (recording into ``ref`` / ``out``), returning the latter's."""
+
+    def spy(gm, example_inputs):
+        qb(gm, example_inputs)
+        rewritten = qb.graphs[-1]
+
+        def run(*args):
+            interpreter(gm, ref).run(*args)
+            return interpreter(rewritten, out).run(*args)
+
+        return run
+
+    return spy
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_smoothing_only_exact_and_same_experts(arch):
     """Smoothing folds into the norm before router + experts + shared expert and per expert into
@@ -106,16 +123,7 @@ def test_smoothing_only_exact_and_same_experts(arch):
     ids = token_batches(1, seed=7)[0]
     qb = qpass.backend(SMOOTH_ONLY, calibration=calib, inductor=False)
     ref_routes, routes = [], []
-
-    def spy(gm, example_inputs):
-        qb(gm, example_inputs)
-        smoothed = qb.graphs[-1]
-
-        def run(*args):
-            _TopkSpy(gm, ref_routes).run(*args)
-            return _TopkSpy(smoothed, routes).run(*args)
-
-        return run
+    spy = _both_graphs(qb, _TopkSpy, ref_routes, routes)
 
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
@@ -488,16 +496,7 @@ def _expert_layer_error(model, calib, batches, config) -> tuple[float, object]:
     torch._dynamo.reset()
     qb = qpass.backend(config, calibration=calib, inductor=False)
     ref, out = [], []
-
-    def spy(gm, example_inputs):
-        qb(gm, example_inputs)
-        quantized = qb.graphs[-1]
-
-        def run(*args):
-            _GroupedMmSpy(gm, ref).run(*args)
-            return _GroupedMmSpy(quantized, out).run(*args)
-
-        return run
+    spy = _both_graphs(qb, _GroupedMmSpy, ref, out)
 
     compiled = torch.compile(model, backend=spy, dynamic=False)
     with torch.no_grad():

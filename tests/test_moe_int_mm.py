@@ -18,7 +18,8 @@ import qpass
 from qpass import kernels
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
-from tests.test_moe_lower import CONFIGS, E, K, N, Grouped, _check_integers, _offs, _rows, _static_calibration
+from tests.test_moe_lower import (CONFIGS, E, K, N, Grouped, _check_integers, _dynamic_calls, _lowered, _offs, _rows,
+                                  _static_calibration)
 
 pytestmark = pytest.mark.int_mm
 #: The numerical tests run ``_int_mm`` on this CPU's tensors (the fake CUDA target too): where it
@@ -46,14 +47,6 @@ SEGMENTS = {
 
 def _force(monkeypatch, target: str) -> None:
     monkeypatch.setattr(lowering.Target, "detect", staticmethod(lambda device: TARGETS[target]))
-
-
-def _lowered(model, config, calib, x, offs, *, inductor, dynamic=False):
-    torch._dynamo.reset()
-    backend = qpass.backend(config, calibration=calib, inductor=inductor)
-    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
-    with torch.no_grad():
-        return compiled(x, offs), backend, compiled
 
 
 def _int64_grouped(x, offs, w):
@@ -157,17 +150,10 @@ def test_inductor_dynamic_segments_and_one_token(monkeypatch, name, target):
     torch.manual_seed(0)
     model = Grouped(False).eval()
     config = CONFIGS[name].replace(smoothing=None)
-    compiled = None
-    for segments in ((3, 0, 1, 5), (0, 0, 9, 0), (2, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 0)):
-        offs = _offs(segments)
-        x = _rows(offs[-1].item(), seed=sum(segments), worst_case=False)
-        if compiled is None:
-            y, backend, compiled = _lowered(model, config, None, x, offs, inductor=True, dynamic=True)
-        else:
-            with torch.no_grad():
-                y = compiled(x, offs)
+    layouts = ((3, 0, 1, 5), (0, 0, 9, 0), (2, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 0))
+    for offs, x, y, backend in _dynamic_calls(model, config, layouts):
         _check_integers(model, config, None, x, offs, y, lowering.GRID_8BIT)
-        assert len(backend.graphs) == (1 if offs[-1] > 1 else 2), (segments, len(backend.graphs))
+        assert len(backend.graphs) == (1 if offs[-1] > 1 else 2), (offs.tolist(), len(backend.graphs))
     assert backend.report.rows["gate_up_proj"].kernel == lowering.experts_label(None, KERNEL[target])
 
 

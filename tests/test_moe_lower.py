@@ -117,6 +117,21 @@ def _lowered(model, config, calib, x, offs, *, dynamic=False, inductor=False):
         return compiled(x, offs), backend, compiled
 
 
+def _dynamic_calls(model, config, layouts):
+    """One Inductor compile with ``dynamic=True`` at the first segment layout, then a call at each:
+    yields ``(offs, x, y, backend)`` per layout, the rows drawn as ``_rows`` draws them."""
+    compiled = None
+    for segments in layouts:
+        offs = _offs(segments)
+        x = _rows(offs[-1].item(), seed=sum(segments), worst_case=False)
+        if compiled is None:
+            y, backend, compiled = _lowered(model, config, None, x, offs, dynamic=True, inductor=True)
+        else:
+            with torch.no_grad():
+                y = compiled(x, offs)
+        yield offs, x, y, backend
+
+
 def _integer_error(model, config, calib, x, offs, y, grid) -> tuple[float, float]:
     """(largest difference from the integer reference in integer units, its tolerance)."""
     acc, unit = _int_reference(model, x, offs, config, calib, grid)
@@ -226,15 +241,7 @@ def test_inductor_dynamic_shapes_one_graph_for_every_row_count():
     row count and segment layout from one graph; each call equals the integer reference."""
     model = Grouped(False).eval()
     config = CONFIGS["sym per-token"].replace(smoothing=None)
-    compiled = None
-    for segments in ((3, 0, 1, 5), (1, 1, 1, 1), (0, 7, 0, 2), (2, 0, 0, 0)):
-        offs = _offs(segments)
-        x = _rows(offs[-1].item(), seed=sum(segments), worst_case=False)
-        if compiled is None:
-            y, backend, compiled = _lowered(model, config, None, x, offs, dynamic=True, inductor=True)
-        else:
-            with torch.no_grad():
-                y = compiled(x, offs)
+    for offs, x, y, backend in _dynamic_calls(model, config, ((3, 0, 1, 5), (1, 1, 1, 1), (0, 7, 0, 2), (2, 0, 0, 0))):
         _check_integers(model, config, None, x, offs, y, lowering.kernel_grids(CPU, "onednn", config.split_weights)[0])
     assert len(backend.graphs) == 1
     assert backend.report.rows["gate_up_proj"].kernel.startswith(lowering.EXPERTS_KERNEL[:-1])
