@@ -92,9 +92,13 @@ def int_reference(model: Proj, x: torch.Tensor, config: qpass.QuantConfig, calib
                   grid: lowering.Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """``(acc, unit)``: the exact int64 dot products on ``grid`` and the float value of one integer
     unit per element (activation scale x weight scale), written out from the definitions."""
-    w = model.proj.weight.detach().double()
-    s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).float().double()
-    w8 = torch.clamp(torch.round(w / s8[:, None]), -127, 127)
+    w = model.proj.weight.detach().float()
+    s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    # In float32, as ``qpass.quantize`` defines it (and as a checkpoint's weights are quantized): a
+    # float32 quotient can round onto a tie its float64 value misses (-0.21818244 / 0.0028520580 is
+    # -76.5 in float32, rounded half to even to -76; -76.5000016 in float64, -77).
+    w8 = torch.clamp(torch.round(w / s8[:, None]), -127, 127).double()
+    s8 = s8.double()
     qw, qa = grid.w_qmax, grid.act_qmax
     w_k = torch.clamp(torch.round(w8 * qw / 127), -qw, qw)  # requantized from the int8 weights
     s_k = s8 * 127 / qw

@@ -82,9 +82,10 @@ def _int_reference(model: Grouped, x, offs, config, calib, grid):
     """``(acc, unit)``: the exact int64 dot products on ``grid``, row by row with its expert's weight,
     and the float value of one integer unit per element."""
     ids = qpass.ops.expert_of_rows(x, offs)
-    w = model.gate_up_proj.detach().double()
-    s8 = (w.abs().amax(dim=2) / 127).clamp(min=1e-12).float().double()  # (E, N)
-    w8 = torch.clamp(torch.round(w / s8[..., None]), -127, 127)
+    w = model.gate_up_proj.detach().float()
+    s8 = (w.abs().amax(dim=2) / 127).clamp(min=1e-12)  # (E, N)
+    w8 = torch.clamp(torch.round(w / s8[..., None]), -127, 127).double()  # in float32: see linears.int_reference
+    s8 = s8.double()
     qw, qa = grid.w_qmax, grid.act_qmax
     w_k = torch.clamp(torch.round(w8 * qw / 127), -qw, qw)[ids]  # (rows, N, K)
     s_k = (s8 * 127 / qw)[ids]  # (rows, N)
@@ -169,6 +170,39 @@ def test_lowered_experts_equal_integer_reference(monkeypatch, name, grid, worst_
     _check_integers(model, config, calib, x, offs, y, used)
 
 
+#: A weight row (absmax A) and weight B whose quotient B / (A / 127) is a tie in float32 (-76.5) but
+#: not in float64 (-76.5000016): a weight of a random draw once (torch.manual_seed(6) plus one draw).
+TIE_ABSMAX, TIE_WEIGHT = 0.3622113764286041, -0.21818244457244873
+
+
+@pytest.mark.parametrize("grid", [None, lowering.GRID_SPLIT], ids=["probed", "split-weights"])
+def test_weight_on_a_float32_tie_rounds_half_to_even(monkeypatch, grid):
+    """A weight whose float32 quotient by its scale is exactly -76.5: the kernel's integer is -76 (round
+    half to even in float32, as ``qpass.quantize`` defines it and the reference path computes) and the
+    integer check's reference rounds it the same way (in float64 it made it -77: off by the
+    activation's integer on every row of the expert). The 8-bit integers: the probed grid and the split
+    weights (a 7-bit weight grid maps -76 and -77 to the same integer)."""
+    if grid is not None:
+        monkeypatch.setattr(lowering, "cpu_grids", lambda target, kernel: (grid,))
+    scale = torch.tensor(TIE_ABSMAX) / 127
+    assert torch.round(torch.tensor(TIE_WEIGHT) / scale).item() == -76.0
+    assert torch.round(torch.tensor(TIE_WEIGHT, dtype=torch.float64) / scale.double()).item() == -77.0
+    torch.manual_seed(0)
+    model = Grouped(False).eval()
+    with torch.no_grad():
+        row = model.gate_up_proj[3, 7]
+        row.clamp_(-TIE_ABSMAX / 2, TIE_ABSMAX / 2)
+        row[0], row[21] = TIE_ABSMAX, TIE_WEIGHT
+    offs = _offs(SEGMENTS)
+    x = _rows(offs[-1].item(), seed=3, worst_case=False)
+    x[:, 21] = 5.0  # a few integer units on every row, so the weight's unit shows
+    config = CONFIGS["sym per-token"].replace(smoothing=None)
+    y, backend, _ = _lowered(model, config, None, x, offs)
+    used = grid or lowering.kernel_grids(CPU, "onednn", config.split_weights)[0]
+    assert backend.report.rows["gate_up_proj"].kernel == lowering.experts_label(used)
+    _check_integers(model, config, None, x, offs, y, used)
+
+
 def _forced_grid_runs(force, grids) -> list[list]:
     """``[config, grid note, err, tol]`` for every config on worst-case operands, each grid forced
     in turn by ``force(grid)``: the integer check's numbers, for a subprocess to report."""
@@ -239,6 +273,7 @@ def test_rows_past_the_last_segment_are_zero_and_segments_may_be_empty():
 def test_inductor_dynamic_shapes_one_graph_for_every_row_count():
     """``torch.compile(..., dynamic=True)`` with Inductor: the op's fake implementation serves every
     row count and segment layout from one graph; each call equals the integer reference."""
+    torch.manual_seed(0)
     model = Grouped(False).eval()
     config = CONFIGS["sym per-token"].replace(smoothing=None)
     for offs, x, y, backend in _dynamic_calls(model, config, ((3, 0, 1, 5), (1, 1, 1, 1), (0, 7, 0, 2), (2, 0, 0, 0))):
