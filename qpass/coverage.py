@@ -50,14 +50,14 @@ def survey(qg: QGraph, report: Report, names: Mapping[torch.Tensor, str] | None 
 
 def no_linear_warning(qg: QGraph, model_class: str | None) -> str | None:
     """The warning for a graph that holds parameters but no linear qpass can quantize; None otherwise."""
-    if not qg.params or qg.linears():
+    if not qg.params or qg.linears() or qg.experts():
         return None
     paths = sorted({_canonical(qg, n, None) for n in qg.params})
     values = sum(v.numel() for _, v in qg.params.values())
     who = model_class or _outer_class(qg) or "the compiled function"
     return (
         f"qpass: a compiled graph of {who} holds {len(paths)} parameters ({values:,} values) but no linear "
-        f"qpass can quantize (nn.Linear, F.linear, x @ W.T, addmm); they stay in full precision: {', '.join(paths)}"
+        f"qpass can quantize (nn.Linear, F.linear, x @ W.T, addmm, fused experts' grouped matmuls); they stay in full precision: {', '.join(paths)}"
     )
 
 

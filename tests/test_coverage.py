@@ -89,7 +89,8 @@ def test_graph_without_linear_warns_once_naming_the_model(caplog):
     warnings = [r.getMessage() for r in caplog.records if "no linear" in r.getMessage()]
     assert warnings == [
         "qpass: a compiled graph of _Experts holds 3 parameters (1,056 values) but no linear qpass can quantize "
-        "(nn.Linear, F.linear, x @ W.T, addmm); they stay in full precision: experts, norm.bias, norm.weight"
+        "(nn.Linear, F.linear, x @ W.T, addmm, fused experts' grouped matmuls); they stay in full precision: "
+        "experts, norm.bias, norm.weight"
     ]
     report = backend.report
     assert report.full_precision_reason("experts") == "read by bmm (not a linear qpass quantizes)"
@@ -97,6 +98,31 @@ def test_graph_without_linear_warns_once_naming_the_model(caplog):
         "  experts         1,024   97.0%  read by bmm (not a linear qpass quantizes)",
         "  and 2 vectors and scalars (norm weights, biases): 32 parameters, 3.0%",
     ]
+
+
+class _GroupedExperts(nn.Module):
+    """Fused experts alone, run as transformers runs them (a grouped matmul over (E, N, K))."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 16) / 4)
+
+    def forward(self, x, offs):
+        from transformers.integrations.moe import _grouped_mm
+
+        return _grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
+
+
+def test_graph_with_fused_experts_alone_does_not_warn(caplog):
+    """A graph whose only weight is a fused expert weight quantizes it: no 'no linear' warning."""
+    torch.manual_seed(0)
+    module, x = _GroupedExperts().eval(), torch.randn(6, 16)
+    offs = torch.tensor([2, 2, 5, 6], dtype=torch.int32)
+    backend = qpass.backend(qpass.preset("w8a8_dynamic", smoothing=None), inductor=False)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="qpass"):
+        torch.compile(module, backend=backend, dynamic=False)(x, offs)
+    assert [r.getMessage() for r in caplog.records if "no linear" in r.getMessage()] == []
+    assert backend.report.stages()["quantized"] == ["gate_up_proj"]
 
 
 class _EagerTail(nn.Module):
