@@ -125,7 +125,8 @@ def test_int_mm_llama_equals_reference_path(preset):
 
 def test_int_mm_prefill_and_decode_share_one_weight_copy():
     """Prefill and decode graphs of one backend read the same int8 tensors (nothing packed, no
-    second copy for another kernel)."""
+    second copy for another kernel), and the same per-layer weight sums of the asymmetric
+    activations' zero-point correction (computed once per layer)."""
     model = tiny_model("llama", layers=1)
     backend = qpass.backend("w8a8_dynamic", inductor=False)
     compiled = torch.compile(model, backend=backend, dynamic=False)
@@ -133,12 +134,16 @@ def test_int_mm_prefill_and_decode_share_one_weight_copy():
         compiled(token_batches(1, batch=1, seq=8)[0], use_cache=False)
         compiled(token_batches(1, batch=1, seq=1)[0], use_cache=False)
     assert len(backend.graphs) == 2
-    storages = []
+    storages, colsums = [], []
     for gm in backend.graphs:
         int8 = {name: t for name, t in gm.named_buffers() if t.dtype == torch.int8}
         assert len(int8) == 4 and not any(t.is_mkldnn for t in gm.buffers())
         storages.append({t.untyped_storage().data_ptr() for t in int8.values()})
+        colsum = [t for name, t in gm.named_buffers() if name.endswith("weight_colsum")]
+        assert len(colsum) == 4
+        colsums.append({t.untyped_storage().data_ptr() for t in colsum})
     assert storages[0] == storages[1]
+    assert colsums[0] == colsums[1]
 
 
 _AVX2_SCRIPT = """

@@ -478,7 +478,9 @@ class _Emit:
         ``y = x_u8 @ (w_q * w_s).T`` (``zp`` of shape (..., 1) per token, or (1,) per tensor)."""
         if zp is None:
             return y
-        colsum = self.qg.constant(f"{q.path}.{name}", (w_q.double().sum(dim=1) * w_s.double()).float())
+        # once per backend and layer (exact: an int8 row sums exactly in int32), shared by its graphs
+        colsum = self.packed(name, q.path, w_q, w_s, lambda: (w_q.sum(dim=1, dtype=torch.int32).double() * w_s.double()).float())
+        colsum = self.qg.constant(f"{q.path}.{name}", colsum)
         return self.call(torch.sub, (y, self.call(torch.mul, (zp, colsum), before)), before)
 
     def finish(self, q: QLinear, y: fx.Node, scale: fx.Node | None, bias: fx.Node | None, before: fx.Node) -> fx.Node:
