@@ -541,6 +541,20 @@ def _eager_mlp_raises_once(deferred, written):
         assert torch.equal(deferred(ids, use_cache=False).logits, written(ids, use_cache=False).logits)
 
 
+def test_a_loaded_models_forward_compiled_by_the_user_reads_the_stored_weights(saved_one_layer):
+    """``del model.forward`` and a plain ``torch.compile`` of it (no qpass backend): the graph Dynamo
+    captures reads the deferred weights, which are written at capture, so it computes the model
+    whose weights were written (not unwritten memory)."""
+    deferred, backend, written = _deferred_and_written(saved_one_layer)
+    del deferred.forward
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        got = torch.compile(deferred.forward, backend="eager", dynamic=False)(ids, use_cache=False).logits
+        want = type(written).forward(written, ids, use_cache=False).logits
+    assert not any(isinstance(p, qpass.DeferredParameter) for p in deferred.parameters())
+    assert torch.equal(got, want)
+
+
 def test_a_deferred_per_token_layer_of_a_static_checkpoint_read_eagerly_raises(tmp_path):
     """The same for a static checkpoint's per-token layers (static attention, per-token MLP): the
     calibration ``qpass.load`` builds from the static scales lists only the attention, yet the MLP's
