@@ -115,8 +115,8 @@ def vet_calibration(qg: QGraph, config: QuantConfig, calibration: Calibration | 
 
 
 def _needs_no_stats(config: QuantConfig, path: str) -> bool:
-    """A layer whose statistics nothing would use: no smoothing, per-token dynamic, no outlier split."""
-    return config.smoothing is None and config.outliers is None and config.runs_dynamic(path)
+    """A layer whose statistics nothing would use: weight-only, or no smoothing, per-token dynamic, no outlier split."""
+    return config.quantizes_weight_only(path) or (config.smoothing is None and config.outliers is None and config.runs_dynamic(path))
 
 
 def _refuse(calibration: Calibration, problems: list[_Unusable]) -> None:

@@ -298,6 +298,11 @@ class QuantConfig:
     any single static scale useless for a few layers, e.g. SmolLM2's down_proj in layers 11 and 28).
     ``dynamic_layers`` names layers that run per-token dynamic activations under a static config
     (what a saved checkpoint records for its per-token fallbacks; ``qpass.load`` sets it).
+    ``weight_only`` names layers (paths or globs, e.g. ``("lm_head",)``) whose weights are quantized
+    as ``weight`` says while their activations stay in floating point and they are not smoothed; it
+    wins over ``skip`` for the layers it names. The presets skip ``lm_head``, SmolLM2's 113 MB of fp32
+    read per generated token; ``weight_only=("lm_head",)`` stores it as int8 and, at one token, runs
+    it as a reduction over the stored integers.
     ``split_weights`` (lowering on CPUs whose int8 kernels saturate int16 pair sums, i.e. without
     VNNI): ``0.0`` (the default) runs every int8 linear with its weights split into two 7-bit halves
     (one GEMM of twice the depth: exactly the reference's 8-bit integers, at about twice the GEMM
@@ -321,14 +326,22 @@ class QuantConfig:
     dynamic_layers: tuple[str, ...] = ()  # static activations: these layers (paths or globs) run per-token dynamic
     integer_only: IntegerOnly | None = None  # I-LLM: no float op between embedding and lm_head (qpass.passes.integer)
     split_weights: float | None = 0.0
+    weight_only: tuple[str, ...] = ()  # these layers (paths or globs): weights as ``weight`` says, activations float
 
     def __post_init__(self) -> None:
         if not isinstance(self.dynamic_layers, tuple) or not all(isinstance(s, str) for s in self.dynamic_layers):
             raise TypeError(f"QuantConfig.dynamic_layers must be a tuple of module paths, got {self.dynamic_layers!r}")
         if self.dynamic_layers and (self.activation is None or self.activation.dynamic):
             raise ValueError("QuantConfig.dynamic_layers applies to static activations only (activation.dynamic=False)")
-        if isinstance(self.skip, list):
-            object.__setattr__(self, "skip", tuple(self.skip))  # stays hashable
+        for name in ("skip", "weight_only"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))  # stays hashable
+        if not isinstance(self.weight_only, tuple) or not all(isinstance(s, str) for s in self.weight_only):
+            raise TypeError(f"QuantConfig.weight_only must be a tuple of module paths, got {self.weight_only!r}")
+        if self.weight_only and self.weight is None:
+            raise ValueError("QuantConfig.weight_only: the config quantizes no weights")
+        if self.weight_only and self.integer_only is not None:
+            raise ValueError("QuantConfig.weight_only: the integer-only region has no float activations; use skip")
         if not isinstance(self.skip, tuple) or not all(isinstance(s, str) for s in self.skip):
             raise TypeError(f"QuantConfig.skip must be a tuple of module paths, got {self.skip!r}")
         for name, kind in (("weight", QuantSpec), ("activation", QuantSpec), ("smoothing", Smoothing), ("outliers", OutlierSplit)):
@@ -387,8 +400,13 @@ class QuantConfig:
         return any(skip_matches(s, path) for s in self.dynamic_layers)
 
     def skips(self, path: str) -> bool:
-        """True if the module at ``path`` is excluded by ``skip``."""
-        return any(skip_matches(s, path) for s in self.skip)
+        """True if the module at ``path`` is excluded by ``skip`` (and not named by ``weight_only``)."""
+        return any(skip_matches(s, path) for s in self.skip) and not self.quantizes_weight_only(path)
+
+    def quantizes_weight_only(self, path: str) -> bool:
+        """True if the linear at ``path`` is named by ``weight_only``: its weight quantized as
+        ``weight`` says, its input left in floating point, no smoothing."""
+        return any(skip_matches(s, path) for s in self.weight_only)
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

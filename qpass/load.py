@@ -248,6 +248,7 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path,
     ignore = qc.get("ignore") or []
     layers: dict[str, bool] = {}
     weights, acts = set(), set()
+    float_inputs: list[str] = []  # layers of a group without input activations
     for name, group in qc["config_groups"].items():
         w, a = group.get("weights"), group.get("input_activations")
         if w is None:
@@ -259,6 +260,8 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path,
             if path in layers or not is_match(path, module, group["targets"], ignore):
                 continue
             layers[path] = act is not None and not act.dynamic
+            if act is None:
+                float_inputs.append(path)
         for param, layout in (experts or {}).items():
             hits = [is_match(n, _LINEAR, group["targets"], ignore) for n in layout.all_names()]
             if any(hits) and param not in layers:
@@ -266,21 +269,27 @@ def _config(qc: dict, linears: dict[str, nn.Module], directory: Path,
                     raise ValueError(f"qpass.load: {directory}: config group {name} quantizes only some experts of "
                                      f"{param} ({sum(hits)} of {len(hits)} linears); the fused weight takes one scheme")
                 layers[param] = act is not None and not act.dynamic
+                if act is None:
+                    float_inputs.append(param)
     if len(weights) != 1:
         raise ValueError(f"qpass.load: {directory}: config groups with different weight schemes are not read yet")
     static = any(layers.values())
     kinds = {a for a in acts if a is not None}
-    if None in acts and kinds or len({(d, s) for d, s, _ in kinds}) > 1:
+    if len({(d, s) for d, s, _ in kinds}) > 1:
         raise ValueError(f"qpass.load: {directory}: config groups with different activation types are not read yet")
+    weight_only = tuple(float_inputs) if kinds else ()  # weight-only layers beside quantized activations
+    if kinds and (mixed := [p for p in float_inputs if p in (experts or {})]):
+        raise ValueError(f"qpass.load: {directory}: fused experts {mixed[0]} without input activations beside "
+                         "quantized ones are not read yet")
     weight = weights.pop()
     activation = None
     if kinds:
         dtype, symmetric, _ = next(iter(kinds))
         activation = QuantSpec(dtype, PerTensor(), symmetric=symmetric, dynamic=False) if static else QuantSpec(
             dtype, PerToken() if any(t for *_, t in kinds) else PerTensor(), symmetric=symmetric)
-    dynamic_layers = tuple(p for p, st in layers.items() if not st) if static else ()
+    dynamic_layers = tuple(p for p, st in layers.items() if not st and p not in weight_only) if static else ()
     skip = tuple(p for p in linears if p not in layers)
-    return QuantConfig(weight, activation, None, skip=skip, dynamic_layers=dynamic_layers), layers
+    return QuantConfig(weight, activation, None, skip=skip, dynamic_layers=dynamic_layers, weight_only=weight_only), layers
 
 
 def _unpacked(tensors: dict[str, torch.Tensor], path: str, spec: QuantSpec) -> QuantizedWeight:

@@ -159,7 +159,7 @@ def save(
                 "per-tensor or per-group (along the input)"
             )
         weight = _weight_args(config.weight, "per-tensor" not in row.weight)
-        act = _act_args(config.activation, layer.per_token)
+        act = None if config.quantizes_weight_only(path) else _act_args(config.activation, layer.per_token)
         if not layer.target:  # per-expert linears have no parameter of their own (the fused one is popped)
             state.pop(f"{path}.weight")
         if config.weight.dtype == "int4":
@@ -195,7 +195,11 @@ def save(
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = qconfig.model_dump(exclude_none=False)
     hf_config["quantization_config"]["quant_method"] = "compressed-tensors"
-    state = _untie(model, state)
+    state, untied = _untie(model, state, {f"{path}.weight" for path in linears})
+    if untied:  # a tied embedding's lm_head stored quantized: the checkpoint holds two weights now
+        hf_config["tie_word_embeddings"] = False
+        logger.info("qpass.save: %s quantized apart from the embedding it was tied to (tie_word_embeddings=false)",
+                    ", ".join(untied))
     _atomic(directory / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
     _atomic(directory / "config.json", lambda f: Path(f).write_text(json.dumps(hf_config, indent=2, default=str)))
     if getattr(model, "generation_config", None) is not None:
@@ -355,15 +359,21 @@ def _act_args(spec: QuantSpec | None, per_token_fallback: bool) -> dict | None:
     return dict(num_bits=8, type=kind, symmetric=spec.symmetric, strategy="tensor", dynamic=spec.dynamic)
 
 
-def _untie(model: nn.Module, state: dict) -> dict:
+def _untie(model: nn.Module, state: dict, quantized: set[str]) -> tuple[dict, list[str]]:
     """Drop the second name of tied parameters (``lm_head.weight`` of a tied embedding), as
-    ``save_pretrained`` does; safetensors refuses two names for one storage."""
+    ``save_pretrained`` does; safetensors refuses two names for one storage. A name that holds a
+    quantized weight (``quantized``: e.g. ``lm_head`` under ``QuantConfig.weight_only``) keeps it:
+    its module is returned, and the checkpoint says the weights are no longer tied."""
     seen: dict[int, str] = {}
+    untied = []
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen and name in state and seen[id(p)] in state:
-            state.pop(name)
+            if name in quantized or seen[id(p)] in quantized:
+                untied.append(name.removesuffix(".weight") if name in quantized else seen[id(p)].removesuffix(".weight"))
+            else:
+                state.pop(name)
         seen.setdefault(id(p), name)
-    return state
+    return state, untied
 
 
 def _atomic(path: Path, write) -> None:

@@ -131,6 +131,42 @@ def test_weight_only_fallback_names_the_layer(caplog, name, k, n, dtype, weight,
     assert torch.equal(y, y_ref)
 
 
+RED = lowering.KERNELS["cpu_wo_reduction"].label
+#: weight layouts the reference path dequantizes, all of them for the one-token reduction
+REDUCTION_SPECS = {
+    "int8 per-channel": qpass.QuantSpec("int8", qpass.PerOutputChannel()),
+    "int8 asymmetric": qpass.QuantSpec("int8", qpass.PerOutputChannel(), symmetric=False),
+    "int4 groups of 32": qpass.QuantSpec("int4", qpass.PerGroup(32), symmetric=False, zero_point="int"),
+    "int3 per-input-channel groups": qpass.QuantSpec("int3", qpass.PerInputChannelGroup(16), symmetric=False),
+}
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager", "inductor"])
+@pytest.mark.parametrize("spec", REDUCTION_SPECS.values(), ids=REDUCTION_SPECS.keys())
+def test_float32_weight_only_at_one_token_is_a_reduction_over_the_stored_integers(spec, inductor):
+    """One float32 token through a weight-only linear: ``sum(x * dequantize(W_q, ...), -1) + b``,
+    the reference's products in another summation order (1e-6 relative); at 2 tokens the reference
+    path as before. Under Inductor no float32 copy of the weight is made: the generated code
+    allocates no (N, K) buffer and calls no GEMM."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _proj(64, 48, True, torch.float32, seed=2)
+    config = qpass.preset("w8a16", weight=spec)
+    x = torch.randn(1, 1, 64)
+    y_ref, _ = _run(model, config, x, lower=False, inductor=inductor)
+    if inductor:
+        (y, backend), code = run_and_get_code(_run, model, config, x, inductor=True)
+        code = "\n".join(code)
+        assert "empty_strided_cpu((48, 64)" not in code and "extern_kernels." not in code.split("def call")[-1]
+        assert code.count("async_compile.cpp_pybinding") == 1  # dequantize, multiply, sum and bias: one kernel
+    else:
+        y, backend = _run(model, config, x)
+    assert backend.report.rows["proj"].kernel == RED
+    assert ((y - y_ref).abs().max() / y_ref.abs().max()).item() < 1e-6
+    _, backend = _run(model, config, torch.randn(1, 2, 64), inductor=inductor)
+    assert backend.report.rows["proj"].kernel.startswith("reference (")
+
+
 def test_weight_only_kernels_through_inductor():
     """Inductor compiles both kernels with their constants (packed int4 weight, bf16 scales) and
     gives the eager lowered graph's output up to bf16 rounding of the bias add."""

@@ -197,6 +197,9 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
     backend has a calibration at all (without one, static scales are a configuration error; with
     one, such a layer falls back to what needs no statistics, and ``qpass.checks`` said why)."""
     wspec, aspec = config.weight, config.activation
+    if config.quantizes_weight_only(site.path):
+        aspec = None
+        _note(row, "weight-only (QuantConfig.weight_only)")
     w = fp32_value(qg, site.weight_node)  # a half model's smoothed weight before its rounding to half
     w = (w.t() if site.weight_t else w).detach()
     view = act_view(qg, site, stats)
@@ -209,7 +212,9 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
         row.reason = f"{row.reason}; adadim: {why}" if row.reason else f"adadim: {why}"
     aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row, "statistics for a static scale")
 
-    if config.outliers is not None and view is None:
+    if aspec is None:  # weight-only: nothing to split
+        outliers = None
+    elif config.outliers is not None and view is None:
         if not calibrated:
             raise ValueError(f"{site.path}: OutlierSplit needs calibration statistics (pass calibration=qpass.calibrate(...))")
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
@@ -366,6 +371,9 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
 
 def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
     wspec, aspec = config.weight, config.activation
+    if config.quantizes_weight_only(site.path):
+        raise ValueError(f"{site.path}: QuantConfig.weight_only names dense linears; fused experts take the config's "
+                         "activation spec (or skip them)")
     w = fp32_value(qg, site.weight_node).transpose(1, 2).detach()  # (E, N, K): each expert's weight
     experts, k = w.shape[0], w.shape[2]
     granularity = wspec.granularity

@@ -137,6 +137,9 @@ def smooth(qg: QGraph, config: QuantConfig, calibration: Calibration | None, rep
         if config.skips(site.path):
             row.smoothing, row.reason = "none", "skipped by config"
             continue
+        if config.quantizes_weight_only(site.path):  # float activations: nothing to smooth for
+            row.smoothing = "none"
+            continue
         router = isinstance(site, LinearSite) and qg.is_router(site)
         if (calibration is None or site.path not in calibration) and not router:
             # qpass.checks.vet_calibration left out statistics that are missing, non-finite or of
