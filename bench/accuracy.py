@@ -102,6 +102,9 @@ VARIANTS: dict[str, qpass.QuantConfig] = {
     # lm_head quantized too (bench/speed.py --int8-lm-head): decode reads a quarter of its bytes
     "w8a8_dynamic int8 lm_head": qpass.preset("w8a8_dynamic", skip=()),
     "w8a8_static int8 lm_head": qpass.preset("w8a8_static", skip=()),
+    # lm_head's weights int8, its input float (QuantConfig.weight_only): one token runs it as a reduction over the integers
+    "w8a8_dynamic weight-only lm_head": qpass.preset("w8a8_dynamic", weight_only=("lm_head",)),
+    "w8a8_static weight-only lm_head": qpass.preset("w8a8_static", weight_only=("lm_head",)),
     # CPUs without VNNI: int8 weights split into two 7-bit halves where the best 7-bit grid's output error on
     # the calibration samples exceeds the 8-bit integers' by more than d ("all": d = 0, every linear)
     "w8a8_dynamic split all": qpass.preset("w8a8_dynamic", split_weights=0.0),

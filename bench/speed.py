@@ -296,7 +296,8 @@ def _torchao_weight_only(model: nn.Module):
 
 
 def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False,
-               variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False, cpp_wrapper: bool = False):
+               variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False, cpp_wrapper: bool = False,
+               weight_only_lm_head: bool = False):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
     if inductor:
@@ -321,6 +322,7 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
             yield "torchao int8 dynamic (freezing)" + CPP_WRAPPER, make_torchao_cpp
     calib = None
     runs = [(name, "") for name in [*presets, *variants]] + [(name, " (int8 lm_head)") for name in presets if int8_lm_head]
+    runs += [(name, WEIGHT_ONLY_HEAD) for name in presets if weight_only_lm_head]
     runs += [(name, ONEDNN_DECODE) for name in presets if onednn_decode]
     runs += [(name, CPP_WRAPPER) for name in presets if cpp_wrapper]
     for name, variant in runs:
@@ -328,6 +330,7 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
             nonlocal calib
             config = VARIANTS.get(name) or qpass.preset(name)
             config = config.replace(skip=()) if variant == " (int8 lm_head)" else config
+            config = config.replace(weight_only=("lm_head",)) if variant == WEIGHT_ONLY_HEAD else config
             needs_calib = config.activation is not None or config.outliers is not None or config.smoothing is not None
             if calib is None and needs_calib:
                 device = next(model.parameters()).device
@@ -340,6 +343,10 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                              scope=scope, backend=backend)
         yield f"qpass {name}{variant}", make_qpass
 
+
+#: The preset with ``lm_head``'s weights int8 and its input float (``QuantConfig.weight_only``): at one
+#: token a reduction over the stored integers, a quarter of the fp32 head's bytes.
+WEIGHT_ONLY_HEAD = " (int8 weight-only lm_head)"
 
 #: The preset with oneDNN at every token count (``lower.DECODE_M = 0`` while it compiles): one packed
 #: copy per int8 linear instead of oneDNN's for prefill plus FBGEMM's for decode.
@@ -413,7 +420,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
                                   args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
-                                  cpp_wrapper=args.cpp_wrapper):
+                                  cpp_wrapper=args.cpp_wrapper, weight_only_lm_head=args.weight_only_lm_head):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -490,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--calib-batches", type=int, default=8, help="SmolLM2 calibration batches of 512 tokens")
     parser.add_argument("--int8-lm-head", action="store_true", help="also each preset with lm_head quantized (skip=())")
+    parser.add_argument("--weight-only-lm-head", action="store_true",
+                        help="also each preset with lm_head's weights int8, its input float (weight_only=('lm_head',))")
     parser.add_argument("--onednn-decode", action="store_true",
                         help="also each preset with oneDNN at decode too (FBGEMM otherwise): one packed copy per linear")
     parser.add_argument("--cpp-wrapper", action="store_true",

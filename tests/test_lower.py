@@ -533,7 +533,7 @@ def test_lowering_leaves_user_weights_untouched():
 
 
 def test_kernels_registry_keys_match_report_labels():
-    assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cpu_int_mm", "cuda_int8", "cuda_fp8", "cpu_w8", "cpu_w4"}
+    assert set(lowering.KERNELS) == {"onednn", "fbgemm", "cpu_int_mm", "cuda_int8", "cuda_fp8", "cpu_w8", "cpu_w4", "cpu_wo_reduction"}
     assert kernels.kernel_available("onednn") == CPU.onednn
 
 
