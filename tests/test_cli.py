@@ -198,6 +198,19 @@ def test_quantize_from_a_saved_calibration_file(quantized, tmp_path, capsys):
     assert group["input_activations"] is None and group["weights"]["num_bits"] == 8
 
 
+def test_quantize_with_a_weight_only_lm_head(quantized, tmp_path):
+    """``--weight-only lm_head``: the head's own config group, int8 weights, no input activations."""
+    model_dir, _, calib_file, _, _ = quantized
+    out = tmp_path / "head"
+    argv = ["quantize", str(model_dir), "--preset", "w8a8_dynamic", "--calib", str(calib_file), "--weight-only", "lm_head",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    head = [g for g in qc["config_groups"].values() if g["targets"] == ["lm_head"]]
+    assert len(head) == 1 and head[0]["input_activations"] is None and head[0]["weights"]["num_bits"] == 8
+    assert "lm_head" not in qc["ignore"]
+
+
 def _bad_inputs(root: Path, model_dir: Path, text: Path, out: Path) -> list[tuple[list[str], str]]:
     missing, plain = root / "missing", root / "plain"
     plain.mkdir(exist_ok=True)
@@ -233,6 +246,8 @@ def _bad_inputs(root: Path, model_dir: Path, text: Path, out: Path) -> list[tupl
         (["quantize", str(model_dir), "--calib", str(text), "--out", str(full)],
          f"qpass quantize: error: --out {full}: exists and is not empty (pass --overwrite to write into it)"),
         ([*q, "--calib-batches", "0"], "qpass quantize: error: --calib-batches must be at least 1, got 0"),
+        ([*q, "--preset", "illm_w8a8", "--weight-only", "lm_head"], "qpass quantize: error: --weight-only: "
+         "QuantConfig.weight_only: the integer-only region has no float activations; use skip"),
         (["eval", str(missing)], f"qpass eval: error: DIR {missing}: no such directory"),
         (["eval", str(model_dir)],
          f"qpass eval: error: DIR {model_dir}: not a compressed-tensors checkpoint (write one with qpass quantize)"),
