@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--presets", nargs="+", default=["w8a8_dynamic", "w8a8_static"])
     parser.add_argument("--contenders", nargs="+", default=None, help="names to run (default: all but fp32 eager)")
+    parser.add_argument("--weight-only-lm-head", action="store_true",
+                        help="also each preset with lm_head's weights int8, its input float (bench/speed.py's flag)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model, desc, batches = speed.load(args.model, args.layers, device, torch.float32)
     w = speed.Workloads(model, 8, args.context, device)
     print(f"{desc}: decode 1 token after {args.context}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    for label, make in speed.contenders(model, args.presets, batches, torchao=True):
+    for label, make in speed.contenders(model, args.presets, batches, torchao=True, weight_only_lm_head=args.weight_only_lm_head):
         if (args.contenders and label not in args.contenders) or (not args.contenders and label == "fp32 eager"):
             continue
         torch._dynamo.reset()

@@ -1,9 +1,12 @@
 """Float linears at decode as Inductor reductions (``qpass.passes.decode``)."""
 
+import unittest.mock
+
 import torch
 import torch.nn.functional as F
 
 import qpass
+import qpass.passes.lower
 from qpass.passes import decode
 from tests.models import tiny_model, token_batches
 
@@ -40,3 +43,39 @@ def test_float_lm_head_at_one_token_runs_as_a_reduction(monkeypatch):
         _, ops, row = _run(model, ids, qpass.backend(config, inductor=inductor))
         assert ops.count(F.linear) == 1 and torch.sum not in ops
         assert row is None or decode.FLOAT_DECODE_LABEL not in row.kernels
+
+
+def _head_loop(code: str, vocab: int) -> str:
+    """The generated C++ of the loop over ``lm_head``'s ``vocab`` outputs (the reduction's kernel)."""
+    start = code.index(f"x0<static_cast<int64_t>({vocab}L); x0+=static_cast<int64_t>(1L)")  # one output row each
+    return code[start:code.index("vec_reduce_all", start)]  # to the end of the inner loop over K
+
+
+def test_reduction_reads_the_final_norm_computed_once():
+    """Under Inductor the decoder's final RMSNorm runs once before the ``lm_head`` reduction, not inside
+    its loop for every output row (the row reaches the sum through ``as_strided``, which Inductor
+    realizes): no square root in the loop over the vocabulary, for the fp32 head and the int8
+    weight-only one; the logits are those of the graph without the rewrite, to summation order."""
+    from torch._inductor.utils import run_and_get_code
+
+    import transformers
+
+    from tests.models import _config
+
+    config = _config("llama", 1)
+    config.vocab_size = vocab = 4096  # a size no other loop of the graph has
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, vocab, (1, 1))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    for config in (qpass.preset("w8a8_dynamic"), qpass.preset("w8a8_dynamic", weight_only=("lm_head",))):
+        torch._dynamo.reset()
+        with unittest.mock.patch.object(decode, "FLOAT_DECODE_MIN_NUMEL", 0):  # the tiny lm_head is 128 x 64
+            backend = qpass.backend(config)
+            with torch.no_grad():
+                got, code = run_and_get_code(torch.compile(model, backend=backend, dynamic=False), ids, use_cache=False)
+        loop = _head_loop("\n".join(code), vocab)
+        assert "sqrt" not in loop and "at::vec::Vectorized<float>::loadu" in loop
+        assert backend.report.rows["lm_head"].kernel in (decode.FLOAT_DECODE_LABEL, qpass.passes.lower.KERNELS["cpu_wo_reduction"].label)
+        assert ((got.logits - want).norm() / want.norm()).item() < 0.05  # the decoder's int8 quantization

@@ -241,9 +241,12 @@ const proj.weight_colsum : f32[32]
 %22 = sub(%18, %21) : f32[1,32]
 %23 = reshape(%22, (1, 1, 32)) : f32[1,1,32]
 %24 = add(%23, param proj.bias) : f32[1,1,32]
-%25 = unsqueeze(%24, -2) : f32[1,1,1,32]
-%26 = mul(%25, param lm_head.weight) : f32[1,1,64,32]
-%27 = sum(%26, -1) : f32[1,1,64]
+%25 = reshape(%24, (1, 32)) : f32[1,32]
+%26 = aten.clone(%25, memory_format=torch.contiguous_format) : f32[1,32]
+%27 = as_strided(%26, (1, 1, 32), (32, 32, 1)) : f32[1,1,32]
+%28 = mul(%27, param lm_head.weight) : f32[1,64,32]
+%29 = sum(%28, -1) : f32[1,64]
+%30 = reshape(%29, (1, 1, 64)) : f32[1,1,64]
 """)
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, fx
 
 from qpass import kernels, ops, qmath
 from qpass.calibration import Calibration
+from qpass.passes.decode import realized_row
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, storage_mark
 from qpass.report import Report
@@ -720,9 +721,12 @@ def _emit_cpu_wo_reduction(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     result is the reference's products summed in another order (relative differences ~1e-6). The
     stored integers are the graph's only copy of the weight; nothing is packed."""
     before, x, w_dq = q.out, q.linear.args[0], q.linear.args[1]
-    row = e.call(torch.unsqueeze, (x, -2), before)  # (..., 1, K)
-    prod = e.call(torch.mul, (row, w_dq), before)  # (..., N, K): fused away under Inductor
-    return e.finish(q, e.call(torch.sum, (prod, -1), before), None, q.bias, before)
+    n, k = _val(w_dq).shape
+    row = realized_row(e.qg, x, k, before)  # (1, 1, K), computed once (not inside the sum's loop)
+    prod = e.call(torch.mul, (row, w_dq), before)  # (1, N, K): fused away under Inductor
+    y = e.call(torch.sum, (prod, -1), before)  # (1, N)
+    y = e.call(torch.reshape, (y, (*e.sizes(x, before)[:-1], n)), before)
+    return e.finish(q, y, None, q.bias, before)
 
 
 @dataclass(frozen=True)
