@@ -222,6 +222,12 @@ def _out(y):
     return y[0] if isinstance(y, tuple) else y
 
 
+def _gqa_index(channels: int, head_dim: int, groups: int) -> Tensor:
+    """o_proj input channel -> v_proj output row: query head ``h`` reads key-value head ``h // groups``."""
+    j = torch.arange(channels)
+    return (j // head_dim // groups) * head_dim + j % head_dim
+
+
 def _token_error(y: Tensor, ref: Tensor) -> Tensor:
     return ((y - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp(min=1e-30)).mean()
 
@@ -286,8 +292,7 @@ class _Replay:
                 hd, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
                 if not isinstance(hd, int) or not isinstance(groups, int):
                     return None, "its attention has no head_dim / num_key_value_groups"
-                j = torch.arange(k_in)
-                index = (j // hd // groups) * hd + j % hd
+                index = _gqa_index(k_in, hd, groups)
             else:
                 index = torch.arange(k_in)
             if int(index.max()) + 1 != s.numel():

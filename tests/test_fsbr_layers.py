@@ -115,6 +115,14 @@ def test_replay_that_does_not_reproduce_the_layer_is_refused(monkeypatch, caplog
     assert len(warned) == 2 and "qpass: model.layers.1: smoothing factors not learned" in warned[1]
 
 
+def test_wrong_grouped_query_index_is_refused(monkeypatch):
+    """o_proj's columns mapped to the wrong value rows (heads not grouped): caught the same way."""
+    monkeypatch.setattr(fsbr_layers, "_gqa_index", lambda c, hd, groups: torch.arange(c) % (c // groups))
+    model, calib, seqs = _setup()
+    results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    assert all(r.note.startswith("not learned: its folds with random factors do not reproduce the layer") for r in results)
+
+
 @pytest.mark.parametrize("config,held,message", [
     (qpass.preset("w8a8_static"), 1, "learn_layers: config.smoothing must be Smoothing('learned'), got alpha='auto'"),
     (CONFIG, 0, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 0"),
