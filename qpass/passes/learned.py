@@ -20,7 +20,10 @@ blocks, so learning them jointly per layer would give the same factors.
 The factors depend on the samples, the weights and the config's quantization, so they are stored in
 the calibration (``Calibration.learned``) under the config's fingerprint and the linears of each fold:
 a second compile (prefill then decode graphs, a recompile, a later process that loads the saved
-calibration) folds them without learning again.
+calibration) folds them without learning again, and without the auto-alpha search (the start is
+computed only for a block that learns; the report's alpha column is then empty). Factors learned
+elsewhere under the same key are folded the same way (``qpass.fsbr_layers``: from whole decoder-layer
+outputs).
 
 Not learned (closed-form auto-alpha factors, and the report row says why): folds into fused experts,
 folds read by a router, the multiply fallback, and folds whose linears have no calibration samples.
