@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--penalty", type=float, default=0.0)
+    p.add_argument("--target", choices=["fp32", "own"], default="fp32", help="learn_layers' target")
     p.add_argument("--layers", type=int, default=None, help="learn only the first N decoder layers (screening)")
     p.add_argument("--dynamic-fallback", type=float, default=None,
                    help="the preset with this dynamic_fallback (default: the preset's own)")
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
                                                                  penalty=args.penalty), **changes)
     seqs = [b[:, : args.tokens] for b in batches[: args.train + args.held]]
     t = time.perf_counter()
-    learned = learn_layers(model, cfg, calib, seqs, held_out=args.held, layers=args.layers)
+    learned = learn_layers(model, cfg, calib, seqs, held_out=args.held, layers=args.layers,
+                           target=args.target)
     learn_s = time.perf_counter() - t
     results = evaluate(model, calib, texts, [(f"{args.preset} learned (layer output)", cfg)], fp32=False,
                        inductor=False)
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
     payload = {"cpu": cpu_kind(), "table": table, "start": start, "learned": row,
                "layers": [dataclass_row(x) for x in learned],
                "meta": {"argv": sys.argv[1:], "learn_seconds": learn_s, "seconds": time.perf_counter() - t0,
-                        "train_sequences": args.train, "held_sequences": args.held, "tokens": args.tokens}}
+                        "train_sequences": args.train, "held_sequences": args.held, "tokens": args.tokens,
+                        "target": args.target}}
     out = args.json or args.state / "learned.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", out)

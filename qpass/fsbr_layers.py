@@ -8,6 +8,7 @@ each whole decoder layer, run by the model's own module on full calibration sequ
     for layer i (in order):   y_fp = layer(x_fp)                   fp32 layer on fp32 inputs
                               y_q  = layer_q(x_q; s)               smoothed, fake-quantized linears
                               loss = mean_t |y_q,t - y_fp,t|^2 / |y_fp,t|^2
+                                     (target="own": layer(x_q) in place of y_fp)
                               Adam on log s (start: auto alpha), keep the best held-out step
                               x_fp, x_q <- y_fp, layer_q(x_q; s_kept)
 
@@ -41,6 +42,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -84,17 +86,24 @@ def start_config(config: QuantConfig) -> QuantConfig:
 
 
 def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration, sequences: list[Tensor], *,
-                 held_out: int = 1, layers: int | None = None) -> list[LayerResult]:
+                 held_out: int = 1, layers: int | None = None,
+                 target: Literal["fp32", "own"] = "fp32") -> list[LayerResult]:
     """Learn every decoder layer's smoothing factors for ``config`` from the model's outputs on
     ``sequences`` (token id tensors (1, T), the last ``held_out`` of them choose the kept step), and
     store them in ``calibration.learned``. ``config.smoothing`` must be ``Smoothing("learned")``: its
     ``steps``, ``lr`` and ``penalty`` are this learning's. ``layers``: learn the first N decoder
-    layers only, the others keep their start factors (a screening run)."""
+    layers only, the others keep their start factors (a screening run). ``target``: what the quantized
+    layer's output on the quantized model's inputs is compared with: ``"fp32"`` the fp32 model's
+    (``layer(x_fp)``: the error handed down by earlier layers is in the loss, and the factors may
+    compensate it), ``"own"`` the fp32 layer on the same inputs (``layer(x_q)``: this layer's own
+    quantization error only, without the inherited error that no factor of this layer can remove)."""
     from qpass.passes.learned import fingerprint
 
     sm = config.smoothing
     if sm.alpha != "learned":
         raise ValueError(f"learn_layers: config.smoothing must be Smoothing('learned'), got alpha={sm.alpha!r}")
+    if target not in ("fp32", "own"):
+        raise ValueError(f"learn_layers: target must be 'fp32' or 'own', got {target!r}")
     if not 0 < held_out < len(sequences):
         raise ValueError(f"learn_layers: held_out must be in [1, {len(sequences) - 1}] for {len(sequences)} sequences, "
                          f"got {held_out}")
@@ -137,7 +146,12 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
             steps, lr = 0, sm.learn_lr
         else:
             steps, lr = sm.learn_steps, sm.learn_lr
-        start, best, step = replay.learn(x_q, y_fp, kwargs, n_train, steps, lr, sm.learn_penalty)
+        if target == "own":
+            with torch.no_grad():
+                refs = [_out(layer(x, **kw)) for x, kw in zip(x_q, kwargs)]
+        else:
+            refs = y_fp
+        start, best, step = replay.learn(x_q, refs, kwargs, n_train, steps, lr, sm.learn_penalty)
         for key, s in replay.factors().items():
             calibration.learned[f"{target_fp}/{key}"] = s
         with torch.no_grad():

@@ -123,15 +123,30 @@ def test_wrong_grouped_query_index_is_refused(monkeypatch):
     assert all(r.note.startswith("not learned: its folds with random factors do not reproduce the layer") for r in results)
 
 
+def test_own_target_learns_each_layers_own_error():
+    """target="own": each layer's quantized output against the fp32 layer on the same (quantized)
+    inputs; the start is that layer's own quantization error, and learning lowers it held out."""
+    model, calib, seqs = _setup()
+    own = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1, target="own")
+    fp32 = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    assert all(r.loss_end <= r.loss_start for r in own) and any(r.loss_end < 0.9 * r.loss_start for r in own)
+    assert own[0].loss_start == pytest.approx(fp32[0].loss_start, rel=1e-5)  # layer 0: the same inputs
+    assert own[1].loss_start < fp32[1].loss_start  # later: without the error inherited from layer 0
+
+
 @pytest.mark.parametrize("config,held,message", [
     (qpass.preset("w8a8_static"), 1, "learn_layers: config.smoothing must be Smoothing('learned'), got alpha='auto'"),
     (CONFIG, 0, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 0"),
     (CONFIG, 4, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 4"),
+    (CONFIG, "own?", "learn_layers: target must be 'fp32' or 'own', got 'own?'"),
 ])
 def test_bad_arguments(config, held, message):
     model, calib, seqs = _setup()
+    target = "fp32"
+    if isinstance(held, str):
+        target, held = held, 1
     with pytest.raises(ValueError, match=re.escape(message)):
-        fsbr_layers.learn_layers(model, config, calib, seqs, held_out=held)
+        fsbr_layers.learn_layers(model, config, calib, seqs, held_out=held, target=target)
 
 
 def test_half_model_is_refused():
