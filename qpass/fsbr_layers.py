@@ -142,16 +142,13 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
             results.append(LayerResult(path, math.nan, math.nan, 0, f"not learned: {why}", time.perf_counter() - t0))
             x_fp = y_fp
             continue
-        if layers is not None and i >= layers:
-            steps, lr = 0, sm.learn_lr
-        else:
-            steps, lr = sm.learn_steps, sm.learn_lr
+        steps = 0 if layers is not None and i >= layers else sm.learn_steps
         if target == "own":
             with torch.no_grad():
                 refs = [_out(layer(x, **kw)) for x, kw in zip(x_q, kwargs)]
         else:
             refs = y_fp
-        start, best, step = replay.learn(x_q, refs, kwargs, n_train, steps, lr, sm.learn_penalty)
+        start, best, step = replay.learn(x_q, refs, kwargs, n_train, steps, sm.learn_lr, sm.learn_penalty)
         for key, s in replay.factors().items():
             calibration.learned[f"{target_fp}/{key}"] = s
         with torch.no_grad():
@@ -162,6 +159,12 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
                 f"(step {step} of {steps}; {n_train} training sequences)")
         logger.info("%s: %s, %.1f s", path, note, seconds)
         results.append(LayerResult(path, start, best, step, note, seconds))
+    outside = [k for k in starts if f"{target_fp}/{k}" not in calibration.learned]
+    if outside:
+        logger.warning("qpass: %d smoothing folds outside the decoder layers keep their auto-alpha factors: %s",
+                       len(outside), ", ".join(outside))
+        for key in outside:
+            calibration.learned[f"{target_fp}/{key}"] = starts[key].clone()
     return results
 
 
