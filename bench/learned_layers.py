@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     row = to_json(results)["results"][0]
     for text, v in row["texts"].items():
         v["rel_change"] = v["perplexity"] / fp32[text]["perplexity"] - 1.0
-    lines = [f"| config | wiki | news |", "|---|---|---|"]
+    lines = ["| config | wiki | news |", "|---|---|---|"]
     for r in [*start["results"], row]:
         lines.append(f"| {r['name']} | " + " | ".join(
             f"{r['texts'][x]['perplexity']:.3f} ({100 * r['texts'][x]['rel_change']:+.2f}%)" for x in ("wiki", "news")) + " |")

@@ -37,7 +37,6 @@ auto-alpha factors, and one warning names it and says why.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time

@@ -109,8 +109,8 @@ def test_replay_that_does_not_reproduce_the_layer_is_refused(monkeypatch, caplog
     model, calib, seqs = _setup()
     with caplog.at_level(logging.WARNING, logger="qpass.fsbr_layers"):
         results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
-    assert all(re.fullmatch(r"not learned: its folds with random factors do not reproduce the layer \(error \S+\)", r.note)
-               for r in results)
+    refused = r"not learned: its folds with random factors do not reproduce the layer \(error \S+\)"
+    assert all(re.fullmatch(refused, r.note) for r in results)
     warned = [r.getMessage() for r in caplog.records if r.name == "qpass.fsbr_layers"]
     assert len(warned) == 2 and "qpass: model.layers.1: smoothing factors not learned" in warned[1]
 
@@ -120,7 +120,8 @@ def test_wrong_grouped_query_index_is_refused(monkeypatch):
     monkeypatch.setattr(fsbr_layers, "_gqa_index", lambda c, hd, groups: torch.arange(c) % (c // groups))
     model, calib, seqs = _setup()
     results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
-    assert all(r.note.startswith("not learned: its folds with random factors do not reproduce the layer") for r in results)
+    refused = "not learned: its folds with random factors do not reproduce the layer"
+    assert all(r.note.startswith(refused) for r in results)
 
 
 def test_own_target_learns_each_layers_own_error():
