@@ -191,7 +191,9 @@ class Smoothing:
     enough samples (``calibrate(..., samples=512)``; under 256 training rows a block warns). On
     SmolLM2 the learned factors did not beat auto alpha's perplexity (README). The folds are the
     same; the learned factors are kept in the calibration (``Calibration.save`` writes them), so a
-    second compile with the same config does not learn again. ``Smoothing("learned", steps=50)``.
+    second compile with the same config does not learn again (nor search alpha). ``Smoothing("learned", steps=50)``.
+    ``qpass.fsbr_layers.learn_layers(model, config, calibration, sequences)`` learns the same factors
+    from whole decoder-layer outputs instead (attention replayed, full sequences) and stores them there.
     """
 
     alpha: float | Literal["auto", "learned"] = 0.5

@@ -20,7 +20,10 @@ blocks, so learning them jointly per layer would give the same factors.
 The factors depend on the samples, the weights and the config's quantization, so they are stored in
 the calibration (``Calibration.learned``) under the config's fingerprint and the linears of each fold:
 a second compile (prefill then decode graphs, a recompile, a later process that loads the saved
-calibration) folds them without learning again.
+calibration) folds them without learning again, and without the auto-alpha search (the start is
+computed only for a block that learns; the report's alpha column is then empty). Factors learned
+elsewhere under the same key are folded the same way (``qpass.fsbr_layers``: from whole decoder-layer
+outputs).
 
 Not learned (closed-form auto-alpha factors, and the report row says why): folds into fused experts,
 folds read by a router, the multiply fallback, and folds whose linears have no calibration samples.
@@ -61,8 +64,9 @@ class _Fold:
     producer: fx.Node
     consumers: list  # smooth.Consumer
     absorber: Absorber
-    init: torch.Tensor
+    channels: int
     key: str
+    init: torch.Tensor | None = None  # the auto-alpha start, computed only for a block that learns
 
 
 def fingerprint(config: QuantConfig) -> str:
@@ -85,19 +89,20 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
             logger.info("%s: smoothing factors not learned (%s); auto alpha", consumers[0].site.path, why)
             continue
         channels = consumers[0].walk.probes[producer].shape[-1]
-        weights = [edits.weight(c.site) for c in consumers]
-        alpha = _alpha(qg, config, calibration, consumers, weights, channels)
-        init = _group_scales(qg, consumers, weights, channels, alpha)
-        items.append(_Fold(producer, consumers, absorber, init, f"{fp}/{'+'.join(c.site.path for c in consumers)}"))
+        items.append(_Fold(producer, consumers, absorber, channels, f"{fp}/{'+'.join(c.site.path for c in consumers)}"))
 
     out: dict[fx.Node, tuple[torch.Tensor, str]] = {}
     few: list[tuple[str, int]] = []
     for members in _blocks(items):
         stored = [calibration.learned.get(it.key) for it in members]
-        if all(s is not None and s.shape == it.init.shape for s, it in zip(stored, members)):
+        if all(s is not None and tuple(s.shape) == (it.channels,) for s, it in zip(stored, members)):
             for it, s in zip(members, stored):
                 out[it.producer] = (s.float(), "learned (FSBR), read from the calibration")
             continue
+        for it in members:  # the auto-alpha start: searched only for blocks that learn
+            weights = [edits.weight(c.site) for c in it.consumers]
+            alpha = _alpha(qg, config, calibration, it.consumers, weights, it.channels)
+            it.init = _group_scales(qg, it.consumers, weights, it.channels, alpha)
         start = time.perf_counter()
         # the backend runs under the caller's no_grad / inference_mode; learning needs autograd on
         # tensors made outside inference mode (``_build_block`` copies them)
@@ -109,7 +114,7 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
                 f"(step {result.steps} of {sm.learn_steps}; {result.rows[0]} training rows, {result.rows[1]} held out){how}")
         logger.info("%s: %s, %.1f s", " + ".join(l for l in block.linears), note, seconds)
-        if result.rows[0] < _FEW_ROWS:
+        if result.rows[0] < _FEW_ROWS and sm.learn_steps:  # zero steps: the start, nothing fitted
             few.append((next(iter(block.linears)), result.rows[0]))
         for it, s in zip(members, result.factors):
             s = s.detach().float()

@@ -324,6 +324,8 @@ def _fold_group(qg, edits, absorber, producer, consumers, config, calibration, r
     if absorber.experts is not None and learned is None:  # a fold per expert: an alpha per expert
         alpha = _expert_alphas(qg, config, calibration, consumers, weights, absorber.experts, channels, pow2)
         s = _expert_scales(consumers, weights, absorber.experts, channels, alpha, pow2)
+    elif learned is not None:  # the start's alpha, if that block learned (factors read back: not searched)
+        alpha = qg.memo.get(("alpha", tuple(c.site.path for c in consumers), False))
     else:
         alpha = _alpha(qg, config, calibration, consumers, weights, channels, pow2)
     if learned is not None:

@@ -1,0 +1,157 @@
+"""Smoothing factors learned from whole decoder-layer outputs (qpass.fsbr_layers)."""
+
+import importlib
+import logging
+import re
+
+import pytest
+import torch
+
+import qpass
+from qpass import fsbr_layers
+from qpass.passes import smooth
+from qpass.passes.learned import fingerprint
+from tests.models import tiny_model, token_batches
+
+backend_module = importlib.import_module("qpass.backend")  # ``qpass.backend`` is also the function
+CONFIG = qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=15, lr=0.05, penalty=0.0))
+
+
+def _setup(arch="llama"):
+    model = tiny_model(arch)
+    calib = qpass.calibrate(model, token_batches(3, seq=32))
+    seqs = [b[i:i + 1] for b in token_batches(2, seq=32, seed=3) for i in range(2)]  # 4 sequences (1, 32)
+    return model, calib, seqs
+
+
+def _compile(model, config, calib, ids, monkeypatch=None, smooth_only=False):
+    if smooth_only:
+        monkeypatch.setattr(backend_module, "PIPELINE", backend_module.PIPELINE[:1])  # the smooth pass alone
+    torch._dynamo.reset()
+    be = qpass.backend(config, calibration=calib, inductor=False)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be, dynamic=False)(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    return be, out
+
+
+def _keys(calib, config):
+    fp = fingerprint(config)
+    return {k[len(fp) + 1:]: v for k, v in calib.learned.items() if k.startswith(fp + "/")}
+
+
+def test_layer_learned_factors_fold_exactly_and_are_read_back(monkeypatch):
+    """Learned from layer outputs, stored where Smoothing("learned") reads them: the compile folds
+    them (no alpha search, no block learning) and, unquantized, the model computes the same function."""
+    model, calib, seqs = _setup()
+    results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    assert [r.layer for r in results] == ["model.layers.0", "model.layers.1"]
+    # held-out layer-output error never worse than the auto-alpha start, and learning moved it
+    assert all(r.loss_end <= r.loss_start for r in results)
+    assert any(r.loss_end < 0.9 * r.loss_start and r.steps > 0 for r in results)
+    learned, start = _keys(calib, CONFIG), _keys(calib, fsbr_layers.start_config(CONFIG))
+    assert learned.keys() == start.keys() and len(learned) == 8  # 2 layers x (norm, v->o, norm, up->down)
+    assert any(not torch.equal(learned[k], start[k]) for k in learned)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("alpha searched although every fold's factors are stored")
+
+    monkeypatch.setattr(smooth, "_search_alpha", no_search)
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    be, out = _compile(model, CONFIG, calib, ids, monkeypatch, smooth_only=True)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    notes = {p: r.reason for p, r in be.report.rows.items() if p != "lm_head"}
+    assert len(notes) == 14 and set(notes.values()) == {"learned (FSBR), read from the calibration"}
+
+
+def test_zero_steps_start_is_auto_alpha_exactly():
+    """The start factors (Smoothing("learned", steps=0)) fold into the same model as auto alpha,
+    bit for bit: the benchmark's auto-alpha baseline."""
+    model, calib, _ = _setup()
+    ids = token_batches(1, seed=7)[0]
+    _, auto = _compile(model, qpass.preset("w8a8_static"), calib, ids)
+    _, start = _compile(model, fsbr_layers.start_config(CONFIG), calib, ids)
+    assert torch.equal(auto, start)
+
+
+def test_learning_that_only_hurts_keeps_the_start_exactly():
+    model, calib, seqs = _setup()
+    config = CONFIG.replace(smoothing=qpass.Smoothing("learned", steps=3, lr=100.0))
+    results = fsbr_layers.learn_layers(model, config, calib, seqs, held_out=1)
+    assert [r.steps for r in results] == [0, 0] and all(r.loss_end == r.loss_start for r in results)
+    learned, start = _keys(calib, config), _keys(calib, fsbr_layers.start_config(config))
+    assert all(torch.equal(learned[k], start[k]) for k in start)
+
+
+def test_unknown_layer_structure_is_refused_by_name(caplog):
+    """Phi-3's fused qkv_proj / gate_up_proj: no replay; each layer keeps its auto-alpha factors and
+    one warning per layer names it and why."""
+    model, calib, seqs = _setup("phi3")
+    with caplog.at_level(logging.WARNING, logger="qpass.fsbr_layers"):
+        results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    why = "it has no self_attn.q_proj (not a Llama-family decoder layer with separate q/k/v/o and gate/up/down)"
+    assert [r.note for r in results] == [f"not learned: {why}"] * 2
+    assert [r.getMessage() for r in caplog.records if r.name == "qpass.fsbr_layers"] == [
+        f"qpass: model.layers.{i}: smoothing factors not learned from the layer output ({why}); auto alpha"
+        for i in range(2)]
+    learned, start = _keys(calib, CONFIG), _keys(calib, fsbr_layers.start_config(CONFIG))
+    assert learned.keys() == start.keys() and all(torch.equal(learned[k], start[k]) for k in start)
+
+
+def test_replay_that_does_not_reproduce_the_layer_is_refused(monkeypatch, caplog):
+    """A wrong fold map (down's factors taken out of gate_proj's rows instead of up_proj's) is caught
+    by the fp32 check with random factors folded, before any learning."""
+    folds = dict(fsbr_layers._FOLDS)
+    folds[("mlp.down_proj",)] = ("mlp.gate_proj", "identity")
+    monkeypatch.setattr(fsbr_layers, "_FOLDS", folds)
+    model, calib, seqs = _setup()
+    with caplog.at_level(logging.WARNING, logger="qpass.fsbr_layers"):
+        results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    refused = r"not learned: its folds with random factors do not reproduce the layer \(error \S+\)"
+    assert all(re.fullmatch(refused, r.note) for r in results)
+    warned = [r.getMessage() for r in caplog.records if r.name == "qpass.fsbr_layers"]
+    assert len(warned) == 2 and "qpass: model.layers.1: smoothing factors not learned" in warned[1]
+
+
+def test_wrong_grouped_query_index_is_refused(monkeypatch):
+    """o_proj's columns mapped to the wrong value rows (heads not grouped): caught the same way."""
+    monkeypatch.setattr(fsbr_layers, "_gqa_index", lambda c, hd, groups: torch.arange(c) % (c // groups))
+    model, calib, seqs = _setup()
+    results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    refused = "not learned: its folds with random factors do not reproduce the layer"
+    assert all(r.note.startswith(refused) for r in results)
+
+
+def test_own_target_learns_each_layers_own_error():
+    """target="own": each layer's quantized output against the fp32 layer on the same (quantized)
+    inputs; the start is that layer's own quantization error, and learning lowers it held out."""
+    model, calib, seqs = _setup()
+    own = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1, target="own")
+    fp32 = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1)
+    assert all(r.loss_end <= r.loss_start for r in own) and any(r.loss_end < 0.9 * r.loss_start for r in own)
+    assert own[0].loss_start == pytest.approx(fp32[0].loss_start, rel=1e-5)  # layer 0: the same inputs
+    assert own[1].loss_start < fp32[1].loss_start  # later: without the error inherited from layer 0
+
+
+@pytest.mark.parametrize("config,held,message", [
+    (qpass.preset("w8a8_static"), 1, "learn_layers: config.smoothing must be Smoothing('learned'), got alpha='auto'"),
+    (CONFIG, 0, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 0"),
+    (CONFIG, 4, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 4"),
+    (CONFIG, "own?", "learn_layers: target must be 'fp32' or 'own', got 'own?'"),
+])
+def test_bad_arguments(config, held, message):
+    model, calib, seqs = _setup()
+    target = "fp32"
+    if isinstance(held, str):
+        target, held = held, 1
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fsbr_layers.learn_layers(model, config, calib, seqs, held_out=held, target=target)
+
+
+def test_half_model_is_refused():
+    model, calib, seqs = _setup()
+    with pytest.raises(ValueError, match=re.escape("learn_layers: the model must be float32 (its fp32 layer outputs "
+                                                   "are the targets), got torch.bfloat16")):
+        fsbr_layers.learn_layers(model.to(torch.bfloat16), CONFIG, calib, seqs)
