@@ -132,3 +132,21 @@ def test_saved_weight_only_lm_head_reloads_and_loads_in_transformers(tied, tmp_p
     with torch.no_grad():
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(ids, use_cache=False).logits
     assert _rel(theirs, ours) < 1e-3
+
+
+def test_prefill_and_decode_graphs_share_the_heads_integers(tied):
+    """The prompt's graph (reference path) and the one-token graph (reduction) read one int8 copy of
+    the head's weight: it is quantized once per backend, not once per graph."""
+    model, calib = tied
+    torch._dynamo.reset()
+    backend = qpass.backend(CONFIG, calibration=calib, inductor=False)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        for seq in (8, 1):
+            compiled(token_batches(1, batch=1, seq=seq, seed=3)[0], use_cache=False)
+    assert len(backend.graphs) == 2
+    heads = [[t for name, t in gm.named_buffers() if t.dtype == torch.int8 and gm.qpass_names.get(name) == "lm_head.weight_q"]
+             for gm in backend.graphs]
+    assert [len(h) for h in heads] == [1, 1] and heads[0][0].untyped_storage().data_ptr() == heads[1][0].untyped_storage().data_ptr()
+    assert backend.report.rows["lm_head"].kernels == ("reference (weight-only with float32 activations (its kernels are fast "
+                                                      "with bfloat16 only))", RED)

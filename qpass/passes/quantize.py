@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 import math
 from dataclasses import dataclass
 
@@ -106,6 +107,21 @@ def _stored_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, gran
         return qg.memo[key][1]
     qg.memo[key] = (mark, _checked_stored_weight(path, w, stored, spec, granularity, _written_by_load(qg, path, w, param)))
     return qg.memo[key][1]
+
+
+def _quantized_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, granularity) -> qmath.QuantizedWeight:
+    """``quantize_weight(w)``, once per backend while ``w`` is the same unchanged tensor (storage, view,
+    version counter, the storage alive): every graph (prefill, decode, recompiles) then holds the same
+    integers as its constant, one copy, where the lowering keeps the reference's weight (an ``lm_head``
+    under ``weight_only`` at one token reads them inside its reduction). A smoothed weight is a new
+    tensor in each graph and is quantized again (its kernels share their packed copies by digest)."""
+    key, mark = ("quantized_weight", path), (storage_mark(w), spec, granularity)
+    hit = qg.memo.get(key)
+    if hit is not None and hit[0] == mark and hit[2]() is not None:
+        return hit[1]
+    qw = qmath.quantize_weight(w, spec, granularity)
+    qg.memo[key] = (mark, qw, weakref.ref(w.untyped_storage()))
+    return qw
 
 
 def _written_by_load(qg: QGraph, path: str, w: torch.Tensor, param: torch.Tensor | None) -> bool:
@@ -229,7 +245,7 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
     else:
         w_main = w
     param = qg.params[site.weight_node][1] if site.weight_node in qg.params else None
-    qw = _stored_weight(qg, site.path, w_main, wspec, granularity, param) or qmath.quantize_weight(w_main, wspec, granularity)
+    qw = _stored_weight(qg, site.path, w_main, wspec, granularity, param) or _quantized_weight(qg, site.path, w_main, wspec, granularity)
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)  # once per layer for every graph of the backend
         if key not in qg.memo:
