@@ -117,10 +117,12 @@ def _quantized_weight(qg: QGraph, path: str, w: torch.Tensor, spec: QuantSpec, g
     tensor in each graph and is quantized again (its kernels share their packed copies by digest)."""
     key, mark = ("quantized_weight", path), (storage_mark(w), spec, granularity)
     hit = qg.memo.get(key)
-    if hit is not None and hit[0] == mark and hit[2]() is not None:
-        return hit[1]
+    # The integers are held weakly: alive only while a graph keeps them as its constant (a lowered
+    # layer's graphs hold their kernel's copy instead), so the backend holds no copy of its own.
+    if hit is not None and hit[0] == mark and hit[1]() is not None and (q := hit[2]()) is not None:
+        return qmath.QuantizedWeight(q, *hit[3])
     qw = qmath.quantize_weight(w, spec, granularity)
-    qg.memo[key] = (mark, qw, weakref.ref(w.untyped_storage()))
+    qg.memo[key] = (mark, weakref.ref(w.untyped_storage()), weakref.ref(qw.q), (qw.scale, qw.group_size, qw.zero_point, qw.group_dim))
     return qw
 
 
