@@ -1,6 +1,5 @@
 """Smoothing factors learned from whole decoder-layer outputs (qpass.fsbr_layers)."""
 
-import importlib
 import logging
 import re
 
@@ -12,8 +11,8 @@ from qpass import fsbr_layers
 from qpass.passes import smooth
 from qpass.passes.learned import fingerprint
 from tests.models import tiny_model, token_batches
+from tests.test_learned_smoothing import _compile
 
-backend_module = importlib.import_module("qpass.backend")  # ``qpass.backend`` is also the function
 CONFIG = qpass.preset("w8a8_static", smoothing=qpass.Smoothing("learned", steps=15, lr=0.05, penalty=0.0))
 
 
@@ -22,17 +21,6 @@ def _setup(arch="llama"):
     calib = qpass.calibrate(model, token_batches(3, seq=32))
     seqs = [b[i:i + 1] for b in token_batches(2, seq=32, seed=3) for i in range(2)]  # 4 sequences (1, 32)
     return model, calib, seqs
-
-
-def _compile(model, config, calib, ids, monkeypatch=None, smooth_only=False):
-    if smooth_only:
-        monkeypatch.setattr(backend_module, "PIPELINE", backend_module.PIPELINE[:1])  # the smooth pass alone
-    torch._dynamo.reset()
-    be = qpass.backend(config, calibration=calib, inductor=False)
-    with torch.no_grad():
-        out = torch.compile(model, backend=be, dynamic=False)(ids, use_cache=False).logits
-    torch._dynamo.reset()
-    return be, out
 
 
 def _keys(calib, config):

@@ -26,7 +26,7 @@ from torch import fx
 from qpass.graph import QGraph
 from qpass.report import Report
 
-__all__ = ["float_decode_linears", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL"]
+__all__ = ["float_decode_linears", "reduction_linear", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,7 @@ def float_decode_linears(qg: QGraph, report: Report) -> int:
         if _val(x).dtype != torch.float32:
             continue
         before = site.node
-        n, k = w.shape
-        row = realized_row(qg, x, k, before)  # (1, 1, K)
-        prod = qg.call(torch.mul, (row, site.weight_node), before=before)  # (1, N, K), fused away
-        y = qg.call(torch.sum, (prod, -1), before=before)
-        y = qg.call(torch.reshape, (y, (*_val(x).shape[:-1], n)), before=before)
+        y = reduction_linear(qg, x, site.weight_node, *w.shape, before)
         if bias is not None:
             y = qg.call(torch.add, (y, bias), before=before)
         site.node.replace_all_uses_with(y)
@@ -71,6 +67,16 @@ def float_decode_linears(qg: QGraph, report: Report) -> int:
         logger.info("%s: fp32 linear at %d token(s) as an Inductor reduction", site.path, m)
         done += 1
     return done
+
+
+def reduction_linear(qg: QGraph, x: fx.Node, weight: fx.Node, n: int, k: int, before: fx.Node) -> fx.Node:
+    """``F.linear(x, weight)`` without bias for one token ``x`` and an ``(N, K)`` ``weight`` node (a float
+    parameter, or a dequantization Inductor fuses into the sum), as ``sum(row * weight, -1)`` over
+    ``realized_row``, shaped as ``x``'s leading dims and N."""
+    row = realized_row(qg, x, k, before)  # (1, 1, K)
+    prod = qg.call(torch.mul, (row, weight), before=before)  # (1, N, K), fused away under Inductor
+    y = qg.call(torch.sum, (prod, -1), before=before)  # (1, N)
+    return qg.call(torch.reshape, (y, (*_val(x).shape[:-1], n)), before=before)
 
 
 def realized_row(qg: QGraph, x: fx.Node, k: int, before: fx.Node) -> fx.Node:

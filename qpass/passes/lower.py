@@ -35,9 +35,9 @@ from torch import Tensor, fx
 
 from qpass import kernels, ops, qmath
 from qpass.calibration import Calibration
-from qpass.passes.decode import realized_row
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, storage_mark
+from qpass.passes.decode import reduction_linear
 from qpass.report import Report
 
 logger = logging.getLogger(__name__)
@@ -711,7 +711,7 @@ def _emit_cpu_wo_reduction(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     """A weight-only linear with float32 activations at one token (any weight layout the reference
     dequantizes: int8 / int4, per channel or per group, with or without zero points)::
 
-        linear(x, dequantize(W_q, W_s, ...), b)  ->  sum(unsqueeze(x, -2) * dequantize(W_q, W_s, ...), -1) + b
+        linear(x, dequantize(W_q, W_s, ...), b)  ->  sum(row(x) * dequantize(W_q, W_s, ...), -1) + b   (decode.reduction_linear)
 
     Under Inductor the dequantization fuses into one vectorised reduction over K, parallel over the
     outputs, that reads the stored integers once: a matrix-vector product is bound by reading its
@@ -721,11 +721,7 @@ def _emit_cpu_wo_reduction(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     result is the reference's products summed in another order (relative differences ~1e-6). The
     stored integers are the graph's only copy of the weight; nothing is packed."""
     before, x, w_dq = q.out, q.linear.args[0], q.linear.args[1]
-    n, k = _val(w_dq).shape
-    row = realized_row(e.qg, x, k, before)  # (1, 1, K), computed once (not inside the sum's loop)
-    prod = e.call(torch.mul, (row, w_dq), before)  # (1, N, K): fused away under Inductor
-    y = e.call(torch.sum, (prod, -1), before)  # (1, N)
-    y = e.call(torch.reshape, (y, (*e.sizes(x, before)[:-1], n)), before)
+    y = reduction_linear(e.qg, x, w_dq, *_val(w_dq).shape, before)  # the row computed once, not per output
     return e.finish(q, y, None, q.bias, before)
 
 

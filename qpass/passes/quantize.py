@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
