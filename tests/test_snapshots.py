@@ -250,6 +250,56 @@ const proj.weight_colsum : f32[32]
 """)
 
 
+    def test_weight_only_lm_head_at_one_token(self):
+        """``weight_only=("lm_head",)``: the head's int8 weight dequantized inside the one-token
+        reduction over a realized row (``decode.reduction_linear``); the int8 linear before it keeps
+        its ``_int_mm``."""
+        torch.manual_seed(0)
+        model, x = _Head().eval(), inputs(1, 32, seed=1, worst_case=False)
+        torch._dynamo.reset()
+        calib = qpass.calibrate(model, [inputs(16, 32, seed=99, worst_case=False)])
+        backend = qpass.backend(W8A8.replace(weight_only=("lm_head",)), calibration=calib, inductor=False)
+        with mock.patch.object(lowering.Target, "detect", staticmethod(lambda device: INT_MM_CPU)), torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(x)
+        text = qpass.format_graph(backend.graphs[0], focus=False)
+        self.assertExpectedInline(text, """\
+param proj.weight : f32[32,32]
+param proj.bias : f32[32]
+%2 = input : f32[1,1,32]
+param lm_head.weight : f32[64,32]
+const lm_head.weight_q : i8[64,32]
+const lm_head.weight_scale : f32[64,1]
+const proj.weight_int8 : i8[32,32]
+const proj.weight_scale : f32[32]
+const proj.weight_colsum : f32[32]
+%9 = qpass.choose_qparams(%2, True, False, -128, 127) : (f32[1,1,1], f32[1,1,1])
+%10 = getitem(%9, 0) : f32[1,1,1]
+%11 = getitem(%9, 1) : f32[1,1,1]
+%12 = qpass.quantize(%2, %10, %11, -128, 127, i8) : i8[1,1,32]
+%13 = reshape(%12, (-1, 32)) : i8[1,32]
+%14 = as_strided(%13, (1, 32), (32, 1)) : i8[1,32]
+%15 = t(const proj.weight_int8) : i8[32,32]
+%16 = _int_mm(%14, %15) : i32[1,32]
+%17 = prims.convert_element_type(%16, f32) : f32[1,32]
+%18 = reshape(%10, (-1, 1)) : f32[1,1]
+%19 = mul(%18, const proj.weight_scale) : f32[1,32]
+%20 = mul(%17, %19) : f32[1,32]
+%21 = reshape(%11, (-1, 1)) : f32[1,1]
+%22 = mul(%21, %18) : f32[1,1]
+%23 = mul(%22, const proj.weight_colsum) : f32[1,32]
+%24 = sub(%20, %23) : f32[1,32]
+%25 = reshape(%24, (1, 1, 32)) : f32[1,1,32]
+%26 = add(%25, param proj.bias) : f32[1,1,32]
+%27 = qpass.dequantize(const lm_head.weight_q, const lm_head.weight_scale, None, 0, f32) : f32[64,32]
+%28 = reshape(%26, (1, 32)) : f32[1,32]
+%29 = aten.clone(%28, memory_format=torch.contiguous_format) : f32[1,32]
+%30 = as_strided(%29, (1, 1, 32), (32, 32, 1)) : f32[1,1,32]
+%31 = mul(%30, %27) : f32[1,64,32]
+%32 = sum(%31, -1) : f32[1,64]
+%33 = reshape(%32, (1, 1, 64)) : f32[1,1,64]
+""")
+
+
 @pytest.mark.parametrize("arch, preset", [(arch, p) for p in sorted(TINY_PRESETS) for arch in ("llama", "opt")]
                          + [("llama_wide", p) for p in sorted(qpass.PRESETS) if p not in TINY_PRESETS])
 def test_preset_graph_snapshot(arch, preset):
