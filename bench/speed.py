@@ -203,12 +203,13 @@ def weight_bytes(model: nn.Module, graphs: list[torch.fx.GraphModule] = ()) -> i
     """Parameters and buffers that still hold storage (not those ``release_weights`` released), the constants of ``graphs``, and the FBGEMM
     packed weights those graphs use (held in a registry outside every graph), each storage once."""
     from qpass import kernels
+    from qpass.graph import constants
 
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
     handles = set()
     for gm in graphs:
-        tensors += list(gm.buffers())
+        tensors += list(gm.buffers()) + list(constants(gm).values())
         handles |= {n.args[2] if n.target is torch.ops.qpass.fbgemm_qlinear.default else n.args[1]
                     for n in gm.graph.nodes
                     if n.target in (torch.ops.qpass.fbgemm_qlinear.default, torch.ops.qpass.fbgemm_dynamic_linear.default)}

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import qpass
+from qpass.graph import constants
 from qpass.passes import lower as lowering
 from qpass.passes import smooth as smooth_pass
 from tests.models import tiny_model, token_batches
@@ -90,7 +91,7 @@ def test_smoothing_only_half_model_through_inductor():
 
 def _buffers(backend) -> dict[str, torch.Tensor]:
     gm = backend.graphs[0]
-    return {gm.qpass_names[attr]: t for attr, t in gm.named_buffers()}
+    return {gm.qpass_names[attr]: t for attr, t in constants(gm).items()}
 
 
 def test_fold_rounds_once_from_fp32(monkeypatch):

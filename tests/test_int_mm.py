@@ -15,6 +15,7 @@ import torch
 
 import qpass
 from qpass import kernels
+from qpass.graph import constants
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
 from tests.linears import KERNEL_CONFIGS, Proj, inputs, proj_case, run_backend
@@ -136,10 +137,10 @@ def test_int_mm_prefill_and_decode_share_one_weight_copy():
     assert len(backend.graphs) == 2
     storages, colsums = [], []
     for gm in backend.graphs:
-        int8 = {name: t for name, t in gm.named_buffers() if t.dtype == torch.int8}
-        assert len(int8) == 4 and not any(t.is_mkldnn for t in gm.buffers())
+        int8 = {name: t for name, t in constants(gm).items() if t.dtype == torch.int8}
+        assert len(int8) == 4 and not any(t.is_mkldnn for t in constants(gm).values())
         storages.append({t.untyped_storage().data_ptr() for t in int8.values()})
-        colsum = [t for name, t in gm.named_buffers() if name.endswith("weight_colsum")]
+        colsum = [t for name, t in constants(gm).items() if name.endswith("weight_colsum")]
         assert len(colsum) == 4
         colsums.append({t.untyped_storage().data_ptr() for t in colsum})
     assert storages[0] == storages[1]

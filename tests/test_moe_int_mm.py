@@ -16,6 +16,7 @@ import torch
 
 import qpass
 from qpass import kernels
+from qpass.graph import constants
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
 from tests.test_moe_lower import (CONFIGS, E, K, N, Grouped, _check_integers, _dynamic_calls, _lowered, _offs, _rows,
@@ -134,7 +135,7 @@ def test_lowered_experts_equal_integer_reference(monkeypatch, name, target, wors
     calib = _static_calibration(_rows(8, seed=4, worst_case=worst_case), _offs((2, 2, 2, 2))) if name == "static" else None
     y, backend, _ = _lowered(model, config, calib, x, offs, inductor=False)
     assert backend.report.rows["gate_up_proj"].kernel == lowering.experts_label(None, KERNEL[target])
-    assert not any(t.is_mkldnn for t in backend.graphs[0].buffers())
+    assert not any(t.is_mkldnn for t in constants(backend.graphs[0]).values())
     _check_integers(model, config, calib, x, offs, y, lowering.GRID_8BIT)
 
 
@@ -199,7 +200,7 @@ def test_lowered_moe_equals_reference_path(moe, monkeypatch, name, target):
     assert experts
     for p in experts:
         assert backend.report.rows[p].kernel == lowering.experts_label(None, KERNEL[target]), backend.report.rows[p].kernel
-    assert not any(t.is_mkldnn for gm in backend.graphs for t in gm.buffers())
+    assert not any(t.is_mkldnn for gm in backend.graphs for t in constants(gm).values())
     ref = reference[name]
     assert _rel(out, ref) < min(2e-3, 0.2 * _rel(ref, fp32)), (_rel(out, ref), _rel(ref, fp32))
 
@@ -232,10 +233,10 @@ def test_prefill_and_decode_share_the_expert_weights():
             lowered(token_batches(1, batch=1, seq=seq, seed=seq)[0], use_cache=False)
     experts = [p for p, w in model.named_parameters() if w.dim() == 3]
     assert all(backend.report.rows[p].kernel == lowering.experts_label(None, "cpu_int_mm") for p in experts)
-    storages = [{t.untyped_storage().data_ptr() for t in gm.buffers() if t.dtype == torch.int8 and t.dim() == 3}
+    storages = [{t.untyped_storage().data_ptr() for t in constants(gm).values() if t.dtype == torch.int8 and t.dim() == 3}
                 for gm in backend.graphs]
     assert len(storages) == 2 and len(storages[0]) == len(experts) and storages[0] == storages[1]
-    assert not any(t.is_mkldnn for gm in backend.graphs for t in gm.buffers())
+    assert not any(t.is_mkldnn for gm in backend.graphs for t in constants(gm).values())
 
 
 @exact

@@ -12,6 +12,7 @@ import torch
 
 import qpass
 from qpass import kernels
+from qpass.graph import constants
 from tests.models import tiny_model, token_batches
 
 pytestmark = pytest.mark.skipif(
@@ -602,6 +603,6 @@ def test_a_loaded_models_packed_weights_are_hashed_once_for_every_graph(saved_on
         first = len(hashed)
         reloaded(token_batches(1, seq=8)[0], use_cache=False)
     assert backend.report.graphs == 2 and first > 0 and len(hashed) == first
-    consts = [{id(t) for n, t in g.named_buffers() if t.dtype in (torch.int8, torch.uint8) and t.dim() == 2}
+    consts = [{id(t) for n, t in constants(g).items() if t.dtype in (torch.int8, torch.uint8) and t.dim() == 2}
               for g in backend.graphs]
     assert consts[0] and consts[0] == consts[1]  # the same packed weights in both graphs

@@ -13,6 +13,7 @@ import torch
 
 import qpass
 from qpass import qmath
+from qpass.graph import constants
 from qpass.passes import lower as lowering
 from tests.models import token_batches
 
@@ -145,7 +146,7 @@ def test_prefill_and_decode_graphs_share_the_heads_integers(tied):
         for seq in (8, 1):
             compiled(token_batches(1, batch=1, seq=seq, seed=3)[0], use_cache=False)
     assert len(backend.graphs) == 2
-    heads = [[t for name, t in gm.named_buffers() if t.dtype == torch.int8 and gm.qpass_names.get(name) == "lm_head.weight_q"]
+    heads = [[t for name, t in constants(gm).items() if t.dtype == torch.int8 and gm.qpass_names.get(name) == "lm_head.weight_q"]
              for gm in backend.graphs]
     assert [len(h) for h in heads] == [1, 1] and heads[0][0].untyped_storage().data_ptr() == heads[1][0].untyped_storage().data_ptr()
     assert backend.report.rows["lm_head"].kernels == ("reference (weight-only with float32 activations (its kernels are fast "

@@ -17,6 +17,7 @@ import torch
 
 import qpass
 from qpass import qmath
+from qpass.graph import constants
 from qpass.passes import lower as lowering
 from tests.models import tiny_model, token_batches
 from tests.linears import Proj, int_reference, inputs
@@ -190,7 +191,7 @@ def test_weight_only_prefill_and_decode_share_one_weight_copy(name):
         compiled(token_batches(1, batch=1, seq=8)[0], use_cache=False)
         compiled(token_batches(1, batch=1, seq=1)[0], use_cache=False)
     assert len(backend.graphs) == 2
-    storages = [{n: t.untyped_storage().data_ptr() for n, t in gm.named_buffers() if "proj" in n} for gm in backend.graphs]
+    storages = [{n: t.untyped_storage().data_ptr() for n, t in constants(gm).items() if "proj" in n} for gm in backend.graphs]
     assert len(storages[0]) == 14 and storages[0] == storages[1]  # 7 linears: weights and scales
 
 

@@ -578,7 +578,7 @@ def _emit_fbgemm(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     x_int = e.act_for(x_int, grid, before)
     static = not isinstance(scale, fx.Node)
     ws = e.qg.constant(f"{q.path}.weight_scale_fbgemm", w_s * (scale if static else 1.0))
-    weakref.finalize(e.qg.root._buffers[ws.target], kernels.release_fbgemm, handle)
+    weakref.finalize(getattr(e.qg.root, ws.target), kernels.release_fbgemm, handle)
     # Symmetric: integers in [-act_zp, act_zp - 1], stored by FBGEMM with the grid's zero point;
     # asymmetric: integers in [0, 2 * act_qmax + 1] with their own zero points, stored as they are.
     y = e.call(torch.ops.qpass.fbgemm_qlinear.default, (x_int, grid.act_zp if zp is None else 0, handle), before)
