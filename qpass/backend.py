@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from qpass.graph import QGraph, placeholder_sources, storage_mark
 from qpass.qmath import QuantizedWeight
 from qpass.passes.decode import float_decode_linears
 from qpass.passes.integer import integer_only
-from qpass.passes.lower import lower
+from qpass.passes.lower import DECODE_M, lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
 from qpass.report import Report
@@ -64,26 +65,39 @@ def _inductor_config(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(settings)
 
 
-def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping[str, Any]) -> Callable:
-    """Inductor's ``compile_fx`` of a rewritten graph whose constants (quantized weights, scales,
-    folded norms) are plain tensor attributes of ``gm`` (``QGraph.constant``), not buffers.
+def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping[str, Any], *,
+                     as_constants: bool = False) -> Callable:
+    """Inductor's ``compile_fx`` of a rewritten graph, under the Inductor ``settings`` given.
 
-    AOTAutograd lifts a module's parameters and buffers to graph inputs, but traces a plain tensor
-    attribute as a constant, which Inductor keeps in the compiled module. A call then passes only
-    Dynamo's inputs: SmolLM2's decode graph takes 362 instead of 816 (each one unpacked, checked
-    and deleted by Inductor's wrapper on every token). Dynamo's fake mode has to accept the real
-    tensors while AOTAutograd traces them.
+    ``as_constants`` (decode graphs): qpass's tensors (quantized weights, scales, folded norms) are
+    made plain attributes of ``gm`` instead of buffers. AOTAutograd lifts a module's buffers to graph
+    inputs, but traces a plain tensor attribute as a constant, which Inductor keeps in the compiled
+    module; a call then passes only Dynamo's inputs. In SmolLM2's decode step that took a fifth of
+    the time: 816 inputs against Dynamo's 362, each passed through AOTAutograd's runtime wrapper and
+    unpacked, checked and deleted by Inductor's wrapper on every token. oneDNN's packed weights stay
+    inputs (Inductor's cache cannot pickle them). Dynamo's fake mode has to accept the real tensors
+    while AOTAutograd traces them.
 
-    Caching: Inductor's FX graph cache would key such constants by their values and store them in
-    its entry (a second copy of every weight). They are marked as frozen parameters instead, the
-    way Inductor's freezing marks them: the key holds their metadata and a cache hit binds them by
-    name from the graph being compiled. AOTAutograd's own cache, whose hits take constants from
-    the entry, is bypassed."""
-    from torch._functorch import config as functorch_config
-    from torch._guards import detect_fake_mode
+    Caching then: Inductor's FX graph cache would key such constants by their values and store them
+    in its entry (a second copy of every weight). They are marked as frozen parameters instead, the
+    way Inductor's freezing marks its constants: the key holds their metadata and a hit binds them by
+    name from the graph being compiled. AOTAutograd's own cache, whose hits would take constants from
+    the entry, is bypassed, so a warm start traces the graph again. Prefill graphs, where the
+    per-call cost is a rounding error, keep their tensors as inputs and both caches."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    if not as_constants:
+        with inductor_config.patch(settings):
+            return compile_fx(gm, example_inputs)
+
+    from torch._functorch import config as functorch_config
+    from torch._guards import detect_fake_mode
     from torch._inductor.freezing_utils import record_has_frozen_params
+
+    for attr in getattr(gm, "qpass_names", {}):
+        if attr in gm._buffers and not gm._buffers[attr].is_mkldnn:
+            gm.__dict__[attr] = gm._buffers.pop(attr)
 
     def inner_compile(aot_gm: fx.GraphModule, inputs, **kwargs):
         for node in aot_gm.graph.nodes:
@@ -99,6 +113,18 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping
         stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         stack.enter_context(inductor_config.patch(settings))
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+
+def _decode_graph(qg: QGraph, sites: list) -> bool:
+    """Every linear of the graph reads at most ``lower.DECODE_M`` tokens (static shapes)."""
+    def tokens(site) -> int | None:
+        shape = qg.shape(site.input)
+        if shape is None or not all(isinstance(d, int) for d in shape[:-1]):
+            return None
+        return math.prod(shape[:-1])
+
+    counts = [tokens(site) for site in sites]
+    return bool(counts) and all(m is not None and m <= DECODE_M for m in counts)
 
 
 class QPassBackend:
@@ -182,7 +208,9 @@ class QPassBackend:
         memo = self._memo.setdefault(_param_key(example_inputs), {})
         qg = QGraph(gm, example_inputs, self._names, sources, memo, self.stored_weights, self.stored_params)
         known = [*(self.calibration or ()), *(name.rsplit(".", 1)[0] for name in self._names.values())]
-        checks.warn_unmatched_skips(self.config, [s.path for s in qg.linears()], known, self._skips_warned)
+        sites = qg.linears()
+        decode = _decode_graph(qg, sites)
+        checks.warn_unmatched_skips(self.config, [s.path for s in sites], known, self._skips_warned)
         calibration = checks.vet_calibration(qg, self.config, self.calibration, self.report)
         checks.report_unhandled_experts(qg, self.report, self._experts_warned)
         self.report.graphs += 1
@@ -208,7 +236,7 @@ class QPassBackend:
                 self._materialize(param)
         if not self.inductor:
             return new_gm.forward
-        return compile_inductor(new_gm, example_inputs, self.inductor_config)
+        return compile_inductor(new_gm, example_inputs, self.inductor_config, as_constants=decode)
 
     def defer_weights(self, model: nn.Module, weights: dict[str, tuple[nn.Parameter, QuantizedWeight]]) -> int:
         """Leave each layer's weight ``weights[path][0]`` unwritten until something reads its values:

@@ -211,7 +211,6 @@ class QGraph:
         self.fake_mode = _graph_fake_mode(self.graph) or detect_fake_mode(example_inputs)
         self.root = nn.Module()
         self.names: dict[str, str] = {}  # constant attribute -> module path it came from
-        self._attrs: set[str] = set()  # the root's constant attributes
         self.smoothing: dict[fx.Node, torch.Tensor] = {}  # linear -> per-input-channel s its input was divided by
         self.quantized: dict[fx.Node, str] = {}  # output node of a quantized linear -> module path
         self.quantized_experts: dict[fx.Node, str] = {}  # quantized grouped matmul -> its expert weights' path
@@ -415,20 +414,15 @@ class QGraph:
 
     # -- writing ---------------------------------------------------------------
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """A ``get_attr`` node reading ``tensor`` as a plain attribute of the new root module (a
-        constant of the compiled graph, not an input: ``backend.compile_inductor``), on the graph's
-        device (``value`` of the node stays the CPU tensor given here)."""
+        """A ``get_attr`` node reading ``tensor`` as a buffer of the new root module, on the
+        graph's device (``value`` of the node stays the CPU tensor given here)."""
         base = re.sub(r"\W", "_", name)
         attr, i = base, 1
         while hasattr(self.root, attr):
             attr, i = f"{base}_{i}", i + 1
         # the tensor itself where it can be (a packed weight shared by several graphs stays one)
         placed = (tensor.detach() if tensor.requires_grad else tensor).to(self.device).contiguous()
-        if placed.is_mkldnn:  # Inductor's cache cannot pickle it as a constant: a graph input, as before
-            self.root.register_buffer(attr, placed)
-        else:
-            setattr(self.root, attr, placed)
-            self._attrs.add(attr)
+        self.root.register_buffer(attr, placed)
         self.names[attr] = name
         first = next(n for n in self.graph.nodes if n.op not in ("placeholder", "get_attr"))
         with self.graph.inserting_before(first):
@@ -463,22 +457,18 @@ class QGraph:
         self.graph.eliminate_dead_code(is_impure_node=_mutates)
         self.graph.lint()
         used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
-        for attr in [a for a in [*self._attrs, *dict(self.root.named_buffers())] if a not in used]:
+        for attr in [a for a, _ in self.root.named_buffers() if a not in used]:
             delattr(self.root, attr)  # e.g. smoothed fp32 weights superseded by quantized ones
-            self._attrs.discard(attr)
             self.names.pop(attr, None)
         gm = fx.GraphModule(self.root, self.graph)
-        for attr in self._attrs & set(gm._buffers):  # GraphModule registers copied tensors as buffers
-            gm.__dict__[attr] = gm._buffers.pop(attr)
         gm.qpass_names = dict(self.names)
         return gm
 
 
 def constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The constants qpass placed in a rewritten graph (``QGraph.constant``), by attribute name
-    (``gm.qpass_names`` maps each to what it stands for). Most are plain tensor attributes, not
-    buffers (``backend.compile_inductor`` tells why), so ``gm.buffers()`` lists only the oneDNN
-    packed weights among them."""
+    (``gm.qpass_names`` maps each to what it stands for): buffers, or in a decode graph plain
+    tensor attributes (``backend.compile_inductor`` tells why), which ``gm.buffers()`` does not list."""
     return {attr: getattr(gm, attr) for attr in getattr(gm, "qpass_names", {})}
 
 

@@ -1,6 +1,7 @@
-"""qpass's constants are constants of the compiled graph, not inputs passed on every call, and
-Inductor's cache binds each model's own constants (``backend.compile_inductor``)."""
+"""In decode graphs qpass's tensors are constants of the compiled graph, not inputs passed on every
+call, and Inductor's cache binds each model's own constants (``backend.compile_inductor``)."""
 
+import copy
 import pickle
 
 import pytest
@@ -13,7 +14,7 @@ from tests.models import tiny_model, token_batches
 
 
 def _spy_inner(monkeypatch) -> list[tuple[int, int]]:
-    """(placeholders, tensor constants) of each graph AOTAutograd hands to Inductor."""
+    """(placeholders, tensor constants) of each decode graph AOTAutograd hands to Inductor."""
     from torch._inductor import compile_fx as inductor_compile_fx
 
     seen, real = [], inductor_compile_fx.compile_fx_inner
@@ -29,40 +30,50 @@ def _spy_inner(monkeypatch) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static"])
-def test_constants_are_not_graph_inputs(monkeypatch, preset):
+def test_decode_graph_takes_its_constants_as_constants(monkeypatch, preset):
     seen = _spy_inner(monkeypatch)
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
     backend = qpass.backend(preset, calibration=calib)
-    ids = token_batches(1)[0]
+    prompt = token_batches(1)[0]  # 2 x 16 tokens: a prefill graph
+    fn = torch.compile(model.forward, backend=backend, dynamic=False)
     with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-        out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
-    assert ((out - ref).norm() / ref.norm()).item() < 0.05
-    (gm,) = backend.graphs
-    consts = constants(gm)
-    assert len(consts) >= 14  # 7 linears' integers and scales at least
-    assert all(t.is_mkldnn for t in gm.buffers())  # oneDNN's packed weights stay inputs (not picklable)
-    assert all(isinstance(t, torch.Tensor) for t in consts.values())
-    dynamo_inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
-    # the compiled graph takes Dynamo's inputs (and oneDNN's packed weights) only: qpass's other
-    # tensors are its constants
+        for ids in (prompt, prompt[:1, :1]):
+            ref = model(ids, use_cache=False).logits
+            out = fn(ids, use_cache=False).logits
+            assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    prefill, decode = backend.graphs
+    # prefill: qpass's tensors are buffers, which AOTAutograd lifts to inputs (and its cache keeps)
+    assert len(constants(prefill)) >= 7 and set(constants(prefill)) == {n for n, _ in prefill.named_buffers()}
+    # decode: plain attributes but oneDNN's packed weights (Inductor's cache cannot pickle those)
+    consts = constants(decode)
+    assert len(consts) >= 7 and all(t.is_mkldnn for t in decode.buffers())
+    # so the compiled decode graph takes Dynamo's inputs (and oneDNN's packed weights) only
     ((inputs, traced_consts),) = seen
-    assert inputs == dynamo_inputs + len(list(gm.buffers())) and traced_consts >= 14
+    assert inputs == sum(n.op == "placeholder" for n in decode.graph.nodes) + len(list(decode.buffers()))
+    assert traced_consts >= 7
 
 
 def test_cache_hit_binds_each_models_own_constants(monkeypatch, tmp_path):
-    """Two models of the same shapes compile to the same code: the second compile is an FX graph
-    cache hit, and it must run the second model's weights, not the first one's."""
+    """Two models with the same scales compile to the same decode code (the second one's linear
+    weights are the first one's negated): the second compile is an FX graph cache hit, and it must
+    run the second model's weights, not the first one's. The reference path, whose graph holds
+    nothing but tensors on every CPU kind (FBGEMM's packed-weight handles differ per model, so
+    they never share an entry)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     seen = _spy_inner(monkeypatch)
-    ids = token_batches(1)[0]
+    ids = token_batches(1)[0][:1, :1]
     outs, refs = [], []
     counters.clear()
-    for seed in (0, 1):
+    model = tiny_model("llama", layers=1)
+    negated = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in negated.model.layers.named_parameters():
+            if p.dim() == 2:
+                p.neg_()
+    for model in (model, negated):
         torch._dynamo.reset()
-        model = tiny_model("llama", layers=1, seed=seed)
-        backend = qpass.backend("w8a8_dynamic", inductor_config={"fx_graph_cache": True})
+        backend = qpass.backend(qpass.preset("w8a8_dynamic", lower=False), inductor_config={"fx_graph_cache": True})
         with torch.no_grad():
             refs.append(model(ids, use_cache=False).logits)
             outs.append(torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits)
