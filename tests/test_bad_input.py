@@ -348,6 +348,7 @@ def test_backend_takes_a_preset_name():
         (lambda: qpass.backend(qpass.QuantConfig(), calibration={}), r"calibration must be a qpass.Calibration, got dict"),
         (lambda: qpass.backend(inductor="yes"), r"inductor must be a bool, got str"),
         (lambda: qpass.backend(inductor_config=["cpp_wrapper"]), r"inductor_config must be a mapping of Inductor settings, got list"),
+        (lambda: qpass.backend(graph_constants=1), r"graph_constants must be a bool, got int"),
         (lambda: qpass.backend().bind("model"), r"bind: expected an nn.Module, got str"),
         (lambda: qpass.QuantConfig(weight="int8"), r"QuantConfig.weight must be a qpass.QuantSpec or None, got 'int8'"),
         (lambda: qpass.QuantConfig(skip="lm_head"), r"QuantConfig.skip must be a tuple of module paths"),

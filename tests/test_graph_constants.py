@@ -87,3 +87,17 @@ def test_cache_hit_binds_each_models_own_constants(monkeypatch, tmp_path):
     with open(entry, "rb") as f:
         graph = pickle.load(f)
     assert not graph.constants and len(graph.frozen_param_names) >= 7
+
+
+def test_graph_constants_off_keeps_decode_tensors_inputs(monkeypatch):
+    seen = _spy_inner(monkeypatch)
+    model = tiny_model("llama", layers=1)
+    backend = qpass.backend("w8a8_dynamic", graph_constants=False)
+    ids = token_batches(1)[0][:1, :1]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    (gm,) = backend.graphs
+    assert len(constants(gm)) >= 7 and set(constants(gm)) == {n for n, _ in gm.named_buffers()}
+    assert seen == []  # Inductor's own compile path, not the constants one
