@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from qpass.graph import QGraph, placeholder_sources, storage_mark
 from qpass.qmath import QuantizedWeight
 from qpass.passes.decode import float_decode_linears
 from qpass.passes.integer import integer_only
-from qpass.passes.lower import DECODE_M, lower
+from qpass.passes.lower import lower
 from qpass.passes.quantize import quantize
 from qpass.passes.smooth import smooth
 from qpass.report import Report
@@ -69,7 +68,7 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping
                      as_constants: bool = False) -> Callable:
     """Inductor's ``compile_fx`` of a rewritten graph, under the Inductor ``settings`` given.
 
-    ``as_constants`` (decode graphs): qpass's tensors (quantized weights, scales, folded norms) are
+    ``as_constants`` (decode steps): qpass's tensors (quantized weights, scales, folded norms) are
     made plain attributes of ``gm`` instead of buffers. AOTAutograd lifts a module's buffers to graph
     inputs, but traces a plain tensor attribute as a constant, which Inductor keeps in the compiled
     module; a call then passes only Dynamo's inputs. In SmolLM2's decode step that took a fifth of
@@ -82,8 +81,8 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping
     in its entry (a second copy of every weight). They are marked as frozen parameters instead, the
     way Inductor's freezing marks its constants: the key holds their metadata and a hit binds them by
     name from the graph being compiled. AOTAutograd's own cache, whose hits would take constants from
-    the entry, is bypassed, so a warm start traces the graph again. Prefill graphs, where the
-    per-call cost is a rounding error, keep their tensors as inputs and both caches."""
+    the entry, is bypassed, so a warm start traces the graph again. Prompt graphs, which run once
+    per generation, keep their tensors as inputs and both caches."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -116,15 +115,16 @@ def compile_inductor(gm: fx.GraphModule, example_inputs: list, settings: Mapping
 
 
 def _decode_graph(qg: QGraph, sites: list) -> bool:
-    """Every linear of the graph reads at most ``lower.DECODE_M`` tokens (static shapes)."""
-    def tokens(site) -> int | None:
+    """A decode step: every linear reads one token per sequence (``(B, 1, K)``, or ``(1, K)``), with
+    static shapes. A prompt's graph, however short, is not one: it compiles once per start, where
+    AOTAutograd's cache saves more than its constants would per call (``compile_inductor``)."""
+    def one_token(site) -> bool:
         shape = qg.shape(site.input)
-        if shape is None or not all(isinstance(d, int) for d in shape[:-1]):
-            return None
-        return math.prod(shape[:-1])
+        if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+            return False
+        return shape[-2] == 1 if len(shape) >= 3 else shape[0] == 1
 
-    counts = [tokens(site) for site in sites]
-    return bool(counts) and all(m is not None and m <= DECODE_M for m in counts)
+    return bool(sites) and all(one_token(site) for site in sites)
 
 
 class QPassBackend:
@@ -134,8 +134,8 @@ class QPassBackend:
     ``graphs`` keeps the rewritten FX graphs for inspection. ``inductor=False``
     runs the rewritten graph eagerly (useful to debug a pass). ``inductor_config``: Inductor
     settings (``torch._inductor.config`` names) patched around each compile of this backend's graphs.
-    ``graph_constants``: decode graphs (at most ``lower.DECODE_M`` tokens) hold qpass's tensors as
-    constants of the compiled graph, not as inputs passed on every call (``compile_inductor``).
+    ``graph_constants``: decode graphs (one token per sequence) hold qpass's tensors as constants
+    of the compiled graph, not as inputs passed on every call (``compile_inductor``).
     SmolLM2's decode step at 1 thread: 16.2 against 19.2 ms. The price is a warm start: such a
     graph is traced by AOTAutograd again (its cache is bypassed), about 8 s per graph for SmolLM2
     at 1 thread. ``False`` keeps them inputs, for short-lived processes that start more than they decode.

@@ -467,7 +467,7 @@ class QGraph:
 
 def constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The constants qpass placed in a rewritten graph (``QGraph.constant``), by attribute name
-    (``gm.qpass_names`` maps each to what it stands for): buffers, or in a decode graph plain
+    (``gm.qpass_names`` maps each to what it stands for): buffers, or in a decode step's graph plain
     tensor attributes (``backend.compile_inductor`` tells why), which ``gm.buffers()`` does not list."""
     return {attr: getattr(gm, attr) for attr in getattr(gm, "qpass_names", {})}
 
