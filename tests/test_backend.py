@@ -227,3 +227,26 @@ def test_inductor_config_compiles_with_the_cpp_wrapper(monkeypatch):
     assert {k.split(" (")[0] for k in runs[1][2]} == {"onednn", "fbgemm"}  # a grid note without VNNI
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-6, atol=1e-6)
+
+
+def test_qpass_graphs_compile_without_masked_tail_vectorization(monkeypatch):
+    """``INDUCTOR_DEFAULTS`` hold while qpass's graphs compile, the user's ``inductor_config`` wins
+    over them, and the global setting is left as it was."""
+    from torch._inductor import compile_fx as inductor_compile_fx
+
+    seen = []
+    real = inductor_compile_fx.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(torch._inductor.config.cpp.enable_loop_tail_vec)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", spy)
+    model = tiny_model("llama", layers=1)
+    ids = token_batches(1)[0]
+    before = torch._inductor.config.cpp.enable_loop_tail_vec
+    for settings in (None, {"cpp.enable_loop_tail_vec": True}):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=qpass.backend(inductor_config=settings), dynamic=False)(ids, use_cache=False)
+    assert seen == [False, True] and torch._inductor.config.cpp.enable_loop_tail_vec == before
