@@ -195,22 +195,27 @@ def test_static_cache_decode_keeps_cache_writes():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _seen_at_compile(monkeypatch, read) -> list:
+    """``read(torch._inductor.config)`` at each of Inductor's ``compile_fx`` calls, in order."""
+    from torch._inductor import compile_fx as inductor_compile_fx
+
+    seen, real = [], inductor_compile_fx.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(read(torch._inductor.config))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", spy)
+    return seen
+
+
 def test_inductor_config_compiles_with_the_cpp_wrapper(monkeypatch):
     """``inductor_config`` is patched around each compile of the backend's graphs (and only there):
     Inductor's C++ wrapper around the int8 kernel ops (oneDNN at prefill, FBGEMM at decode here),
     prefill and a decode step, gives the Python wrapper's logits."""
-    from torch._inductor import compile_fx as inductor_compile_fx
-
     from qpass.passes import lower
 
-    seen = []
-    real = inductor_compile_fx.compile_fx
-
-    def spy(*args, **kwargs):
-        seen.append(torch._inductor.config.cpp_wrapper)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inductor_compile_fx, "compile_fx", spy)
+    seen = _seen_at_compile(monkeypatch, lambda config: config.cpp_wrapper)
     model = tiny_model("llama", layers=1)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
     prompt = token_batches(1, batch=1, seq=lower.DECODE_M + 4, seed=3)[0]  # oneDNN at prefill
@@ -232,16 +237,7 @@ def test_inductor_config_compiles_with_the_cpp_wrapper(monkeypatch):
 def test_qpass_graphs_compile_without_masked_tail_vectorization(monkeypatch):
     """``INDUCTOR_DEFAULTS`` hold while qpass's graphs compile, the user's ``inductor_config`` wins
     over them, and the global setting is left as it was."""
-    from torch._inductor import compile_fx as inductor_compile_fx
-
-    seen = []
-    real = inductor_compile_fx.compile_fx
-
-    def spy(*args, **kwargs):
-        seen.append(torch._inductor.config.cpp.enable_loop_tail_vec)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inductor_compile_fx, "compile_fx", spy)
+    seen = _seen_at_compile(monkeypatch, lambda config: config.cpp.enable_loop_tail_vec)
     model = tiny_model("llama", layers=1)
     ids = token_batches(1)[0]
     before = torch._inductor.config.cpp.enable_loop_tail_vec

@@ -124,11 +124,11 @@ INT_MM_CPU = lowering.Target("cpu", onednn=True, fbgemm=True, int_mm=True)
 W8A8 = qpass.preset("w8a8_dynamic", smoothing=None)
 
 
-def _lowered(model: nn.Module, x: torch.Tensor, *, inductor: bool) -> str:
-    """``model(x)`` through the backend with ``W8A8`` on ``INT_MM_CPU``, its one rewritten graph printed whole."""
+def _lowered(model: nn.Module, x: torch.Tensor, *, inductor: bool, config: qpass.QuantConfig = W8A8) -> str:
+    """``model(x)`` through the backend with ``config`` on ``INT_MM_CPU``, its one rewritten graph printed whole."""
     torch._dynamo.reset()
     calib = qpass.calibrate(model, [inputs(16, x.shape[-1], seed=99, worst_case=False)])
-    backend = qpass.backend(W8A8, calibration=calib, inductor=inductor)
+    backend = qpass.backend(config, calibration=calib, inductor=inductor)
     with mock.patch.object(lowering.Target, "detect", staticmethod(lambda device: INT_MM_CPU)), torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(x)
     assert len(backend.graphs) == 1
@@ -249,19 +249,13 @@ const proj.weight_colsum : f32[32]
 %30 = reshape(%29, (1, 1, 64)) : f32[1,1,64]
 """)
 
-
     def test_weight_only_lm_head_at_one_token(self):
         """``weight_only=("lm_head",)``: the head's int8 weight dequantized inside the one-token
         reduction over a realized row (``decode.reduction_linear``); the int8 linear before it keeps
         its ``_int_mm``."""
         torch.manual_seed(0)
-        model, x = _Head().eval(), inputs(1, 32, seed=1, worst_case=False)
-        torch._dynamo.reset()
-        calib = qpass.calibrate(model, [inputs(16, 32, seed=99, worst_case=False)])
-        backend = qpass.backend(W8A8.replace(weight_only=("lm_head",)), calibration=calib, inductor=False)
-        with mock.patch.object(lowering.Target, "detect", staticmethod(lambda device: INT_MM_CPU)), torch.no_grad():
-            torch.compile(model, backend=backend, dynamic=False)(x)
-        text = qpass.format_graph(backend.graphs[0], focus=False)
+        text = _lowered(_Head().eval(), inputs(1, 32, seed=1, worst_case=False), inductor=False,
+                        config=W8A8.replace(weight_only=("lm_head",)))
         self.assertExpectedInline(text, """\
 param proj.weight : f32[32,32]
 param proj.bias : f32[32]
