@@ -2,6 +2,10 @@
 
     python bench/profile_decode.py [--model smollm2|llama2048] [--layers 4] [--steps 5] [--threads 2]
                                    [--contenders "fp32 torch.compile" "qpass w8a8_dynamic" ...] [--rows 14]
+                                   [--prefill 512]
+
+``--prefill N`` profiles ``bench/speed.py``'s prefill instead (N tokens, no cache, the last
+position's logits) and compiles only that graph.
 
 Same model, workload (one token against a ``StaticCache`` holding ``--context`` tokens) and contenders
 as ``bench/speed.py``, but only the decode graph is compiled (no prefill), with Inductor's kernel
@@ -28,22 +32,29 @@ import speed  # noqa: E402  (bench/speed.py: models, workloads, contenders)
 logger = logging.getLogger("bench.profile_decode")
 
 
+def run_step(fn, w: speed.Workloads, cache) -> None:
+    """One decode step against ``cache``, or one prefill when ``cache`` is None."""
+    if cache is None:
+        w.prefill(fn)
+        return
+    w.rewind(cache)
+    fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True)
+
+
 def step_ms(fn, w: speed.Workloads, cache, reps: int) -> float:
     times = []
     for _ in range(reps):
-        w.rewind(cache)
         t = time.perf_counter()
-        fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True)
+        run_step(fn, w, cache)
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 
 
 def profile_steps(fn, w: speed.Workloads, cache, steps: int) -> list[tuple[str, float, float]]:
-    """``[(op, self CPU ms per step, calls per step)]`` over ``steps`` profiled decode steps, largest first."""
+    """``[(op, self CPU ms per step, calls per step)]`` over ``steps`` profiled steps, largest first."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            w.rewind(cache)
-            fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True)
+            run_step(fn, w, cache)
     rows = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()]
     return sorted(rows, key=lambda r: -r[1])
 
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--presets", nargs="+", default=["w8a8_dynamic", "w8a8_static"])
     parser.add_argument("--contenders", nargs="+", default=None, help="names to run (default: all but fp32 eager)")
+    parser.add_argument("--prefill", type=int, default=None, help="profile a prefill of this many tokens instead")
     parser.add_argument("--weight-only-lm-head", action="store_true",
                         help="also each preset with lm_head's weights int8, its input float (bench/speed.py's flag)")
     args = parser.parse_args(argv)
@@ -80,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     model, desc, batches = speed.load(args.model, args.layers, device, torch.float32)
-    w = speed.Workloads(model, 8, args.context, device)
-    print(f"{desc}: decode 1 token after {args.context}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    w = speed.Workloads(model, args.prefill or 8, args.context, device)
+    what = f"prefill {args.prefill} tokens" if args.prefill else f"decode 1 token after {args.context}"
+    print(f"{desc}: {what}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     for label, make in speed.contenders(model, args.presets, batches, torchao=True, weight_only_lm_head=args.weight_only_lm_head):
         if (args.contenders and label not in args.contenders) or (not args.contenders and label == "fp32 eager"):
             continue
@@ -89,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             c = make()
             with torch.no_grad():
-                cache = w.new_cache(model)
+                cache = None if args.prefill else w.new_cache(model)
                 with c.scope(), torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
-                    w.decode(c.fn, cache)
+                    run_step(c.fn, w, cache)
                 wall = step_ms(c.fn, w, cache, args.reps)
                 rows = profile_steps(c.fn, w, cache, args.steps)
             print(format_profile(c.name, wall, rows, args.rows) + "\n", flush=True)
