@@ -785,6 +785,11 @@ def _emit_shared_input(e: _Emit, qs: list[QLinear], target: Target, name: str) -
     ->  y = <kernel>(quantize(x), const(packed [W_q; W_k; W_v])) * s + const([b_q; b_k; b_v])
         q = clone(narrow(y, -1, 0, N_q)); k = clone(narrow(y, -1, N_q, N_k)); v = ...
 
+    Members read only by elementwise ops (gate / up into ``act(gate) * up``) take their columns of
+    the kernel's output before the epilogue instead (``_narrowed``)::
+
+        acc = <kernel>(...);  gate = narrow(acc, -1, 0, N_g) * narrow(const(s), -1, 0, N_g) + ...
+
     Every output element is computed as in the linear's own lowering (same integers, same scale and
     bias arithmetic per column), so the outputs are equal to the unfused ones."""
     qg, q0 = e.qg, qs[0]
@@ -802,15 +807,60 @@ def _emit_shared_input(e: _Emit, qs: list[QLinear], target: Target, name: str) -
                     weight_dtype=q0.weight_dtype, m=q0.m, device=q0.device, out_dtype=torch.float32)
     y = KERNELS[name].emit(e, fused, target)
     ys, start = [], 0
+    elementwise = all(_read_elementwise(q.out) for q in qs)
     for q, n in zip(qs, rows):
-        part = e.call(torch.narrow, (y, -1, start, n), before)
-        # contiguous, as the linear's own output was (a view of it may follow)
-        part = e.call(torch.ops.aten.clone.default, (part,), before, {"memory_format": torch.contiguous_format})
+        part = _narrowed(e, y, start, n, sum(rows), before) if elementwise else e.call(torch.narrow, (y, -1, start, n), before)
+        if part.target is torch.narrow:
+            # contiguous, as the linear's own output was (a view of it may follow)
+            part = e.call(torch.ops.aten.clone.default, (part,), before, {"memory_format": torch.contiguous_format})
         if q.out_dtype != torch.float32:
             part = e.call(torch.ops.prims.convert_element_type.default, (part, q.out_dtype), before)
         ys.append(part)
         start += n
     return ys
+
+
+#: Elementwise ops of the kernels' epilogues (scales, zero-point sums, bias, dtype) that a member's
+#: narrow moves through (``_narrowed``); ``reshape`` when it keeps the last dimension.
+_EPILOGUE_OPS = (torch.mul, torch.sub, torch.add, torch.ops.prims.convert_element_type.default, torch.reshape)
+
+
+def _read_elementwise(node: fx.Node) -> bool:
+    """Whether every reader of ``node`` is an elementwise op (gate / up into ``act(gate) * up``), not
+    a view into heads (q / k / v), where Inductor would repeat the inlined epilogue in each kernel
+    that reads the heads (rotary reads q twice) and compiling takes longer."""
+    return all(u.op == "call_function" and (u.target in (operator.mul, torch.mul) or u.target in _ACTIVATIONS)
+               for u in node.users)
+
+
+_ACTIVATIONS = (F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh)
+
+
+def _narrowed(e: _Emit, y: fx.Node, start: int, n: int, width: int, before: fx.Node) -> fx.Node:
+    """``narrow(y, -1, start, n)`` with the narrow moved through ``y``'s elementwise epilogue down to
+    the kernel's output: each member's scales and bias apply to its own columns of the shared
+    accumulator. The same float operations per element as on the whole product, so the same values;
+    but no member reads a float copy of the whole product, which Inductor realizes for its several
+    readers: for gate / up a (tokens, 2 x FFN) float32 buffer written and read again before SiLU
+    (SmolLM2, 512 tokens, 1 thread: that kernel 1094 -> 928 us per layer, the prefill 0.95x -> 0.98x
+    torchao's in the same run; ``bench/results/profile_prefill_1thread.md``).
+
+    Operands as wide as the product (``width`` last) are narrowed; broadcast ones (per-token scales
+    and zero points, of last size 1, and scalars) are kept. Stops at anything else (the kernel's own
+    output) with a plain narrow."""
+    if y.op == "call_function" and y.target in _EPILOGUE_OPS:
+        if y.target is torch.reshape:
+            src, shape = y.args
+            if _val(src).shape[-1] == width and shape[-1] == width:
+                return e.call(torch.reshape, (_narrowed(e, src, start, n, width, before), (*shape[:-1], n)), before)
+        else:
+            args = []
+            for a in y.args:
+                v = _val(a) if isinstance(a, fx.Node) else None
+                wide = v is not None and v.dim() >= 1 and v.shape[-1] == width
+                args.append(_narrowed(e, a, start, n, width, before) if wide else a)
+            return e.call(y.target, tuple(args), before, dict(y.kwargs) or None)
+    return e.call(torch.narrow, (y, -1, start, n), before)
 
 
 def _concatenated(e: _Emit, qs: list[QLinear], grid: Grid, path: str) -> tuple[list[int], Tensor, Tensor]:
