@@ -2,7 +2,7 @@
 
     python bench/profile_decode.py [--model smollm2|llama2048] [--layers 4] [--steps 5] [--threads 2]
                                    [--contenders "fp32 torch.compile" "qpass w8a8_dynamic" ...] [--rows 14]
-                                   [--prefill 512]
+                                   [--prefill 512] [--dtype bf16 --presets w8a16 w4a16]
 
 ``--prefill N`` profiles ``bench/speed.py``'s prefill instead (N tokens, no cache, the last
 position's logits) and compiles only that graph.
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", default=["w8a8_dynamic", "w8a8_static"])
     parser.add_argument("--contenders", nargs="+", default=None, help="names to run (default: all but fp32 eager)")
     parser.add_argument("--prefill", type=int, default=None, help="profile a prefill of this many tokens instead")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the model's dtype (bf16: weight-only contenders)")
     parser.add_argument("--weight-only-lm-head", action="store_true",
                         help="also each preset with lm_head's weights int8, its input float (bench/speed.py's flag)")
     args = parser.parse_args(argv)
@@ -91,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model, desc, batches = speed.load(args.model, args.layers, device, torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, desc, batches = speed.load(args.model, args.layers, device, dtype)
     w = speed.Workloads(model, args.prefill or 8, args.context, device)
     what = f"prefill {args.prefill} tokens" if args.prefill else f"decode 1 token after {args.context}"
-    print(f"{desc}: {what}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"{desc}, {args.dtype}: {what}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     for label, make in speed.contenders(model, args.presets, batches, torchao=True, weight_only_lm_head=args.weight_only_lm_head):
         if (args.contenders and label not in args.contenders) or (not args.contenders and label == "fp32 eager"):
             continue

@@ -79,3 +79,40 @@ def test_reduction_reads_the_final_norm_computed_once():
         assert "sqrt" not in loop and "at::vec::Vectorized<float>::loadu" in loop
         assert backend.report.rows["lm_head"].kernel in (decode.FLOAT_DECODE_LABEL, qpass.passes.lower.KERNELS["cpu_wo_reduction"].label)
         assert ((got.logits - want).norm() / want.norm()).item() < 0.05  # the decoder's int8 quantization
+
+
+def test_half_precision_lm_head_sums_in_float32_reading_its_own_weights(monkeypatch):
+    """A bf16 model's skipped ``lm_head`` at one token: the same reduction, summed in float32 and
+    rounded to bf16 at the end; Inductor reads the bf16 weight inside the sum's loop (no float32
+    copy of it), and the logits are those of ``aten::mm`` to bf16 rounding."""
+    from torch._inductor.utils import run_and_get_code
+
+    import transformers
+
+    from tests.models import _config
+
+    config = _config("llama", 1)
+    config.vocab_size = vocab = 4096  # a size no other loop of the graph has
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (1, 1))
+    monkeypatch.setattr(decode, "FLOAT_DECODE_MIN_NUMEL", 0)
+    preset = qpass.preset("w8a8_dynamic")
+
+    torch._dynamo.reset()
+    backend = qpass.backend(preset)
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(model, backend=backend, dynamic=False), ids, use_cache=False)
+    graph = backend.graphs[-1].graph
+    sums = [n for n in graph.nodes if n.target is torch.sum]
+    assert F.linear not in [n.target for n in graph.nodes] and len(sums) == 1
+    assert sums[0].meta["val"].dtype == torch.float32
+    assert backend.report.rows["lm_head"].kernels == ("bf16 reduction, fp32 sums (Inductor, decode)",)
+    assert got.logits.dtype == torch.bfloat16
+    loop = _head_loop("\n".join(code), vocab)
+    assert "at::vec::Vectorized<bfloat16>::loadu" in loop or "at::vec::Vectorized<at::BFloat16>::loadu" in loop, loop
+    assert f"empty_strided_cpu(({vocab}, 64)" not in "\n".join(code)  # the weight is not copied to float32
+
+    monkeypatch.setattr(decode, "FLOAT_DECODE_M", 0)  # off: lm_head's F.linear (aten::mm in bf16)
+    want, _, row = _run(model, ids, qpass.backend(preset))
+    torch.testing.assert_close(got.logits.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -9,10 +9,17 @@ K, Inductor emits one vectorised C++ reduction, parallel over the outputs, that 
 once: 2.0 ms (2 threads, AVX-512 VNNI machine). Inductor has the same rewrite for small CPU matmuls
 (``decompose_mem_bound_mm``), limited to weights of at most 2048 x 2048.
 
+A bfloat16 / float16 model's head is summed the same way in float32 (the upcasts fuse into the
+reduction's loads, so the weight is read once at its own width) and rounded to the model's dtype at
+the end, as ATen's half-precision GEMMs accumulate. SmolLM2 in bf16, 1 thread: its ``lm_head`` by
+``aten::mm`` took 3.9 ms per token, by oneDNN after torchao's freezing 1.8 ms
+(``bench/results/profile_decode_smollm2_bf16_1thread.md``).
+
 Only under Inductor (eagerly the product would be materialised), only where the graph's token count
-is a static ``<= FLOAT_DECODE_M`` and the weight a large float32 ``(N, K)`` parameter read by
-``F.linear``. The result is fp32 summed in another order (relative differences ~1e-6), not bit-equal
-to ``aten::mm``. Quantized linears are untouched (they have their own kernels).
+is a static ``<= FLOAT_DECODE_M`` and the weight a large float ``(N, K)`` parameter of the input's
+dtype read by ``F.linear``. The result is summed in another order (fp32: relative differences ~1e-6;
+half precision: the final rounding may differ by one unit in the last place), not bit-equal to
+``aten::mm``. Quantized linears are untouched (they have their own kernels).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from torch import fx
 from qpass.graph import QGraph
 from qpass.report import Report
 
-__all__ = ["float_decode_linears", "reduction_linear", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL"]
+__all__ = ["float_decode_linears", "reduction_linear", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL",
+           "FLOAT_DECODE_DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +43,20 @@ FLOAT_DECODE_M = 1
 #: Smallest weight (elements) worth it: below, ``aten::mm``'s call costs about what it reads.
 FLOAT_DECODE_MIN_NUMEL = 1 << 20
 FLOAT_DECODE_LABEL = "fp32 reduction (Inductor, decode)"
+#: The dtypes whose large linears are rewritten, and their report labels.
+FLOAT_DECODE_DTYPES = {torch.float32: FLOAT_DECODE_LABEL, torch.bfloat16: "bf16 reduction, fp32 sums (Inductor, decode)",
+                       torch.float16: "fp16 reduction, fp32 sums (Inductor, decode)"}
 
 
 def float_decode_linears(qg: QGraph, report: Report) -> int:
-    """Rewrite the graph's large float32 linears at decode into multiply + sum; returns how many."""
+    """Rewrite the graph's large float linears at decode into multiply + sum; returns how many."""
     done = 0
     for site in qg.linears():
         if site.reader is not site.node or site.reader.target is not F.linear or site.node in qg.quantized:
             continue  # the other spellings (addmm, x @ W.T + b) keep their op; quantized ones theirs
         w = qg.value(site.weight_node)
         shape = qg.shape(site.input)
-        if w is None or w.dtype != torch.float32 or w.device.type != "cpu" or w.numel() < FLOAT_DECODE_MIN_NUMEL:
+        if w is None or w.dtype not in FLOAT_DECODE_DTYPES or w.device.type != "cpu" or w.numel() < FLOAT_DECODE_MIN_NUMEL:
             continue
         if shape is None or qg.shape(site.node) is None:
             continue
@@ -55,16 +66,23 @@ def float_decode_linears(qg: QGraph, report: Report) -> int:
         if m is None or m > FLOAT_DECODE_M or qg.value(site.input) is not None:
             continue
         x, bias = site.input, site.bias_node
-        if _val(x).dtype != torch.float32:
+        dtype = _val(x).dtype
+        if dtype != w.dtype:
             continue
         before = site.node
-        y = reduction_linear(qg, x, site.weight_node, *w.shape, before)
+        weight = site.weight_node
+        if dtype != torch.float32:  # sums in float32, as ATen's half-precision GEMMs accumulate
+            x = qg.call(torch.ops.prims.convert_element_type.default, (x, torch.float32), before=before)
+            weight = qg.call(torch.ops.prims.convert_element_type.default, (weight, torch.float32), before=before)
+        y = reduction_linear(qg, x, weight, *w.shape, before)
+        if dtype != torch.float32:
+            y = qg.call(torch.ops.prims.convert_element_type.default, (y, dtype), before=before)
         if bias is not None:
             y = qg.call(torch.add, (y, bias), before=before)
         site.node.replace_all_uses_with(y)
         qg.graph.erase_node(site.node)
-        report.row(site.path).add_kernel(FLOAT_DECODE_LABEL)
-        logger.info("%s: fp32 linear at %d token(s) as an Inductor reduction", site.path, m)
+        report.row(site.path).add_kernel(FLOAT_DECODE_DTYPES[dtype])
+        logger.info("%s: %s linear at %d token(s) as an Inductor reduction", site.path, str(dtype).removeprefix("torch."), m)
         done += 1
     return done
 
