@@ -825,15 +825,16 @@ def _emit_shared_input(e: _Emit, qs: list[QLinear], target: Target, name: str) -
 _EPILOGUE_OPS = (torch.mul, torch.sub, torch.add, torch.ops.prims.convert_element_type.default, torch.reshape)
 
 
+#: Activations of gated MLPs (``act(gate) * up``) as Dynamo records them.
+_ACTIVATIONS = (F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh)
+
+
 def _read_elementwise(node: fx.Node) -> bool:
     """Whether every reader of ``node`` is an elementwise op (gate / up into ``act(gate) * up``), not
     a view into heads (q / k / v), where Inductor would repeat the inlined epilogue in each kernel
     that reads the heads (rotary reads q twice) and compiling takes longer."""
     return all(u.op == "call_function" and (u.target in (operator.mul, torch.mul) or u.target in _ACTIVATIONS)
                for u in node.users)
-
-
-_ACTIVATIONS = (F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh)
 
 
 def _narrowed(e: _Emit, y: fx.Node, start: int, n: int, width: int, before: fx.Node) -> fx.Node:
