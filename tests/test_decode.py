@@ -45,6 +45,23 @@ def test_float_lm_head_at_one_token_runs_as_a_reduction(monkeypatch):
         assert row is None or decode.FLOAT_DECODE_LABEL not in row.kernels
 
 
+#: The vocabulary of ``_head_model``: a size no other loop of its graph has.
+HEAD_VOCAB = 4096
+
+
+def _head_model(dtype: torch.dtype = torch.float32):
+    """A one-layer Llama with ``HEAD_VOCAB`` outputs in ``dtype``, and one token for it."""
+    import transformers
+
+    from tests.models import _config
+
+    config = _config("llama", 1)
+    config.vocab_size = HEAD_VOCAB
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(dtype)
+    return model, torch.randint(0, HEAD_VOCAB, (1, 1))
+
+
 def _head_loop(code: str, vocab: int) -> str:
     """The generated C++ of the loop over ``lm_head``'s ``vocab`` outputs (the reduction's kernel)."""
     start = code.index(f"x0<static_cast<int64_t>({vocab}L); x0+=static_cast<int64_t>(1L)")  # one output row each
@@ -58,15 +75,7 @@ def test_reduction_reads_the_final_norm_computed_once():
     weight-only one; the logits are those of the graph without the rewrite, to summation order."""
     from torch._inductor.utils import run_and_get_code
 
-    import transformers
-
-    from tests.models import _config
-
-    config = _config("llama", 1)
-    config.vocab_size = vocab = 4096  # a size no other loop of the graph has
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(0, vocab, (1, 1))
+    model, ids = _head_model()
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
     for config in (qpass.preset("w8a8_dynamic"), qpass.preset("w8a8_dynamic", weight_only=("lm_head",))):
@@ -75,7 +84,7 @@ def test_reduction_reads_the_final_norm_computed_once():
             backend = qpass.backend(config)
             with torch.no_grad():
                 got, code = run_and_get_code(torch.compile(model, backend=backend, dynamic=False), ids, use_cache=False)
-        loop = _head_loop("\n".join(code), vocab)
+        loop = _head_loop("\n".join(code), HEAD_VOCAB)
         assert "sqrt" not in loop and "at::vec::Vectorized<float>::loadu" in loop
         assert backend.report.rows["lm_head"].kernel in (decode.FLOAT_DECODE_LABEL, qpass.passes.lower.KERNELS["cpu_wo_reduction"].label)
         assert ((got.logits - want).norm() / want.norm()).item() < 0.05  # the decoder's int8 quantization
@@ -87,15 +96,7 @@ def test_half_precision_lm_head_sums_in_float32_reading_its_own_weights(monkeypa
     copy of it), and the logits are those of ``aten::mm`` to bf16 rounding."""
     from torch._inductor.utils import run_and_get_code
 
-    import transformers
-
-    from tests.models import _config
-
-    config = _config("llama", 1)
-    config.vocab_size = vocab = 4096  # a size no other loop of the graph has
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
-    ids = torch.randint(0, vocab, (1, 1))
+    model, ids = _head_model(torch.bfloat16)
     monkeypatch.setattr(decode, "FLOAT_DECODE_MIN_NUMEL", 0)
     preset = qpass.preset("w8a8_dynamic")
 
@@ -109,10 +110,10 @@ def test_half_precision_lm_head_sums_in_float32_reading_its_own_weights(monkeypa
     assert sums[0].meta["val"].dtype == torch.float32
     assert backend.report.rows["lm_head"].kernels == ("bf16 reduction, fp32 sums (Inductor, decode)",)
     assert got.logits.dtype == torch.bfloat16
-    loop = _head_loop("\n".join(code), vocab)
+    loop = _head_loop("\n".join(code), HEAD_VOCAB)
     assert "at::vec::Vectorized<bfloat16>::loadu" in loop or "at::vec::Vectorized<at::BFloat16>::loadu" in loop, loop
-    assert f"empty_strided_cpu(({vocab}, 64)" not in "\n".join(code)  # the weight is not copied to float32
+    assert f"empty_strided_cpu(({HEAD_VOCAB}, 64)" not in "\n".join(code)  # the weight is not copied to float32
 
     monkeypatch.setattr(decode, "FLOAT_DECODE_M", 0)  # off: lm_head's F.linear (aten::mm in bf16)
-    want, _, row = _run(model, ids, qpass.backend(preset))
+    want, _, _ = _run(model, ids, qpass.backend(preset))
     torch.testing.assert_close(got.logits.float(), want.float(), rtol=2e-2, atol=2e-2)
