@@ -127,7 +127,7 @@ W8A8 = qpass.preset("w8a8_dynamic", smoothing=None)
 def _lowered(model: nn.Module, x: torch.Tensor, *, inductor: bool, config: qpass.QuantConfig = W8A8) -> str:
     """``model(x)`` through the backend with ``config`` on ``INT_MM_CPU``, its one rewritten graph printed whole."""
     torch._dynamo.reset()
-    calib = qpass.calibrate(model, [inputs(16, x.shape[-1], seed=99, worst_case=False)])
+    calib = qpass.calibrate(model, [inputs(16, x.shape[-1], seed=99, worst_case=False).to(x.dtype)])
     backend = qpass.backend(config, calibration=calib, inductor=inductor)
     with mock.patch.object(lowering.Target, "detect", staticmethod(lambda device: INT_MM_CPU)), torch.no_grad():
         torch.compile(model, backend=backend, dynamic=False)(x)
@@ -247,6 +247,51 @@ const proj.weight_colsum : f32[32]
 %28 = mul(%27, param lm_head.weight) : f32[1,64,32]
 %29 = sum(%28, -1) : f32[1,64]
 %30 = reshape(%29, (1, 1, 64)) : f32[1,1,64]
+""")
+
+    def test_decode_bf16_lm_head_as_float32_reduction(self):
+        """A bf16 model's float ``lm_head`` at one token: the same reduction over float32 upcasts of its
+        row and weight (Inductor fuses them into the sum's loads), rounded to bf16 at the end."""
+        torch.manual_seed(0)
+        with mock.patch.object(decode, "FLOAT_DECODE_MIN_NUMEL", 0):  # the tiny lm_head is 64 x 32
+            text = _lowered(_Head().eval().to(torch.bfloat16), inputs(1, 32, seed=1, worst_case=False).to(torch.bfloat16),
+                            inductor=True)
+        self.assertExpectedInline(text, """\
+param proj.weight : bf16[32,32]
+param proj.bias : bf16[32]
+%2 = input : bf16[1,1,32]
+param lm_head.weight : bf16[64,32]
+const proj.weight_int8 : i8[32,32]
+const proj.weight_scale : f32[32]
+const proj.weight_colsum : f32[32]
+%7 = qpass.choose_qparams(%2, True, False, -128, 127) : (f32[1,1,1], f32[1,1,1])
+%8 = getitem(%7, 0) : f32[1,1,1]
+%9 = getitem(%7, 1) : f32[1,1,1]
+%10 = qpass.quantize(%2, %8, %9, -128, 127, i8) : i8[1,1,32]
+%11 = reshape(%10, (-1, 32)) : i8[1,32]
+%12 = as_strided(%11, (1, 32), (32, 1)) : i8[1,32]
+%13 = t(const proj.weight_int8) : i8[32,32]
+%14 = _int_mm(%12, %13) : i32[1,32]
+%15 = prims.convert_element_type(%14, f32) : f32[1,32]
+%16 = reshape(%8, (-1, 1)) : f32[1,1]
+%17 = mul(%16, const proj.weight_scale) : f32[1,32]
+%18 = mul(%15, %17) : f32[1,32]
+%19 = reshape(%9, (-1, 1)) : f32[1,1]
+%20 = mul(%19, %16) : f32[1,1]
+%21 = mul(%20, const proj.weight_colsum) : f32[1,32]
+%22 = sub(%18, %21) : f32[1,32]
+%23 = reshape(%22, (1, 1, 32)) : f32[1,1,32]
+%24 = add(%23, param proj.bias) : f32[1,1,32]
+%25 = prims.convert_element_type(%24, bf16) : bf16[1,1,32]
+%26 = prims.convert_element_type(%25, f32) : f32[1,1,32]
+%27 = prims.convert_element_type(param lm_head.weight, f32) : f32[64,32]
+%28 = reshape(%26, (1, 32)) : f32[1,32]
+%29 = aten.clone(%28, memory_format=torch.contiguous_format) : f32[1,32]
+%30 = as_strided(%29, (1, 1, 32), (32, 32, 1)) : f32[1,1,32]
+%31 = mul(%30, %27) : f32[1,64,32]
+%32 = sum(%31, -1) : f32[1,64]
+%33 = reshape(%32, (1, 1, 64)) : f32[1,1,64]
+%34 = prims.convert_element_type(%33, bf16) : bf16[1,1,64]
 """)
 
     def test_weight_only_lm_head_at_one_token(self):
