@@ -1,0 +1,122 @@
+"""Prompt graphs compile one decoder block at a time (``qpass.blocks``): identical blocks share one
+Inductor compile through its FX graph cache, and the pieces compute what the whole graph does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+
+import qpass
+from qpass import blocks
+from tests.models import tiny_model, token_batches
+
+
+def _node_in(path: str | None) -> fx.Node:
+    node = fx.Graph().call_function(torch.relu, ())
+    if path is not None:
+        node.meta["nn_module_stack"] = {"a": ("L['self'].model", object), "b": (path, object)}
+    return node
+
+
+@pytest.mark.parametrize("path, block", [
+    ("L['self'].model.layers.3.mlp.down_proj", ("L['self'].model.layers", 3)),
+    ("L['self'].model.layers.12", ("L['self'].model.layers", 12)),
+    ("L['self'].model.layers[3].self_attn", ("L['self'].model.layers", 3)),  # item access
+    ("getattr(L['self'].transformer.h, '7').attn", ("L['self'].transformer.h", 7)),
+    ("L['self'].model.layers.2.mlp.experts.5.w1", ("L['self'].model.layers", 2)),  # the shallowest list: the layer
+    ("L['self'].model.layers2.norm", None),  # a digit in a name is no index
+    ("L['self'].model.norm", None),
+    (None, None),
+])
+def test_a_nodes_block_is_the_shallowest_module_list_item_on_its_stack(path, block):
+    assert blocks.block_of(_node_in(path)) == block
+
+
+def _dynamo_graph(model, ids) -> fx.GraphModule:
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(ids, use_cache=False)
+    (gm,) = graphs
+    return gm
+
+
+def test_pieces_follow_the_blocks_in_order_and_never_read_a_later_piece():
+    model = tiny_model("llama", layers=3)
+    gm = _dynamo_graph(model, token_batches(1)[0])
+    pieces = blocks.partition(gm)
+    for node, piece in pieces.items():
+        assert all(pieces.get(a, 0) <= piece for a in node.all_input_nodes), node
+        if (block := blocks.block_of(node)) is not None:
+            assert piece == 2 * block[1] + 2, (node, block)
+    used = sorted(set(pieces.values()))
+    # embedding and rotary before the blocks, the final norm and lm_head after them
+    assert used == [0, 2, 4, 6, 7], used
+    lm_head = next(n for n in gm.graph.nodes if n.op == "call_function" and "lm_head" in str(n.meta.get("nn_module_stack")))
+    assert pieces[lm_head] == 7
+
+
+def test_a_graph_of_one_block_is_not_split():
+    gm = _dynamo_graph(tiny_model("llama", layers=1), token_batches(1)[0])
+    assert blocks.partition(gm) is None
+    assert blocks.compile_by_block(gm, lambda sub, inputs: pytest.fail("compiled a piece")) is None
+
+
+def _compiled_logits(model, ids, **backend_kwargs):
+    torch._dynamo.reset()
+    counters.clear()
+    backend = qpass.backend("w8a8_dynamic", calibration=qpass.calibrate(model, token_batches(2)),
+                            inductor_config={"fx_graph_cache": True}, **backend_kwargs)
+    with torch.no_grad():
+        return torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+
+
+def test_identical_blocks_share_one_compile_and_the_pieces_compute_the_whole_graph(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama", layers=3)
+    ids = token_batches(1)[0]
+    whole = _compiled_logits(model, ids, by_block=False)
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1
+    split = _compiled_logits(model, ids)
+    # before the blocks, layers.0 and after the blocks compile; layers.1 and 2 are layers.0's entry
+    assert counters["inductor"]["fxgraph_cache_miss"] == 3, dict(counters["inductor"])
+    assert counters["inductor"]["fxgraph_cache_hit"] == 2, dict(counters["inductor"])
+    # each piece applies its own block's weights and scales: the values are the whole graph's
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_compile_whole_and_generation_matches_the_unsplit_backend(monkeypatch):
+    calls = []
+    real = qpass.backend.__globals__["compile_by_block"]
+    monkeypatch.setitem(qpass.backend.__globals__, "compile_by_block",
+                        lambda gm, compile_piece: calls.append(gm) or real(gm, compile_piece))
+    model = tiny_model("llama", layers=2)
+    calib = qpass.calibrate(model, token_batches(2))
+    config = qpass.preset("w8a8_dynamic", smoothing=qpass.Smoothing(alpha=0.5))
+    outs = []
+    for by_block in (True, False):
+        torch._dynamo.reset()
+        backend = qpass.backend(config, calibration=calib, by_block=by_block).bind(model)
+        model.forward = torch.compile(type(model).forward.__get__(model), backend=backend)
+        with torch.no_grad():
+            # prompts of two lengths: the second prompt graph has dynamic shapes
+            outs.append([model.generate(token_batches(1, batch=1, seq=seq)[0], max_new_tokens=2, do_sample=False,
+                                        cache_implementation="static") for seq in (7, 11)])
+        del model.forward
+    # the prompt graphs of the first backend, not its decode steps nor the second backend's graphs
+    assert len(calls) == 2, len(calls)
+    assert any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in calls[1].graph.nodes if n.op == "placeholder")
+    for split, whole in zip(*outs):
+        torch.testing.assert_close(split, whole, rtol=0, atol=0)
+
+
+def test_by_block_must_be_a_bool():
+    with pytest.raises(TypeError, match="by_block must be a bool, got str"):
+        qpass.backend("w8a8_dynamic", by_block="yes")
