@@ -298,7 +298,7 @@ def _torchao_weight_only(model: nn.Module):
 
 def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, torchao: bool, int8_lm_head: bool = False,
                variants: list[str] = (), inductor: bool = True, onednn_decode: bool = False, cpp_wrapper: bool = False,
-               weight_only_lm_head: bool = False):
+               weight_only_lm_head: bool = False, whole_prompt: bool = False):
     dt = _dtype_name(model)
     yield f"{dt} eager", lambda: Contender(f"{dt} eager", model, model)
     if inductor:
@@ -326,6 +326,7 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
     runs += [(name, WEIGHT_ONLY_HEAD) for name in presets if weight_only_lm_head]
     runs += [(name, ONEDNN_DECODE) for name in presets if onednn_decode]
     runs += [(name, CPP_WRAPPER) for name in presets if cpp_wrapper]
+    runs += [(name, WHOLE_PROMPT) for name in presets if whole_prompt]
     for name, variant in runs:
         def make_qpass(name=name, variant=variant):
             nonlocal calib
@@ -338,13 +339,16 @@ def contenders(model: nn.Module, presets: list[str], calib_batches: Callable, to
                 calib = qpass.calibrate(model, [b.to(device) for b in calib_batches()], progress=False)
             copy_ = copy.deepcopy(model)
             backend = qpass.backend(config, calibration=calib if needs_calib else None, inductor=inductor,
-                                    inductor_config={"cpp_wrapper": True} if variant == CPP_WRAPPER else None)
+                                    inductor_config={"cpp_wrapper": True} if variant == CPP_WRAPPER else None,
+                                    by_block=variant != WHOLE_PROMPT)
             scope = (lambda: unittest.mock.patch.object(qpass.passes.lower, "DECODE_M", 0)) if variant == ONEDNN_DECODE else _null
             return Contender(f"qpass {name}{variant}", copy_, torch.compile(copy_, backend=backend, dynamic=False),
                              scope=scope, backend=backend)
         yield f"qpass {name}{variant}", make_qpass
 
 
+#: The preset with its prompt graphs compiled whole instead of one decoder block at a time (``by_block=False``)
+WHOLE_PROMPT = " (prompt graphs whole)"
 #: The preset with ``lm_head``'s weights int8 and its input float (``QuantConfig.weight_only``): at one
 #: token a reduction over the stored integers, a quarter of the fp32 head's bytes.
 WEIGHT_ONLY_HEAD = " (int8 weight-only lm_head)"
@@ -421,7 +425,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     rows: list[Row] = []
     for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
                                   args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
-                                  cpp_wrapper=args.cpp_wrapper, weight_only_lm_head=args.weight_only_lm_head):
+                                  cpp_wrapper=args.cpp_wrapper, weight_only_lm_head=args.weight_only_lm_head,
+                                  whole_prompt=args.whole_prompt_graphs):
         if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
             continue
         torch._dynamo.reset()
@@ -502,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also each preset with lm_head's weights int8, its input float (weight_only=('lm_head',))")
     parser.add_argument("--onednn-decode", action="store_true",
                         help="also each preset with oneDNN at decode too (FBGEMM otherwise): one packed copy per linear")
+    parser.add_argument("--whole-prompt-graphs", action="store_true",
+                        help="also each preset with its prompt graphs compiled whole (by_block=False), not one block at a time")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="also torchao and each preset with Inductor's C++ wrapper (cpp_wrapper=True)")
     parser.add_argument("--eager-graphs", action="store_true",

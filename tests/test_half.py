@@ -31,9 +31,9 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def _run(model, config, calib, ids, *, inductor=False):
+def _run(model, config, calib, ids, *, inductor=False, **backend_kwargs):
     torch._dynamo.reset()
-    backend = qpass.backend(config, calibration=calib, inductor=inductor)
+    backend = qpass.backend(config, calibration=calib, inductor=inductor, **backend_kwargs)
     with torch.no_grad():
         out = torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
     return out, backend
@@ -75,18 +75,25 @@ def test_smoothing_only_half_model_is_bit_exact(arch, dtype):
 
 
 def test_smoothing_only_half_model_through_inductor():
-    """Through Inductor the smoothed bf16 model equals the one Inductor compiles without qpass, far
-    inside the noise of Inductor's own bf16 rounding (its distance from eager: ~1.3% here)."""
+    """Through Inductor the smoothed bf16 model, compiled whole, equals the one Inductor compiles
+    without qpass, far inside the noise of Inductor's own bf16 rounding (its distance from eager:
+    ~1.3% here). Compiled one block at a time (the default for a prompt's graph) the residual stream
+    is rounded to bf16 between blocks, as eager rounds it, rather than kept in float32 by a kernel
+    fused across the boundary: as far from eager as Inductor's own compile is (1.23% against 1.26%
+    here; bounded at 1.25x that)."""
     model, calib = _half_model("llama", torch.bfloat16)
     ids = token_batches(1, seed=7)[0]
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
         torch._dynamo.reset()
         plain = torch.compile(model, dynamic=False)(ids, use_cache=False).logits
-    out, _ = _run(model, SMOOTH_ONLY, calib, ids, inductor=True)
+    whole, _ = _run(model, SMOOTH_ONLY, calib, ids, inductor=True, by_block=False)
     noise = _rel(plain, eager)
-    assert out.dtype == torch.bfloat16 and noise > 0
-    assert _rel(out, plain) <= noise / 10, (_rel(out, plain), noise)
+    assert whole.dtype == torch.bfloat16 and noise > 0
+    assert _rel(whole, plain) <= noise / 10, (_rel(whole, plain), noise)
+    by_block, _ = _run(model, SMOOTH_ONLY, calib, ids, inductor=True)
+    assert by_block.dtype == torch.bfloat16 and 0 < _rel(by_block, whole)
+    assert _rel(by_block, eager) <= 1.25 * noise, (_rel(by_block, eager), noise)
 
 
 def _buffers(backend) -> dict[str, torch.Tensor]:
