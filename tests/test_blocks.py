@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import qpass
 from qpass import blocks
-from tests.models import tiny_model, token_batches
+from tests.models import ARCHS, DENSE_ARCHS, MOE_ARCHS, tiny_model, token_batches
 
 
 def _node_in(path: str | None) -> fx.Node:
@@ -63,10 +63,38 @@ def test_pieces_follow_the_blocks_in_order_and_never_read_a_later_piece():
     assert pieces[lm_head] == 7
 
 
+@pytest.mark.parametrize("arch", [*ARCHS, *DENSE_ARCHS, *MOE_ARCHS])
+def test_every_architectures_layers_are_its_blocks(arch):
+    """``model.layers.N``, ``transformer.h.N``, ``model.decoder.layers.N``; DeepSeek-V3's dense
+    first layer and MoE layers alike: each layer one piece, in order, reading only earlier pieces."""
+    gm = _dynamo_graph(tiny_model(arch, layers=3), token_batches(1)[0])
+    pieces = blocks.partition(gm)
+    assert pieces is not None
+    layers = set()
+    for node, piece in pieces.items():
+        assert all(pieces.get(a, 0) <= piece for a in node.all_input_nodes), node
+        if (block := blocks.block_of(node)) is not None:
+            assert piece == 2 * block[1] + 2, (node, block)
+            layers.add(block)
+    assert sorted(i for _, i in layers) == [0, 1, 2] and len({path for path, _ in layers}) == 1, layers
+
+
 def test_a_graph_of_one_block_is_not_split():
     gm = _dynamo_graph(tiny_model("llama", layers=1), token_batches(1)[0])
     assert blocks.partition(gm) is None
     assert blocks.compile_by_block(gm, lambda sub, inputs: pytest.fail("compiled a piece")) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2_moe"])
+def test_the_pieces_compute_the_whole_graph_on_other_architectures(arch, monkeypatch, tmp_path):
+    """GPT-2 (Conv1D, ``transformer.h``) and a mixture of experts (routed and shared experts)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_model(arch, layers=2)
+    ids = token_batches(1)[0]
+    split = _compiled_logits(model, ids)
+    # four pieces: before the blocks, layers.0, layers.1 (layers.0's entry), after the blocks
+    assert (counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]) == (3, 1)
+    torch.testing.assert_close(split, _compiled_logits(model, ids, by_block=False), rtol=1e-5, atol=1e-5)
 
 
 def _compiled_logits(model, ids, **backend_kwargs):
