@@ -69,17 +69,6 @@ def partition(gm: fx.GraphModule) -> dict[fx.Node, int] | None:
     return pieces if len(blocks) >= 2 else None
 
 
-class _Piece(torch.nn.Module):
-    """A compiled piece in the split module's place of the submodule it was compiled from."""
-
-    def __init__(self, compiled: Callable):
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, *args):
-        return self.compiled(*args)
-
-
 def _example(node: fx.Node):
     for key in ("val", "example_value"):
         if key in node.meta:
@@ -99,5 +88,9 @@ def compile_by_block(gm: fx.GraphModule, compile_piece: Callable[[fx.GraphModule
         if node.op == "call_module":
             sub = getattr(split, node.target)
             inputs = [_example(p) for p in sub.graph.nodes if p.op == "placeholder"]
-            setattr(split, node.target, _Piece(compile_piece(sub, inputs)))
+            compiled = compile_piece(sub, inputs)
+            # a plain attribute in the submodule's place: the split module calls it without
+            # nn.Module's call machinery (hooks, ...) per piece
+            delattr(split, node.target)
+            setattr(split, node.target, compiled)
     return split
