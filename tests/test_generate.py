@@ -134,6 +134,14 @@ def test_graphs_share_one_packed_weight_per_layer():
     del model.forward, backend
     torch._dynamo.reset()
     import gc
+    import time
 
-    gc.collect()
+    # The graphs go with the garbage collector (an FX graph and its nodes form cycles). After some
+    # earlier tests in the same process one collection did not yet free them and a second did (CI,
+    # stop 28; reproduced with the files before this one in one process): collect again before judging.
+    for _ in range(10):
+        gc.collect()
+        if not handles & set(kernels.fbgemm._REGISTRY):
+            break
+        time.sleep(0.1)
     assert not handles & set(kernels.fbgemm._REGISTRY)
