@@ -45,7 +45,8 @@ def compile(  # noqa: A001 - qpass.compile, like torch.compile
     ``inductor_config`` patches Inductor's settings while qpass's graphs compile, and
     ``graph_constants=False`` keeps qpass's tensors graph inputs in decode graphs too, and
     ``by_block=False`` compiles a prompt's graph whole instead of one decoder block at a time
-    (``qpass.backend``: a cold compile about 2.5x longer, a prompt's run 1-3% or 4 ms faster).
+    (``qpass.backend``: a cold compile about 2.5x longer, a prompt's run about 3%, or 5 ms on a short
+    prompt, faster).
 
     Dynamo runs some frames eagerly: after a graph break inside a loop it skips the whole frame
     (a decoder's layer loop), so those layers never reach qpass. After each call, the linears that

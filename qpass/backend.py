@@ -155,9 +155,9 @@ class QPassBackend:
     at 1 thread. ``False`` keeps them inputs, for short-lived processes that start more than they decode.
     ``by_block``: every other graph (a prompt's) compiles one decoder block at a time, identical
     blocks sharing one compile (``qpass.blocks``): SmolLM2's cold start to the first token, 59 -> 24 s.
-    ``False`` compiles it whole: each block boundary costs a prompt's run about 0.12 ms (the
-    piece's call) and the fusion of the last kernel of a block with the first of the next (SmolLM2,
-    2 threads: 4 ms on a 2-token prompt, 1-3% of a 512-token one).
+    ``False`` compiles it whole: each piece costs a prompt's run about 0.15 ms (its call, and the
+    fusion of the last kernel of a block with the first of the next; SmolLM2, 2 threads: 5 ms on a
+    2-token prompt, 3% of a 512-token one, ``bench/by_block.py``).
     """
 
     def __init__(
