@@ -3,6 +3,8 @@ Inductor compile through its FX graph cache, and the pieces compute what the who
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import fx
@@ -11,6 +13,8 @@ from torch._dynamo.utils import counters
 import qpass
 from qpass import blocks
 from tests.models import ARCHS, DENSE_ARCHS, MOE_ARCHS, tiny_model, token_batches
+
+backend_module = importlib.import_module("qpass.backend")  # ``qpass.backend`` is also the function
 
 
 def _node_in(path: str | None) -> fx.Node:
@@ -85,34 +89,33 @@ def test_a_graph_of_one_block_is_not_split():
     assert blocks.compile_by_block(gm, lambda sub, inputs: pytest.fail("compiled a piece")) is None
 
 
+def _compiled_logits(model, ids, calib, **backend_kwargs):
+    torch._dynamo.reset()
+    counters.clear()
+    backend = qpass.backend("w8a8_dynamic", calibration=calib, inductor_config={"fx_graph_cache": True}, **backend_kwargs)
+    with torch.no_grad():
+        return torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2_moe"])
 def test_the_pieces_compute_the_whole_graph_on_other_architectures(arch, monkeypatch, tmp_path):
     """GPT-2 (Conv1D, ``transformer.h``) and a mixture of experts (routed and shared experts)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = tiny_model(arch, layers=2)
-    ids = token_batches(1)[0]
-    split = _compiled_logits(model, ids)
+    ids, calib = token_batches(1)[0], qpass.calibrate(model, token_batches(2))
+    split = _compiled_logits(model, ids, calib)
     # four pieces: before the blocks, layers.0, layers.1 (layers.0's entry), after the blocks
     assert (counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]) == (3, 1)
-    torch.testing.assert_close(split, _compiled_logits(model, ids, by_block=False), rtol=1e-5, atol=1e-5)
-
-
-def _compiled_logits(model, ids, **backend_kwargs):
-    torch._dynamo.reset()
-    counters.clear()
-    backend = qpass.backend("w8a8_dynamic", calibration=qpass.calibrate(model, token_batches(2)),
-                            inductor_config={"fx_graph_cache": True}, **backend_kwargs)
-    with torch.no_grad():
-        return torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
+    torch.testing.assert_close(split, _compiled_logits(model, ids, calib, by_block=False), rtol=1e-5, atol=1e-5)
 
 
 def test_identical_blocks_share_one_compile_and_the_pieces_compute_the_whole_graph(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = tiny_model("llama", layers=3)
-    ids = token_batches(1)[0]
-    whole = _compiled_logits(model, ids, by_block=False)
+    ids, calib = token_batches(1)[0], qpass.calibrate(model, token_batches(2))
+    whole = _compiled_logits(model, ids, calib, by_block=False)
     assert counters["inductor"]["fxgraph_cache_miss"] == 1
-    split = _compiled_logits(model, ids)
+    split = _compiled_logits(model, ids, calib)
     # before the blocks, layers.0 and after the blocks compile; layers.1 and 2 are layers.0's entry
     assert counters["inductor"]["fxgraph_cache_miss"] == 3, dict(counters["inductor"])
     assert counters["inductor"]["fxgraph_cache_hit"] == 2, dict(counters["inductor"])
@@ -122,8 +125,8 @@ def test_identical_blocks_share_one_compile_and_the_pieces_compute_the_whole_gra
 
 def test_decode_steps_compile_whole_and_generation_matches_the_unsplit_backend(monkeypatch):
     calls = []
-    real = qpass.backend.__globals__["compile_by_block"]
-    monkeypatch.setitem(qpass.backend.__globals__, "compile_by_block",
+    real = backend_module.compile_by_block
+    monkeypatch.setattr(backend_module, "compile_by_block",
                         lambda gm, compile_piece: calls.append(gm) or real(gm, compile_piece))
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2))
