@@ -155,9 +155,9 @@ class QPassBackend:
     at 1 thread. ``False`` keeps them inputs, for short-lived processes that start more than they decode.
     ``by_block``: every other graph (a prompt's) compiles one decoder block at a time, identical
     blocks sharing one compile (``qpass.blocks``): SmolLM2's cold start to the first token, 59 -> 24 s.
-    ``False`` compiles it whole: each piece costs a prompt's run about 0.15 ms (its call, and the
-    fusion of the last kernel of a block with the first of the next; SmolLM2, 2 threads: 5 ms on a
-    2-token prompt, 3% of a 512-token one, ``bench/by_block.py``).
+    The split costs a prompt's run about 0.15 ms per piece (its call, and the fusion of the last
+    kernel of a block with the first of the next; SmolLM2, 2 threads: 5 ms on a 2-token prompt, 3%
+    of a 512-token one, ``bench/by_block.py``); ``False`` compiles prompt graphs whole.
     """
 
     def __init__(
