@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import expecttest
 import pytest
 import torch
 from torch import fx
@@ -151,3 +152,20 @@ def test_decode_steps_compile_whole_and_generation_matches_the_unsplit_backend(m
 def test_by_block_must_be_a_bool():
     with pytest.raises(TypeError, match="by_block must be a bool, got str"):
         qpass.backend("w8a8_dynamic", by_block="yes")
+
+
+class PiecesSnapshot(expecttest.TestCase):
+    def test_tiny_llama_pieces(self):
+        """Which modules each piece of a 2-layer Llama's graph holds (module paths as qpass reports them)."""
+        gm = _dynamo_graph(tiny_model("llama", layers=2), token_batches(1)[0])
+        modules: dict[int, set[str]] = {}
+        for node, piece in blocks.partition(gm).items():
+            block = blocks.block_of(node)
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            path = f"{block[0]}.{block[1]}" if block else (str(stack[-1][0]) if stack else "(the model's forward)")
+            modules.setdefault(piece, set()).add(path.replace("L['self'].", ""))
+        self.assertExpectedInline("\n".join(f"{p}: {', '.join(sorted(m))}" for p, m in sorted(modules.items())), """\
+0: model, model.embed_tokens, model.rotary_emb
+2: model.layers.0
+4: model.layers.1
+5: (the model's forward), lm_head, model.norm""")
