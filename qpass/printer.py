@@ -21,6 +21,7 @@ _DTYPES = {
 }
 _PREFIXES = ("model.decoder.", "model.", "transformer.")
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear, torch.addmm)
+_ATTENTION = (torch.nn.functional.scaled_dot_product_attention,)  # qpass.passes.attention rewrites its arguments
 
 
 def short_path(path: str) -> str:
@@ -57,7 +58,7 @@ def _target(node: fx.Node) -> str:
 
 
 def _is_focus(node: fx.Node, names: dict[fx.Node, str]) -> bool:
-    """Nodes that touch weights, constants or qpass ops: the part a rewrite changes."""
+    """Nodes that touch weights, constants or qpass ops, and attention: the part a rewrite changes."""
     if node.op in ("get_attr", "output"):
         return True
     if node.op == "placeholder":
@@ -66,7 +67,7 @@ def _is_focus(node: fx.Node, names: dict[fx.Node, str]) -> bool:
         return True
     if node.op == "call_function" and getattr(node.target, "__module__", "").startswith("qpass."):
         return True  # qpass's kernel wrappers (``int8_scaled_mm``, ...)
-    if node.op == "call_function" and node.target in _LINEARS:
+    if node.op == "call_function" and (node.target in _LINEARS or node.target in _ATTENTION):
         return True
     return any(a.op == "get_attr" or names.get(a, "").startswith("param ") for a in node.all_input_nodes)
 

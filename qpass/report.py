@@ -61,6 +61,7 @@ class Report:
     params: dict[str, ParamInfo] = field(default_factory=dict)  # every parameter a compiled graph holds
     model_params: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # bound model: numel, bytes, ndim
     model_class: str = ""
+    grouped_attention: int = 0  # SDPA calls given the KV heads as stored (``passes.attention``)
 
     def row(self, path: str) -> LayerRow:
         if path not in self.rows:

@@ -1,0 +1,147 @@
+"""Grouped-query attention on the stored key / value heads (``qpass.passes.attention``): the repeat
+spellings it recognises, the ones it must not, and the same logits with and without it."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import fx
+
+import qpass
+from qpass.passes import attention
+from tests.models import tiny_model, token_batches
+
+backend_module = importlib.import_module("qpass.backend")  # ``qpass.backend`` is also the function
+
+
+def _capture(fn, *args) -> fx.GraphModule:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, dynamic=False)(*args)
+    (gm,) = graphs
+    return gm
+
+
+def _sdpa(gm: fx.GraphModule) -> fx.Node:
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    return node
+
+
+B, G, N, S, D = 2, 3, 4, 8, 16
+
+
+def _repeat_kv(x):  # the decoders' spelling: a new dim 2, expanded, folded into the heads
+    return x[:, :, None, :, :].expand(B, G, N, S, D).reshape(B, G * N, S, D)
+
+
+REPEATS = {
+    "getitem-expand-reshape": _repeat_kv,
+    "unsqueeze-expand-flatten": lambda x: x.unsqueeze(2).expand(B, G, N, S, D).flatten(1, 2),
+    "torch.unsqueeze-expand-torch.reshape": lambda x: torch.reshape(torch.unsqueeze(x, 2).expand(B, G, N, S, D),
+                                                                    (B, G * N, S, D)),
+    "torch.repeat_interleave": lambda x: torch.repeat_interleave(x, N, dim=1),
+    "Tensor.repeat_interleave": lambda x: x.repeat_interleave(N, dim=1),
+}
+
+#: Spellings of the same shapes that are not the per-head repeat SDPA's ``enable_gqa`` reads.
+NOT_REPEATS = {
+    "tile (heads cycled, not repeated)": lambda x: x.repeat(1, N, 1, 1),
+    "repeat_interleave on the sequence": lambda x: x.repeat_interleave(N, dim=2)[:, :, :S].expand(B, G, S, D)
+    .repeat(1, N, 1, 1),
+    "expand after the heads": lambda x: x[:, :, None].expand(B, G, N, S, D).transpose(1, 2).reshape(B, G * N, S, D),
+}
+
+
+def _qkv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, G * N, 1, D, generator=g)
+    k, v = torch.randn(B, G, S, D, generator=g), torch.randn(B, G, S, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("spelling", list(REPEATS))
+def test_each_spelling_of_the_head_repeat_is_recognised(spelling):
+    repeat = REPEATS[spelling]
+    gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, repeat(k), repeat(v)), *_qkv())
+    node = _sdpa(gm)
+    (kv_k, n_k), (kv_v, n_v) = attention.repeated_heads(node.args[1]), attention.repeated_heads(node.args[2])
+    assert (kv_k.op, kv_v.op, n_k, n_v) == ("placeholder", "placeholder", N, N)
+
+
+@pytest.mark.parametrize("spelling", list(NOT_REPEATS))
+def test_other_head_layouts_are_not_taken_for_the_repeat(spelling):
+    repeat = NOT_REPEATS[spelling]
+    q, k, v = _qkv()
+    assert repeat(k).shape == _repeat_kv(k).shape and not torch.equal(repeat(k), _repeat_kv(k))
+    gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, repeat(k), repeat(v)), q, k, v)
+    node = _sdpa(gm)
+    assert attention.repeated_heads(node.args[1]) is None
+
+
+def _graph_sdpa(backend) -> list[fx.Node]:
+    return [n for gm in backend.graphs for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+
+
+def _prefill_and_decode(model, backend):
+    """A 9-token prompt into a static cache, then one token: both graphs' logits. The first sequence
+    is left-padded by one token, so both graphs attend through a mask (without one, transformers
+    gives the prompt's SDPA ``enable_gqa`` itself)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    ids = token_batches(1, batch=2, seq=10)[0]
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 0] = 0
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        prompt = compiled(ids[:, :9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True,
+                          cache_position=torch.arange(9)).logits
+        step = compiled(ids[:, 9:], attention_mask=mask, past_key_values=cache, use_cache=True,
+                        cache_position=torch.tensor([9])).logits
+    return prompt, step
+
+
+@pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static"])
+def test_a_grouped_query_decoder_attends_on_the_stored_heads_with_the_same_logits(preset, monkeypatch):
+    """Tiny Llama, 4 query heads on 2 KV heads: at prefill and at decode every SDPA reads the cached
+    heads with ``enable_gqa``; the logits equal those of the same backend without the pass."""
+    model = tiny_model("llama", layers=2)
+    calib = qpass.calibrate(model, token_batches(2), progress=False)
+    backend = qpass.backend(preset, calibration=calib)
+    got = _prefill_and_decode(model, backend)
+    calls = _graph_sdpa(backend)
+    assert len(calls) == 4 and all(n.kwargs.get("enable_gqa") is True for n in calls)
+    # the 2 KV heads as cached, not 4 repeated
+    assert [attention._shape(n.args[i]) for n in calls for i in (1, 2)] == [(2, 2, 16, 16)] * 8
+    assert backend.report.grouped_attention == 4
+
+    monkeypatch.setattr(backend_module, "grouped_query_attention", lambda qg: 0)
+    off = qpass.backend(preset, calibration=calib)
+    want = _prefill_and_decode(model, off)
+    assert not any(n.kwargs.get("enable_gqa") for n in _graph_sdpa(off))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_multi_head_attention_and_the_integer_only_preset_are_left_alone():
+    """GPT-2 repeats no heads; ``illm_w8a8`` rewrites attention itself. (Without Inductor: the pass
+    runs either way, and Inductor takes minutes over the integer-only graph.)"""
+    ids = token_batches(1)[0]
+    for arch, preset in (("gpt2", "w8a8_dynamic"), ("llama", "illm_w8a8")):
+        model = tiny_model(arch, layers=1)
+        calib = qpass.calibrate(model, token_batches(2), progress=False)
+        backend = qpass.backend(preset, calibration=calib, inductor=False)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
+        assert backend.report.grouped_attention == 0
+        assert not any(n.kwargs.get("enable_gqa") for n in _graph_sdpa(backend))
