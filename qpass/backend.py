@@ -27,7 +27,7 @@ from qpass.calibration import Calibration
 from qpass.config import QuantConfig
 from qpass.graph import QGraph, placeholder_sources, storage_mark
 from qpass.qmath import QuantizedWeight
-from qpass.passes.attention import grouped_query_attention
+from qpass.passes.attention import decode_attention, grouped_query_attention
 from qpass.passes.decode import float_decode_linears
 from qpass.passes.integer import integer_only
 from qpass.passes.lower import lower
@@ -262,6 +262,8 @@ class QPassBackend:
             logger.info("qpass float decode: %d float linears as reductions", n)
         if self.config.lower and self.config.integer_only is None:  # the integer pass has its own attention
             self.report.grouped_attention += grouped_query_attention(qg)
+            if self.inductor:
+                self.report.decode_attention += decode_attention(qg)
         new_gm = qg.build()
         self.graphs.append(new_gm)
         for node, (_path, param) in qg.params.items():

@@ -62,6 +62,7 @@ class Report:
     model_params: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # bound model: numel, bytes, ndim
     model_class: str = ""
     grouped_attention: int = 0  # SDPA calls given the KV heads as stored (``passes.attention``)
+    decode_attention: int = 0  # one-query SDPA calls rewritten as Inductor reductions (``passes.attention``)
 
     def row(self, path: str) -> LayerRow:
         if path not in self.rows:

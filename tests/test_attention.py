@@ -1,5 +1,6 @@
-"""Grouped-query attention on the stored key / value heads (``qpass.passes.attention``): the repeat
-spellings it recognises, the ones it must not, and the same logits with and without it."""
+"""Attention rewrites (``qpass.passes.attention``): grouped-query attention on the stored key / value
+heads (the repeat spellings it recognises, the ones it must not) and one query's attention as
+Inductor reductions; the same logits with and without each."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import transformers
 from torch import fx
 
 import qpass
+from qpass.graph import QGraph
 from qpass.passes import attention
 from tests.models import tiny_model, token_batches
 
@@ -113,7 +115,9 @@ def _prefill_and_decode(model, backend):
 @pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static"])
 def test_a_grouped_query_decoder_attends_on_the_stored_heads_with_the_same_logits(preset, monkeypatch):
     """Tiny Llama, 4 query heads on 2 KV heads: at prefill and at decode every SDPA reads the cached
-    heads with ``enable_gqa``; the logits equal those of the same backend without the pass."""
+    heads with ``enable_gqa``; the logits equal those of the same backend without the pass. (The
+    decode step's SDPA stays one: ``decode_attention`` is off here, tested below.)"""
+    monkeypatch.setattr(backend_module, "decode_attention", lambda qg: 0)
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
     backend = qpass.backend(preset, calibration=calib)
@@ -145,3 +149,49 @@ def test_multi_head_attention_and_the_integer_only_preset_are_left_alone():
             torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False)
         assert backend.report.grouped_attention == 0
         assert not any(n.kwargs.get("enable_gqa") for n in _graph_sdpa(backend))
+
+
+@pytest.mark.parametrize("dtype, preset, atol", [
+    (torch.float32, "w8a8_dynamic", 1e-5),
+    (torch.bfloat16, "w8a16", 2 ** -6),  # one bf16 unit in the last place at logits of 2-4
+])
+def test_one_query_attention_runs_as_reductions_with_the_kernels_logits(dtype, preset, atol, monkeypatch):
+    """At decode (one query per sequence) the SDPA call becomes multiply + sum, softmax, multiply +
+    sum, in float32 for a bf16 model; the prompt's keeps the kernel. Logits as with the kernel."""
+    model = tiny_model("llama", layers=2).to(dtype)
+    calib = qpass.calibrate(model, token_batches(2), progress=False)
+    backend = qpass.backend(preset, calibration=calib)
+    got = _prefill_and_decode(model, backend)
+    assert backend.report.decode_attention == 2
+    prompt, step = backend.graphs
+    assert len([n for n in prompt.graph.nodes if n.target is F.scaled_dot_product_attention]) == 2
+    ops = [n.target for n in step.graph.nodes if n.op == "call_function"]
+    assert F.scaled_dot_product_attention not in ops
+    assert ops.count(torch.softmax) == 2 and ops.count(torch.sum) >= 4
+
+    monkeypatch.setattr(backend_module, "decode_attention", lambda qg: 0)
+    off = qpass.backend(preset, calibration=calib)
+    want = _prefill_and_decode(model, off)
+    assert len(_graph_sdpa(off)) == 4
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def test_one_query_attention_keeps_the_kernel_without_inductor_or_with_is_causal():
+    """Eagerly the product would be materialised; ``is_causal`` with one query attends to the first
+    key only (SDPA's top-left alignment), which the reductions do not reproduce: both keep SDPA."""
+    q, k, v = _qkv()
+    for causal in (False, True):
+        gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True), q, k, v)
+        qg = QGraph(gm, [q, k, v])
+        assert attention.decode_attention(qg) == (0 if causal else 1)
+        if not causal:
+            torch.testing.assert_close(qg.build()(q, k, v)[0],
+                                       F.scaled_dot_product_attention(q, k, v, enable_gqa=True), rtol=1e-5, atol=1e-6)
+
+    model = tiny_model("llama", layers=1)
+    backend = qpass.backend("w8a8_dynamic", calibration=qpass.calibrate(model, token_batches(2), progress=False),
+                            inductor=False)
+    _prefill_and_decode(model, backend)
+    assert backend.report.decode_attention == 0 and len(_graph_sdpa(backend)) == 2

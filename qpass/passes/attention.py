@@ -13,11 +13,12 @@ the repeat's order), and the CPU flash kernel runs it natively::
              attn = sdpa(q, k_rep, v_rep, mask)
 
 The result is the same numbers (the kernel computes each query head from the same key / value
-rows; bit-equal in ``bench/gqa_attention.py``, logits within 1e-5 in the tests). One decode step's attention,
-compiled, SmolLM2's shapes (9 query heads on 3 KV heads, 528 cached positions, fp32): 165 -> 102 us
-at 1 thread, 129 -> 82 us at 2; the hidden-2048 Llama's (32 on 4): 527 -> 250 and 301 -> 163 us
-(``bench/results/gqa_attention.json``, AVX-512 VNNI). A prompt without padding gains nothing here:
-transformers already passes ``enable_gqa`` when there is no mask.
+rows; bit-equal in ``bench/attention.py``, logits within 1e-5 in the tests). One layer's decode
+attention compiled alone (``bench/results/attention.json``, AVX-512 VNNI, a compiled call's ~25 us
+included), SmolLM2's shapes (9 query heads on 3 KV heads, 528 cached positions, fp32): 166 -> 101
+us at 1 thread, 119 -> 75 us at 2; the hidden-2048 Llama's (32 on 4): 522 -> 249 and 284 -> 149 us.
+A prompt without padding gains nothing here: transformers already passes ``enable_gqa`` when there
+is no mask.
 
 Only where the key and value are repeated by the same factor, dropout is off and ``enable_gqa`` is
 not already set (a repeat read elsewhere too stays for its other readers). Matched by shapes, so ``view`` /
@@ -35,7 +36,7 @@ from torch import fx
 
 from qpass.graph import QGraph
 
-__all__ = ["grouped_query_attention", "repeated_heads"]
+__all__ = ["grouped_query_attention", "decode_attention", "repeated_heads", "DECODE_ATTENTION_LABEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +137,87 @@ def grouped_query_attention(qg: QGraph) -> int:
     if done:
         logger.info("qpass attention: %d grouped-query attention call(s) read the KV heads as stored (enable_gqa)", done)
     return done
+
+
+#: What ``decode_attention`` makes of one query's attention (the report and logs use it).
+DECODE_ATTENTION_LABEL = "one query's attention as Inductor reductions, float32 sums"
+
+
+def decode_attention(qg: QGraph) -> int:
+    """Rewrite every CPU SDPA call of ``qg`` with one query per sequence and head into three
+    reductions that Inductor fuses into its own loops::
+
+        s = sum(q[:, :, :, None] * k[:, :, None], -1) * scale + mask   # (B, G, H/G, S): scores
+        o = sum(softmax(s, -1)[..., None] * v[:, :, None], -2)          # (B, G, H/G, D)
+
+    At one query a flash-attention kernel has nothing to tile: it pays its setup per head and, in
+    bfloat16 / float16, converts its blocks on every call (SmolLM2's shapes, 1 thread, compiled
+    alone, ``bench/results/attention.json``): in bf16 540 -> 82 us per layer at 1 thread, 331 -> 59 at 2;
+    in fp32 101 -> 71 and 75 -> 54 us (the hidden-2048 Llama in bf16: 1840 -> 225 us at 1 thread). The grouped heads are read as stored (``q`` is
+    regrouped, not ``k`` / ``v`` repeated). Half-precision inputs are summed in float32 and the
+    output rounded once, as the kernel's accumulators do. Not bit-equal to the kernel (another
+    summation order; fp32 relative differences ~1e-7).
+
+    Only under Inductor (eagerly the product would be materialised), for a static query length of 1,
+    ``is_causal`` off, no dropout, and a mask that is absent or shared by the heads or given per head
+    (``(B, 1 or H, 1, S)``). Returns how many calls were rewritten."""
+    done = 0
+    for node in list(qg.graph.nodes):
+        if not _is_call(node, *_SDPA):
+            continue
+        a = _sdpa_args(node)
+        q, k, v, out = _shape(a["query"]), _shape(a["key"]), _shape(a["value"]), _shape(node)
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if (q is None or k is None or v is None or out is None or len(q) != 4 or len(k) != 4 or len(v) != 4
+                or not isinstance(val, torch.Tensor) or val.device.type != "cpu"):
+            continue
+        b, h, lq, d = q
+        g, dv = k[1], v[3]
+        if (lq != 1 or a["is_causal"] is not False or a["dropout_p"] != 0.0 or not all(isinstance(x, int) for x in (h, g, d, dv))
+                or h % g or (g != h and a["enable_gqa"] is not True) or v[1] != g):
+            continue
+        mask = a["attn_mask"]
+        mshape = _shape(mask) if mask is not None else None
+        if mask is not None and (mshape is None or len(mshape) != 4 or mshape[2] != 1 or mshape[1] not in (1, h)):
+            continue
+        scale = a["scale"] if a["scale"] is not None else d ** -0.5
+        if not isinstance(scale, (int, float)):
+            continue
+        n = h // g
+        before = node
+        f32 = torch.ops.prims.convert_element_type.default
+
+        def fp32(x):
+            return x if _dtype(x) == torch.float32 else qg.call(f32, (x, torch.float32), before=before)
+
+        qf, kf, vf = fp32(a["query"]), fp32(a["key"]), fp32(a["value"])
+        q5 = qg.call(torch.reshape, (qf, (-1, g, n, 1, d)), before=before)  # query head g*n + r -> (g, r)
+        k5 = qg.call(torch.unsqueeze, (kf, 2), before=before)  # (B, G, 1, S, D)
+        scores = qg.call(torch.sum, (qg.call(torch.mul, (q5, k5), before=before), -1), before=before)  # (B, G, n, S)
+        scores = qg.call(torch.mul, (scores, float(scale)), before=before)
+        if mask is not None:
+            m = mask if mshape[1] == 1 else qg.call(torch.reshape, (mask, (-1, g, n, mshape[3])), before=before)
+            if _dtype(mask) == torch.bool:
+                scores = qg.call(torch.where, (m, scores, float("-inf")), before=before)
+            else:
+                scores = qg.call(torch.add, (scores, fp32(m)), before=before)
+        probs = qg.call(torch.softmax, (scores, -1), before=before)
+        p5 = qg.call(torch.unsqueeze, (probs, -1), before=before)  # (B, G, n, S, 1)
+        v5 = qg.call(torch.unsqueeze, (vf, 2), before=before)  # (B, G, 1, S, Dv)
+        o = qg.call(torch.sum, (qg.call(torch.mul, (p5, v5), before=before), -2), before=before)  # (B, G, n, Dv)
+        o = qg.call(torch.reshape, (o, (-1, h, 1, dv)), before=before)
+        if val.dtype != torch.float32:
+            o = qg.call(f32, (o, val.dtype), before=before)
+        if _shape(o) != out:
+            continue  # dead nodes; the graph's dead-code pass drops them
+        node.replace_all_uses_with(o)
+        qg.graph.erase_node(node)
+        done += 1
+    if done:
+        logger.info("qpass attention: %d one-query attention call(s) as Inductor reductions", done)
+    return done
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    return val.dtype if isinstance(val, torch.Tensor) else None
