@@ -195,3 +195,65 @@ def test_one_query_attention_keeps_the_kernel_without_inductor_or_with_is_causal
                             inductor=False)
     _prefill_and_decode(model, backend)
     assert backend.report.decode_attention == 0 and len(_graph_sdpa(backend)) == 2
+
+
+def _one_query(dtype=torch.float32, mask_heads: int | None = None, bool_mask: bool = False):
+    q, k, v = (t.to(dtype) for t in _qkv())
+    if mask_heads is None:
+        return q, k, v, None
+    keep = torch.rand(B, mask_heads, 1, S, generator=torch.Generator().manual_seed(3)) > 0.3
+    keep[..., 0] = True  # every row attends to something
+    mask = keep if bool_mask else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("mask_heads, bool_mask", [(None, False), (1, False), (1, True), (G * N, False), (G * N, True)])
+def test_one_query_reductions_compute_sdpa_for_every_mask_layout(mask_heads, bool_mask):
+    """No mask, one shared by the heads or one per head, additive or boolean: the rewritten graph
+    (run eagerly) computes what SDPA does."""
+    q, k, v, mask = _one_query(mask_heads=mask_heads, bool_mask=bool_mask)
+
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    gm = _capture(fn, q, k, v, mask)
+    inputs = [q, k, v] + ([mask] if mask is not None else [])
+    qg = QGraph(gm, inputs)
+    assert attention.decode_attention(qg) == 1
+    (got,) = qg.build()(*inputs)
+    torch.testing.assert_close(got, fn(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_one_query_reductions_under_dynamic_shapes_and_float64_kept():
+    """A batch and a cache length Dynamo made symbolic (a growing cache) are read from the tensors;
+    a float64 model keeps its kernel (the reductions sum in float32)."""
+    q, k, v, mask = _one_query(mask_heads=G * N)
+
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    counts = []
+
+    def backend(gm, example_inputs):
+        qg = QGraph(gm, example_inputs)
+        counts.append(attention.decode_attention(qg))
+        return qg.build().forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend)
+    for t in (q, k, v, mask):
+        torch._dynamo.mark_dynamic(t, 0)
+    for t in (k, v, mask):
+        torch._dynamo.mark_dynamic(t, t.dim() - 2 if t is not mask else 3)
+    compiled(q, k, v, mask)
+    for b, s in ((3, 11), (4, 5)):  # other sizes, the same graph
+        g = torch.Generator().manual_seed(b * s)
+        q2, k2, v2 = (torch.randn(b, h, n, D, generator=g) for h, n in ((G * N, 1), (G, s), (G, s)))
+        m2 = torch.zeros(b, G * N, 1, s)
+        m2[..., s // 2:] = float("-inf")
+        torch.testing.assert_close(compiled(q2, k2, v2, m2), fn(q2, k2, v2, m2), rtol=1e-5, atol=1e-6)
+    assert counts == [1]
+
+    q64, k64, v64, _ = _one_query(torch.float64)
+    gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q64, k64, v64)
+    assert attention.decode_attention(QGraph(gm, [q64, k64, v64])) == 0

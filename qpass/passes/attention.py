@@ -36,7 +36,7 @@ from torch import fx
 
 from qpass.graph import QGraph
 
-__all__ = ["grouped_query_attention", "decode_attention", "repeated_heads", "DECODE_ATTENTION_LABEL"]
+__all__ = ["grouped_query_attention", "decode_attention", "repeated_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def grouped_query_attention(qg: QGraph) -> int:
     return done
 
 
-#: What ``decode_attention`` makes of one query's attention (the report and logs use it).
-DECODE_ATTENTION_LABEL = "one query's attention as Inductor reductions, float32 sums"
+_HALF_OR_FP32 = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps its kernel (no float32 sums)
 
 
 def decode_attention(qg: QGraph) -> int:
@@ -169,7 +168,7 @@ def decode_attention(qg: QGraph) -> int:
         q, k, v, out = _shape(a["query"]), _shape(a["key"]), _shape(a["value"]), _shape(node)
         val = node.meta.get("val", node.meta.get("example_value"))
         if (q is None or k is None or v is None or out is None or len(q) != 4 or len(k) != 4 or len(v) != 4
-                or not isinstance(val, torch.Tensor) or val.device.type != "cpu"):
+                or not isinstance(val, torch.Tensor) or val.device.type != "cpu" or val.dtype not in _HALF_OR_FP32):
             continue
         b, h, lq, d = q
         g, dv = k[1], v[3]
@@ -196,7 +195,10 @@ def decode_attention(qg: QGraph) -> int:
         scores = qg.call(torch.sum, (qg.call(torch.mul, (q5, k5), before=before), -1), before=before)  # (B, G, n, S)
         scores = qg.call(torch.mul, (scores, float(scale)), before=before)
         if mask is not None:
-            m = mask if mshape[1] == 1 else qg.call(torch.reshape, (mask, (-1, g, n, mshape[3])), before=before)
+            if mshape[1] == 1:
+                m = mask  # (B, 1, 1, S): broadcasts over (G, n)
+            else:  # (B, H, 1, S) -> (B, G, n, 1, S) -> (B, G, n, S), whatever B and S are
+                m = qg.call(torch.squeeze, (qg.call(torch.unflatten, (mask, 1, (g, n)), before=before), 3), before=before)
             if _dtype(mask) == torch.bool:
                 scores = qg.call(torch.where, (m, scores, float("-inf")), before=before)
             else:
