@@ -169,3 +169,21 @@ class PiecesSnapshot(expecttest.TestCase):
 2: model.layers.0
 4: model.layers.1
 5: (the model's forward), lm_head, model.norm""")
+
+
+def test_a_weight_only_heads_dequantization_runs_in_the_heads_piece():
+    """What is computed from constants alone (the int8 ``lm_head``'s dequantization, fused into its
+    reduction) runs in the piece that reads it: from an earlier piece the whole float weight would
+    be materialised and handed on at every call."""
+    model = tiny_model("llama", layers=2)
+    config = qpass.preset("w8a8_dynamic").replace(weight_only=("lm_head",))
+    backend = qpass.backend(config, calibration=qpass.calibrate(model, token_batches(2), progress=False), inductor=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(token_batches(1, batch=1)[0], use_cache=False, logits_to_keep=1)
+    gm = backend.graphs[0]
+    pieces = blocks.partition(gm)
+    head = [n for n in gm.graph.nodes if n.op == "get_attr" and gm.qpass_names.get(n.target, "").startswith("lm_head")]
+    assert len(head) >= 2  # the int8 weight and its scales
+    readers = {pieces[u] for n in head for u in n.users}
+    assert readers == {max(pieces.values())}
