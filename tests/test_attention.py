@@ -115,12 +115,12 @@ def _prefill_and_decode(model, backend):
 @pytest.mark.parametrize("preset", ["w8a8_dynamic", "w8a8_static"])
 def test_a_grouped_query_decoder_attends_on_the_stored_heads_with_the_same_logits(preset, monkeypatch):
     """Tiny Llama, 4 query heads on 2 KV heads: at prefill and at decode every SDPA reads the cached
-    heads with ``enable_gqa``; the logits equal those of the same backend without the pass. (The
-    decode step's SDPA stays one: ``decode_attention`` is off here, tested below.)"""
-    monkeypatch.setattr(backend_module, "decode_attention", lambda qg: 0)
+    heads with ``enable_gqa``; the logits equal those of the same backend without the pass. The
+    rewritten graphs run eagerly (``inductor=False``; the pass runs either way, and the decode step's
+    SDPA stays one: ``decode_attention`` needs Inductor, tested below)."""
     model = tiny_model("llama", layers=2)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
-    backend = qpass.backend(preset, calibration=calib)
+    backend = qpass.backend(preset, calibration=calib, inductor=False)
     got = _prefill_and_decode(model, backend)
     calls = _graph_sdpa(backend)
     assert len(calls) == 4 and all(n.kwargs.get("enable_gqa") is True for n in calls)
@@ -129,7 +129,7 @@ def test_a_grouped_query_decoder_attends_on_the_stored_heads_with_the_same_logit
     assert backend.report.grouped_attention == 4
 
     monkeypatch.setattr(backend_module, "grouped_query_attention", lambda qg: 0)
-    off = qpass.backend(preset, calibration=calib)
+    off = qpass.backend(preset, calibration=calib, inductor=False)
     want = _prefill_and_decode(model, off)
     assert not any(n.kwargs.get("enable_gqa") for n in _graph_sdpa(off))
     for a, b in zip(got, want):
@@ -158,21 +158,21 @@ def test_multi_head_attention_and_the_integer_only_preset_are_left_alone():
 def test_one_query_attention_runs_as_reductions_with_the_kernels_logits(dtype, preset, atol, monkeypatch):
     """At decode (one query per sequence) the SDPA call becomes multiply + sum, softmax, multiply +
     sum, in float32 for a bf16 model; the prompt's keeps the kernel. Logits as with the kernel."""
-    model = tiny_model("llama", layers=2).to(dtype)
+    model = tiny_model("llama", layers=1).to(dtype)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
     backend = qpass.backend(preset, calibration=calib)
     got = _prefill_and_decode(model, backend)
-    assert backend.report.decode_attention == 2
+    assert backend.report.decode_attention == 1
     prompt, step = backend.graphs
-    assert len([n for n in prompt.graph.nodes if n.target is F.scaled_dot_product_attention]) == 2
+    assert len([n for n in prompt.graph.nodes if n.target is F.scaled_dot_product_attention]) == 1
     ops = [n.target for n in step.graph.nodes if n.op == "call_function"]
     assert F.scaled_dot_product_attention not in ops
-    assert ops.count(torch.softmax) == 2 and ops.count(torch.sum) >= 4
+    assert ops.count(torch.softmax) == 1 and ops.count(torch.sum) >= 2
 
     monkeypatch.setattr(backend_module, "decode_attention", lambda qg: 0)
     off = qpass.backend(preset, calibration=calib)
     want = _prefill_and_decode(model, off)
-    assert len(_graph_sdpa(off)) == 4
+    assert len(_graph_sdpa(off)) == 2
     for a, b in zip(got, want):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
