@@ -435,7 +435,7 @@ class QGraph:
         """Insert ``target(*args)`` before ``before``, with ``meta['val']`` from fake tensors."""
         with self.graph.inserting_before(before):
             node = self.graph.call_function(target, args, kwargs or {})
-        fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), self._meta_val)
+        fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), meta_value)
         if self.fake_mode is not None:
             with self.fake_mode:  # qpass's own ops (and linear) from their inputs' metadata, the rest by running them
                 val = _FAKE_RULES.get(target, target)(*fake_args, **fake_kwargs)
@@ -446,10 +446,6 @@ class QGraph:
             if key in before.meta:
                 node.meta[key] = before.meta[key]
         return node
-
-    @staticmethod
-    def _meta_val(node: fx.Node):
-        return node.meta.get("val", node.meta.get("example_value"))
 
     def build(self) -> fx.GraphModule:
         """The rewritten GraphModule. It keeps every input of Dynamo's graph (those
@@ -463,6 +459,12 @@ class QGraph:
         gm = fx.GraphModule(self.root, self.graph)
         gm.qpass_names = dict(self.names)
         return gm
+
+
+def meta_value(node) -> object:
+    """A node's value as traced (``meta['val']``, else Dynamo's ``example_value``: a fake tensor, a
+    symbolic or plain number); None for what is not a node."""
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
 
 
 def constants(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

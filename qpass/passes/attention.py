@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qpass.graph import QGraph
+from qpass.graph import QGraph, meta_value
 
 __all__ = ["grouped_query_attention", "decode_attention", "repeated_heads"]
 
@@ -46,8 +46,13 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 
 def _shape(node) -> tuple | None:
-    val = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, fx.Node) else None
+    val = meta_value(node)
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _dtype(node) -> torch.dtype | None:
+    val = meta_value(node)
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _is_method(node: fx.Node, *names: str) -> bool:
@@ -105,19 +110,19 @@ def repeated_heads(node: fx.Node) -> tuple[fx.Node, int] | None:
     return (kv, n) if isinstance(n, int) and out == (b, g * n, s, d) else None
 
 
-def _sdpa_args(node: fx.Node) -> dict:
-    args = dict(zip(_SDPA_ARGS, node.args))
-    return {**_SDPA_DEFAULTS, **args, **node.kwargs}
+def _sdpa_calls(qg: QGraph):
+    """``(node, arguments by name, defaults filled in)`` for each SDPA call of ``qg``, over a copy of
+    the node list (the passes replace the calls as they go)."""
+    for node in list(qg.graph.nodes):
+        if _is_call(node, *_SDPA):
+            yield node, {**_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, node.args)), **node.kwargs}
 
 
 def grouped_query_attention(qg: QGraph) -> int:
     """Give every SDPA call of ``qg`` that reads repeated key / value heads the heads as they are,
     with ``enable_gqa=True``. Returns how many calls were rewritten."""
     done = 0
-    for node in list(qg.graph.nodes):
-        if not _is_call(node, *_SDPA):
-            continue
-        a = _sdpa_args(node)
+    for node, a in _sdpa_calls(qg):
         if a["enable_gqa"] is not False or a["dropout_p"] != 0.0:
             continue
         k_rep, v_rep = repeated_heads(a["key"]), repeated_heads(a["value"])
@@ -161,12 +166,9 @@ def decode_attention(qg: QGraph) -> int:
     ``is_causal`` off, no dropout, and a mask that is absent or shared by the heads or given per head
     (``(B, 1 or H, 1, S)``). Returns how many calls were rewritten."""
     done = 0
-    for node in list(qg.graph.nodes):
-        if not _is_call(node, *_SDPA):
-            continue
-        a = _sdpa_args(node)
+    for node, a in _sdpa_calls(qg):
         q, k, v, out = _shape(a["query"]), _shape(a["key"]), _shape(a["value"]), _shape(node)
-        val = node.meta.get("val", node.meta.get("example_value"))
+        val = meta_value(node)
         if (q is None or k is None or v is None or out is None or len(q) != 4 or len(k) != 4 or len(v) != 4
                 or not isinstance(val, torch.Tensor) or val.device.type != "cpu" or val.dtype not in _HALF_OR_FP32):
             continue
@@ -218,8 +220,3 @@ def decode_attention(qg: QGraph) -> int:
     if done:
         logger.info("qpass attention: %d one-query attention call(s) as Inductor reductions", done)
     return done
-
-
-def _dtype(node: fx.Node) -> torch.dtype | None:
-    val = node.meta.get("val", node.meta.get("example_value"))
-    return val.dtype if isinstance(val, torch.Tensor) else None

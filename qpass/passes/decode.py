@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qpass.graph import QGraph
+from qpass.graph import QGraph, meta_value
 from qpass.report import Report
 
 __all__ = ["float_decode_linears", "reduction_linear", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL",
@@ -66,7 +66,7 @@ def float_decode_linears(qg: QGraph, report: Report) -> int:
         if m is None or m > FLOAT_DECODE_M or qg.value(site.input) is not None:
             continue
         x, bias = site.input, site.bias_node
-        dtype = _val(x).dtype
+        dtype = meta_value(x).dtype
         if dtype != w.dtype:
             continue
         before = site.node
@@ -94,7 +94,7 @@ def reduction_linear(qg: QGraph, x: fx.Node, weight: fx.Node, n: int, k: int, be
     row = realized_row(qg, x, k, before)  # (1, 1, K)
     prod = qg.call(torch.mul, (row, weight), before=before)  # (1, N, K), fused away under Inductor
     y = qg.call(torch.sum, (prod, -1), before=before)  # (1, N)
-    return qg.call(torch.reshape, (y, (*_val(x).shape[:-1], n)), before=before)
+    return qg.call(torch.reshape, (y, (*meta_value(x).shape[:-1], n)), before=before)
 
 
 def realized_row(qg: QGraph, x: fx.Node, k: int, before: fx.Node) -> fx.Node:
@@ -107,7 +107,3 @@ def realized_row(qg: QGraph, x: fx.Node, k: int, before: fx.Node) -> fx.Node:
     row = qg.call(torch.reshape, (x, (1, k)), before=before)
     row = qg.call(torch.ops.aten.clone.default, (row,), {"memory_format": torch.contiguous_format}, before=before)
     return qg.call(torch.as_strided, (row, (1, 1, k), (k, k, 1)), before=before)
-
-
-def _val(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))

@@ -45,7 +45,7 @@ from torch import fx
 from qpass import intops as I
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import LINEAR_TARGETS, QGraph, normalize_path
+from qpass.graph import LINEAR_TARGETS, QGraph, meta_value, normalize_path
 from qpass.report import Report
 
 logger = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class _Rewriter:
             mask = self.qg.constant(f"{self.where(node)}.causal_mask",
                                     torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq))
         if mask is not None:
-            val = mask.meta.get("val", mask.meta.get("example_value")) if isinstance(mask, fx.Node) else None
+            val = meta_value(mask)
             if val is None or val.dtype != torch.bool:
                 raise self.unsupported(node, "a float attention mask (a boolean one is supported)")
         if not all(t in self.ints for t in (q, k, v)):
@@ -482,7 +482,7 @@ def check_integer_region(gm: fx.GraphModule) -> list[str]:
     bad = []
     for i, node in enumerate(graph.nodes):
         if node in after and node in before and node not in ends and node.op in ("call_function", "call_method"):
-            vals = node.meta.get("val", node.meta.get("example_value"))
+            vals = meta_value(node)
             vals = vals if isinstance(vals, (tuple, list)) else (vals,)
             if any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals):
                 target = _method(node) or getattr(node.target, "__name__", str(node.target))

@@ -36,7 +36,7 @@ from torch import Tensor, fx
 from qpass import kernels, ops, qmath
 from qpass.calibration import Calibration
 from qpass.config import QuantConfig
-from qpass.graph import QGraph, storage_mark
+from qpass.graph import QGraph, meta_value, storage_mark
 from qpass.passes.decode import reduction_linear
 from qpass.report import Report
 
@@ -242,12 +242,12 @@ class QLinear:
 
     @property
     def per_channel(self) -> bool:
-        shape = tuple(_val(self.w_scale).shape)
+        shape = tuple(meta_value(self.w_scale).shape)
         return len(shape) == 2 and shape[1] == 1 and shape[0] > 1
 
     @property
     def per_tensor(self) -> bool:
-        return _val(self.w_scale).numel() == 1
+        return meta_value(self.w_scale).numel() == 1
 
 
 # Why a linear with quantized activations keeps the reference quant/dequant path: checked in order,
@@ -270,10 +270,6 @@ _REFERENCE_RULES: tuple[tuple[str, Callable[[QLinear, Target], bool]], ...] = (
 )
 
 
-def _val(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
 def match_act(x_dq) -> ActQuant | None:
     """The quantize pass's activation quant/dequant whose dequantized output is ``x_dq``; None where
     the input is not quantized (weight-only)."""
@@ -292,14 +288,14 @@ def match(qg: QGraph, out: fx.Node, path: str, config: QuantConfig) -> QLinear:
     lin = out if out.target is F.linear else next(a for a in out.args if isinstance(a, fx.Node) and a.target is F.linear)
     x_dq, w_dq, bias = (list(lin.args) + [None])[:3]
     act = match_act(x_dq)
-    x_val = _val(act.x if act else x_dq)
+    x_val = meta_value(act.x if act else x_dq)
     lead = x_val.shape[:-1]
     m = 1
     for d in lead:
         m = m * d if isinstance(d, int) and isinstance(m, int) else None
     return QLinear(
         path=path, out=out, act=act, w_q=w_dq.args[0], w_scale=w_dq.args[1], group_size=w_dq.args[3], bias=bias,
-        weight_dtype=config.weight.dtype, m=m, device=_val(w_dq.args[0]).device, out_dtype=_val(lin).dtype,
+        weight_dtype=config.weight.dtype, m=m, device=meta_value(w_dq.args[0]).device, out_dtype=meta_value(lin).dtype,
         w_zero_point=w_dq.args[2], linear=lin,
     )
 
@@ -332,15 +328,15 @@ def _choose_weight_only(q: QLinear, target: Target) -> tuple[str, str]:
     kernel = _WEIGHT_ONLY_KERNELS.get(q.weight_dtype)
     if target.device != "cpu":
         return "reference", "weight-only (its kernels here are CPU kernels)"
-    if q.m is not None and q.m <= WEIGHT_ONLY_REDUCTION_M and _val(q.linear.args[0]).dtype == torch.float32:
+    if q.m is not None and q.m <= WEIGHT_ONLY_REDUCTION_M and meta_value(q.linear.args[0]).dtype == torch.float32:
         return "cpu_wo_reduction", ""
     if kernel is None:
         return "reference", f"weight-only {q.weight_dtype}: no kernel"
-    dtype = _val(q.linear.args[0]).dtype
+    dtype = meta_value(q.linear.args[0]).dtype
     if dtype not in kernels.WEIGHT_ONLY_DTYPES:
         # Measured: 10-80x slower than a float linear with float32 / float16 activations (kernels.weight_only).
         return "reference", f"weight-only with {str(dtype).removeprefix('torch.')} activations (its kernels are fast with bfloat16 only)"
-    n, k = _val(q.w_q).shape
+    n, k = meta_value(q.w_q).shape
     if kernel == "cpu_w8":
         if q.group_size > 0:
             return "reference", "per-group int8 weights (the int8 weight-only kernel takes a scale per output channel)"
@@ -495,7 +491,7 @@ class _Emit:
             y = self.call(torch.mul, (y, scale), before)
         if bias is not None:
             y = self.call(torch.add, (y, bias), before)
-        if _val(y).dtype != q.out_dtype:
+        if meta_value(y).dtype != q.out_dtype:
             y = self.call(torch.ops.prims.convert_element_type.default, (y, q.out_dtype), before)
         return y
 
@@ -503,7 +499,7 @@ class _Emit:
         """``x``'s sizes for a new node's arguments: ints where static, ``aten.sym_size`` nodes where
         symbolic (dynamic shapes), so that no traced size is written into the graph."""
         return [d if isinstance(d, int) else self.call(torch.ops.aten.sym_size.int, (x, i), before)
-                for i, d in enumerate(_val(x).shape)]
+                for i, d in enumerate(meta_value(x).shape)]
 
     def packed(self, kind: str, path: str, w_q: Tensor, w_s: Tensor, pack: Callable):
         """``pack()``, once per backend for the same layer and integers: every graph the backend
@@ -678,7 +674,7 @@ def _emit_cpu_w8(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     before, x = q.out, q.linear.args[0]
     w_q, w_s = e.weight(q, GRID_8BIT)
     n, k = w_q.shape
-    dtype = _val(x).dtype
+    dtype = meta_value(x).dtype
     # one copy for every graph of the backend (prefill, decode, recompiles), as for the other kernels
     w_q, scales = e.packed(f"int8 weight-only {dtype}", q.path, w_q, w_s, lambda: (w_q.contiguous(), w_s.to(dtype)))
     w_q = e.qg.constant(f"{q.path}.weight_int8", w_q)
@@ -696,7 +692,7 @@ def _emit_cpu_w4(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     w_q, w_s = qg.value(q.w_q), qg.value(q.w_scale).float()
     w_zp = None if q.w_zero_point is None else qg.value(q.w_zero_point).float()
     n, k = w_q.shape
-    dtype = _val(x).dtype
+    dtype = meta_value(x).dtype
     key = w_s if w_zp is None else torch.cat([w_s.flatten(), w_zp.flatten()])
     packed, sz = e.packed(f"int4 {dtype}", q.path, w_q, key, lambda: kernels.pack_int4(w_q, w_s, w_zp, dtype))
     packed = qg.constant(f"{q.path}.weight_int4pack", packed)
@@ -721,7 +717,7 @@ def _emit_cpu_wo_reduction(e: _Emit, q: QLinear, target: Target) -> fx.Node:
     result is the reference's products summed in another order (relative differences ~1e-6). The
     stored integers are the graph's only copy of the weight; nothing is packed."""
     before, x, w_dq = q.out, q.linear.args[0], q.linear.args[1]
-    y = reduction_linear(e.qg, x, w_dq, *_val(w_dq).shape, before)  # the row computed once, not per output
+    y = reduction_linear(e.qg, x, w_dq, *meta_value(w_dq).shape, before)  # the row computed once, not per output
     return e.finish(q, y, None, q.bias, before)
 
 
@@ -852,12 +848,12 @@ def _narrowed(e: _Emit, y: fx.Node, start: int, n: int, width: int, before: fx.N
     if y.op == "call_function" and y.target in _EPILOGUE_OPS:
         if y.target is torch.reshape:
             src, shape = y.args
-            if _val(src).shape[-1] == width and shape[-1] == width:
+            if meta_value(src).shape[-1] == width and shape[-1] == width:
                 return e.call(torch.reshape, (_narrowed(e, src, start, n, width, before), (*shape[:-1], n)), before)
         else:
             args = []
             for a in y.args:
-                v = _val(a) if isinstance(a, fx.Node) else None
+                v = meta_value(a) if isinstance(a, fx.Node) else None
                 wide = v is not None and v.dim() >= 1 and v.shape[-1] == width
                 args.append(_narrowed(e, a, start, n, width, before) if wide else a)
             return e.call(y.target, tuple(args), before, dict(y.kwargs) or None)
@@ -966,7 +962,7 @@ class QExperts:
 
     @property
     def experts(self) -> int:
-        return _val(self.w_q).shape[0]
+        return meta_value(self.w_q).shape[0]
 
 
 def match_experts(node: fx.Node, path: str, config: QuantConfig) -> QExperts:
@@ -977,7 +973,7 @@ def match_experts(node: fx.Node, path: str, config: QuantConfig) -> QExperts:
     w_q, w_s, w_zp, group = w_dq.args[:4]
     act = match_act(x_dq)
     return QExperts(path=path, node=node, act=act, w_q=w_q, w_scale=w_s, w_zero_point=w_zp, group_size=group,
-                    offs=offs, weight_dtype=config.weight.dtype, device=_val(w_q).device, out_dtype=_val(node).dtype)
+                    offs=offs, weight_dtype=config.weight.dtype, device=meta_value(w_q).device, out_dtype=meta_value(node).dtype)
 
 
 # Why quantized fused experts keep the reference quant/dequant path: checked in order, first hit wins.
@@ -1216,7 +1212,7 @@ def _emit_experts_int_mm(e: _Emit, q: QExperts, target: Target) -> fx.Node:
 
     w = qg.constant(f"{q.path}.weight_int8", e.packed("int_mm padded" if pad else "int_mm", q.path, w_q, w_s, weight))
     acc = e.call(torch.ops.qpass.grouped_int_mm.default, (a.x_q, q.offs, w, pad), before)
-    if _val(w).shape[1] != n:
+    if meta_value(w).shape[1] != n:
         acc = e.call(torch.narrow, (acc, 1, 0, n), before)
     y = e.call(torch.ops.prims.convert_element_type.default, (acc, torch.float32), before)
     # each row's expert: the static scales' own gather reads it already

@@ -40,7 +40,7 @@ from torch import fx
 from qpass import ops, qmath
 from qpass.calibration import Calibration, ChannelStats
 from qpass.config import AdaDim, PerGroup, PerInputChannelGroup, PerToken, QuantConfig, QuantSpec
-from qpass.graph import ExpertsSite, LinearSite, QGraph, is_grouped_mm, storage_mark
+from qpass.graph import ExpertsSite, LinearSite, QGraph, is_grouped_mm, meta_value, storage_mark
 from qpass.passes.smooth import fp32_value
 from qpass.report import Report
 
@@ -712,5 +712,5 @@ def _describe_act(spec: QuantSpec) -> str:
 
 
 def _dtype(node: fx.Node) -> torch.dtype:
-    val = node.meta.get("val", node.meta.get("example_value"))
+    val = meta_value(node)
     return val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else torch.float32
