@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,49 @@ def test_one_query_reductions_under_dynamic_shapes_and_float64_kept():
     q64, k64, v64, _ = _one_query(torch.float64)
     gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), q64, k64, v64)
     assert attention.decode_attention(QGraph(gm, [q64, k64, v64])) == 0
+
+
+class RewrittenAttentionSnapshot(expecttest.TestCase):
+    def test_grouped_query_attention_reads_the_stored_heads(self):
+        """The decoders' repeat (getitem, expand, reshape) of key and value is left to dead-code
+        elimination; SDPA reads the grouped heads with ``enable_gqa``."""
+        _, k, v = _qkv()
+        q = torch.randn(B, G * N, S, D, generator=torch.Generator().manual_seed(1))
+        gm = _capture(lambda q, k, v: F.scaled_dot_product_attention(q, _repeat_kv(k), _repeat_kv(v)), q, k, v)
+        qg = QGraph(gm, [q, k, v])
+        assert attention.grouped_query_attention(qg) == 1
+        self.assertExpectedInline(qpass.format_graph(qg.build(), focus=False), """\
+%0 = input : f32[2,3,8,16]
+%1 = input : f32[2,3,8,16]
+%2 = input : f32[2,12,8,16]
+%3 = scaled_dot_product_attention(%2, %0, %1, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=True) : f32[2,12,8,16]
+""")
+
+    def test_one_query_attention_with_a_boolean_mask_per_head(self):
+        """One query, a boolean mask per query head: the heads regrouped, the mask unflattened to
+        (B, G, H/G, S), masked scores -inf, softmax, and the weighted sum of the stored values."""
+        q, k, v, mask = _one_query(mask_heads=G * N, bool_mask=True)
+        gm = _capture(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+                      q, k, v, mask)
+        qg = QGraph(gm, [q, k, v, mask])
+        assert attention.decode_attention(qg) == 1
+        self.assertExpectedInline(qpass.format_graph(qg.build(), focus=False), """\
+%0 = input : f32[2,12,1,16]
+%1 = input : f32[2,3,8,16]
+%2 = input : f32[2,3,8,16]
+%3 = input : b8[2,12,1,8]
+%4 = reshape(%0, (-1, 3, 4, 1, 16)) : f32[2,3,4,1,16]
+%5 = unsqueeze(%1, 2) : f32[2,3,1,8,16]
+%6 = mul(%4, %5) : f32[2,3,4,8,16]
+%7 = sum(%6, -1) : f32[2,3,4,8]
+%8 = mul(%7, 0.25) : f32[2,3,4,8]
+%9 = unflatten(%3, 1, (3, 4)) : b8[2,3,4,1,8]
+%10 = squeeze(%9, 3) : b8[2,3,4,8]
+%11 = where(%10, %8, -inf) : f32[2,3,4,8]
+%12 = softmax(%11, -1) : f32[2,3,4,8]
+%13 = unsqueeze(%12, -1) : f32[2,3,4,8,1]
+%14 = unsqueeze(%2, 2) : f32[2,3,1,8,16]
+%15 = mul(%13, %14) : f32[2,3,4,8,16]
+%16 = sum(%15, -2) : f32[2,3,4,16]
+%17 = reshape(%16, (-1, 12, 1, 16)) : f32[2,12,1,16]
+""")
