@@ -232,6 +232,7 @@ class QGraph:
                     )
         self.device = next((v.device for _, v in self.params.values() if v.device.type != "cpu"), torch.device("cpu"))
         self._const_cache: dict[fx.Node, torch.Tensor | None] = {}
+        self._fake_cache: dict[tuple, object] = {}
         self._experts: dict[fx.Node, ExpertsSite] = {}
         # decisions that depend on a layer's weights and statistics, not on this graph (the alpha and
         # static-or-per-token searches, the kernel grid): the backend shares one memo across its graphs
@@ -437,8 +438,14 @@ class QGraph:
             node = self.graph.call_function(target, args, kwargs or {})
         fake_args, fake_kwargs = fx.node.map_arg((args, kwargs or {}), meta_value)
         if self.fake_mode is not None:
-            with self.fake_mode:  # qpass's own ops (and linear) from their inputs' metadata, the rest by running them
-                val = _FAKE_RULES.get(target, target)(*fake_args, **fake_kwargs)
+            key = _fake_key(target, fake_args, fake_kwargs)
+            if key is not None and key in self._fake_cache:
+                val = _like(self._fake_cache[key], self.fake_mode)
+            else:
+                with self.fake_mode:  # qpass's own ops (and linear) from their inputs' metadata, the rest by running them
+                    val = _FAKE_RULES.get(target, target)(*fake_args, **fake_kwargs)
+                if key is not None:
+                    self._fake_cache[key] = val
         else:
             val = None
         node.meta["val"] = node.meta["example_value"] = val
@@ -491,6 +498,39 @@ def _fake_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 #: Targets whose ``meta['val']`` comes from their inputs' metadata instead of running them on fake tensors.
 _FAKE_RULES = {F.linear: _fake_linear, **ops.META}
+
+
+def _fake_key(target, args: tuple, kwargs: dict) -> tuple | None:
+    """What fixes the output metadata of one of qpass's integer operators (``qpass.intops``: composite
+    ops whose fake run dispatches dozens of aten ops, inserted once per layer with the same shapes):
+    the operator, its tensors' shapes, strides, dtypes and devices, and its other arguments. None for
+    any other target, and for symbolic shapes (those run every time)."""
+    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "qpass"):
+        return None
+    def part(a):
+        if isinstance(a, torch.Tensor):
+            if any(isinstance(d, torch.SymInt) for d in (*a.shape, *a.stride())):
+                return None
+            return tuple(a.shape), tuple(a.stride()), a.dtype, a.device
+        if isinstance(a, (list, tuple)) and all(type(v) in (int, float, bool) for v in a):
+            return "seq", *a
+        if a is None or type(a) in (int, float, bool, str, torch.dtype):
+            return "value", a
+        return None
+
+    parts = [part(a) for a in (*args, *(v for _, v in sorted(kwargs.items())))]
+    if any(p is None for p in parts):
+        return None
+    return target, tuple(sorted(kwargs)), *parts
+
+
+def _like(val, fake_mode):
+    """New fake tensors with ``val``'s metadata (a tensor, or a tuple of them): what the operator gives
+    for inputs like the ones it was first run on; the integer operators return new tensors, none a view."""
+    if isinstance(val, tuple):
+        return tuple(_like(v, fake_mode) for v in val)
+    with fake_mode:
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
 
 
 def placeholder_sources(gm: fx.GraphModule) -> list[tuple[str, str]]:

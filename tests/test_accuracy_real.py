@@ -57,6 +57,10 @@ FALLBACK_RANGE = (105, 209)  # per-token linears of w8a8_static: most, not all (
 # reference path's own float sums (and so its alpha choices) differ too: the odd activation lands on the other side
 # of a rounding boundary, which on 1,024 tokens moves perplexity by up to about 0.6%).
 LOWERED_VS_REFERENCE = 0.01
+# One preset per kernel (the unit tests in test_lower.py check every preset's integers on every kernel):
+# per-token activations on ``_int_mm``, and the static preset's mix of static per-tensor and per-token
+# activations on the split weights.
+LOWERED_PRESET = {"int_mm": "w8a8_dynamic", "split": "w8a8_static"}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,8 @@ def test_lowered_kernels_perplexity(smollm2, reference, kernel, monkeypatch) -> 
     every int8 linear on it; where u8 x s8 pair sums saturate int16 (CPUs without VNNI; forced here with
     ``Target.int8_dot=False``), on oneDNN with the weights split into two 7-bit halves
     (``split_weights=0.0``, the default). Both compute the reference path's 8-bit integers, so the
-    perplexity equals the reference path's up to float summation order."""
+    perplexity equals the reference path's up to float summation order. One preset per kernel
+    (``LOWERED_PRESET``)."""
     if kernel == "int_mm" and not kernels.int_mm_exact():
         pytest.skip("torch._int_mm saturates here (no VNNI): int8 linears run on split weights, the next case")
     if kernel == "split":
@@ -125,7 +130,7 @@ def test_lowered_kernels_perplexity(smollm2, reference, kernel, monkeypatch) -> 
         )
     model, windows, calib = smollm2
     by_name, ref_table = reference
-    results = evaluate(model, calib, windows, list(BOUNDS), fp32=False, lower=True, inductor=False)
+    results = evaluate(model, calib, windows, [LOWERED_PRESET[kernel]], fp32=False, lower=True, inductor=False)
     table = f"{ref_table}\nlowered ({kernel}):\n{format_table(results)}"
     print(table)
     label = lowering.KERNELS["cpu_int_mm"].label if kernel == "int_mm" else "onednn"

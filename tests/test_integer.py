@@ -52,6 +52,33 @@ def test_llama_has_no_float_op_between_embedding_and_lm_head():
     assert _rel(out, ref) < 0.05
 
 
+def test_integer_ops_traced_values_equal_a_fresh_fake_run():
+    """The integer operators' traced values come from a cache keyed by their inputs' metadata (layers
+    repeat the same shapes): each equals what running the operator on fake tensors gives."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qpass.graph import meta_value
+
+    backend, _, _ = _compile(layers=3)
+    nodes = [n for n in backend.graphs[0].graph.nodes
+             if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "qpass"]
+    assert len({n.target for n in nodes}) >= 6 and len(nodes) > 80
+    mode = FakeTensorMode()
+
+    def fresh(v):
+        return mode.from_tensor(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype)) if isinstance(v, torch.Tensor) else v
+
+    for n in nodes:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: fresh(meta_value(a)))
+        with mode:
+            want = n.target(*args, **kwargs)
+        got = meta_value(n)
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert len(got) == len(want), n
+        for g, w in zip(got, want):
+            assert (g.shape, g.stride(), g.dtype) == (w.shape, w.stride(), w.dtype), (n, g, w)
+
+
 def test_check_catches_an_injected_float_op():
     backend, _, _ = _compile(layers=1)
     gm = backend.graphs[0]
