@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--penalty", type=float, default=0.0)
-    p.add_argument("--target", choices=["fp32", "own"], default="fp32", help="learn_layers' target")
+    p.add_argument("--target", choices=["fp32", "own", "logits"], default="fp32", help="learn_layers' target")
     p.add_argument("--layers", type=int, default=None, help="learn only the first N decoder layers (screening)")
     p.add_argument("--dynamic-fallback", type=float, default=None,
                    help="the preset with this dynamic_fallback (default: the preset's own)")

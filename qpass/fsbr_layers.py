@@ -86,7 +86,7 @@ def start_config(config: QuantConfig) -> QuantConfig:
 
 def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration, sequences: list[Tensor], *,
                  held_out: int = 1, layers: int | None = None,
-                 target: Literal["fp32", "own"] = "fp32") -> list[LayerResult]:
+                 target: Literal["fp32", "own", "logits"] = "fp32") -> list[LayerResult]:
     """Learn every decoder layer's smoothing factors for ``config`` from the model's outputs on
     ``sequences`` (token id tensors (1, T), the last ``held_out`` of them choose the kept step), and
     store them in ``calibration.learned``. ``config.smoothing`` must be ``Smoothing("learned")``: its
@@ -95,14 +95,19 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
     layer's output on the quantized model's inputs is compared with: ``"fp32"`` the fp32 model's
     (``layer(x_fp)``: the error handed down by earlier layers is in the loss, and the factors may
     compensate it), ``"own"`` the fp32 layer on the same inputs (``layer(x_q)``: this layer's own
-    quantization error only, without the inherited error that no factor of this layer can remove)."""
+    quantization error only, without the inherited error that no factor of this layer can remove),
+    ``"logits"`` the fp32 model's next-token distributions: every layer's factors learned together,
+    through the whole quantized model, on the mean KL divergence from fp32's predictions (the model's
+    own loss, end to end; one result row for all layers, and ``layers`` does not apply)."""
     from qpass.passes.learned import fingerprint
 
     sm = config.smoothing
     if sm.alpha != "learned":
         raise ValueError(f"learn_layers: config.smoothing must be Smoothing('learned'), got alpha={sm.alpha!r}")
-    if target not in ("fp32", "own"):
-        raise ValueError(f"learn_layers: target must be 'fp32' or 'own', got {target!r}")
+    if target not in ("fp32", "own", "logits"):
+        raise ValueError(f"learn_layers: target must be 'fp32', 'own' or 'logits', got {target!r}")
+    if target == "logits" and layers is not None:
+        raise ValueError("learn_layers: layers applies to the layer-output targets, not to 'logits'")
     if not 0 < held_out < len(sequences):
         raise ValueError(f"learn_layers: held_out must be in [1, {len(sequences) - 1}] for {len(sequences)} sequences, "
                          f"got {held_out}")
@@ -120,6 +125,8 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
     target_fp = fingerprint(config)
 
     n_train = len(sequences) - held_out
+    if target == "logits":
+        return _learn_logits(model, config, calibration, sequences, n_train, starts, list_path, decoder, target_fp)
     x_fp, kwargs = _layer_inputs(model, decoder[0], sequences)
     x_q = [x.clone() for x in x_fp]
     results = []
@@ -165,6 +172,90 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
         for key in outside:
             calibration.learned[f"{target_fp}/{key}"] = starts[key].clone()
     return results
+
+
+def _learn_logits(model, config, calibration, sequences, n_train, starts, list_path, decoder, target_fp):
+    """Every layer's replay in one copy of the model; Adam on all factors together, on the mean per-token
+    KL divergence of the quantized model's next-token distribution from fp32's; the step with the lowest
+    held-out divergence is kept."""
+    sm = config.smoothing
+    t0 = time.perf_counter()
+    x_fp, kwargs = _layer_inputs(model, decoder[0], sequences[-1:])
+    quantized = copy.deepcopy(model).float().requires_grad_(False)
+    layers_q = quantized.get_submodule(list_path)
+    replays: list[_Replay] = []
+    results = []
+    for i, layer in enumerate(decoder):
+        path = f"{list_path}.{i}"
+        folds = {k: v for k, v in starts.items() if k.split("+")[0].startswith(path + ".")}
+        replay, why = _Replay.build(layer, path, folds, config, calibration)
+        if replay is not None and (err := replay.exactness(x_fp[0], kwargs[0], layer)) > _EXACT:
+            replay, why = None, f"its folds with random factors do not reproduce the layer (error {err:.1e})"
+        with torch.no_grad():
+            x_fp = [_out(layer(x_fp[0], **kwargs[0]))]
+        if replay is None:
+            logger.warning("qpass: %s: smoothing factors not learned from the logits (%s); auto alpha", path, why)
+            for key, s in folds.items():
+                calibration.learned[f"{target_fp}/{key}"] = s.clone()
+            results.append(LayerResult(path, math.nan, math.nan, 0, f"not learned: {why}", 0.0))
+            continue
+        layers_q[i] = replay.layer
+        replays.append(replay)
+
+    with torch.no_grad():
+        refs = [torch.log_softmax(model(ids, use_cache=False).logits.float(), -1) for ids in sequences]
+
+    def divergence(b: int) -> Tensor:
+        logp = torch.log_softmax(quantized(sequences[b], use_cache=False).logits.float(), -1)
+        return torch.nn.functional.kl_div(logp, refs[b], log_target=True, reduction="none").sum(-1).mean()
+
+    def held() -> float:
+        with torch.no_grad():
+            return sum(float(divergence(b)) for b in range(n_train, len(sequences))) / (len(sequences) - n_train)
+
+    start_s = [[t.clone() for t in r.log_s] for r in replays]
+    best = start = held()
+    best_s, best_step = start_s, 0
+    params = []
+    for r, s0 in zip(replays, start_s):
+        r.log_s = [t.clone().requires_grad_(True) for t in s0]
+        params += r.log_s
+    opt = torch.optim.Adam(params, lr=sm.learn_lr)
+    channels = sum(t.numel() for t in params)
+    for step in range(1, sm.learn_steps + 1):
+        opt.zero_grad(set_to_none=True)
+        finite = True
+        for b in range(n_train):
+            loss = divergence(b) / n_train
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+        if not finite:
+            break
+        if sm.learn_penalty:
+            (sm.learn_penalty * sum((t - t0).pow(2).sum() for r, s0 in zip(replays, start_s)
+                                    for t, t0 in zip(r.log_s, s0)) / channels).backward()
+        opt.step()
+        now = held()
+        logger.info("logits: step %d, held-out KL %.5f (start %.5f)", step, now, start)
+        if now < best:
+            best, best_step = now, step
+            best_s = [[t.detach().clone() for t in r.log_s] for r in replays]
+    for r, s in zip(replays, best_s):
+        r.log_s, r.moved = s, bool(best_step)
+        for key, f in r.factors().items():
+            calibration.learned[f"{target_fp}/{key}"] = f
+    outside = [k for k in starts if f"{target_fp}/{k}" not in calibration.learned]
+    if outside:
+        logger.warning("qpass: %d smoothing folds outside the decoder layers keep their auto-alpha factors: %s",
+                       len(outside), ", ".join(outside))
+        for key in outside:
+            calibration.learned[f"{target_fp}/{key}"] = starts[key].clone()
+    note = (f"next-token KL divergence from fp32 {start:.4g} -> {best:.4g} on {len(sequences) - n_train} held-out "
+            f"sequences (step {best_step} of {sm.learn_steps}; {n_train} training sequences; {len(replays)} layers)")
+    logger.info("%s: %s", list_path, note)
+    return [*results, LayerResult(list_path, start, best, best_step, note, time.perf_counter() - t0)]
 
 
 def _compile_start(model, config, calibration, ids) -> None:

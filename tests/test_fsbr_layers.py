@@ -123,11 +123,40 @@ def test_own_target_learns_each_layers_own_error():
     assert own[1].loss_start < fp32[1].loss_start  # later: without the error inherited from layer 0
 
 
+def test_logits_target_learns_all_layers_together_on_the_models_divergence(monkeypatch):
+    """target="logits": every layer's factors in one copy of the model, on the KL divergence of its
+    next-token distributions from fp32's; the kept step's held-out divergence is never above the
+    start's, the factors land where Smoothing("learned") reads them, and they fold exactly."""
+    model, calib, seqs = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = fsbr_layers.learn_layers(model, CONFIG, calib, seqs, held_out=1, target="logits")
+    assert [r.layer for r in results] == ["model.layers"]
+    (r,) = results
+    assert 0 < r.loss_end < r.loss_start and r.steps > 0, r.note
+    assert "next-token KL divergence from fp32" in r.note and "2 layers" in r.note
+    learned, start = _keys(calib, CONFIG), _keys(calib, fsbr_layers.start_config(CONFIG))
+    assert learned.keys() == start.keys() and len(learned) == 8
+    assert all(not torch.equal(learned[k], start[k]) for k in learned)  # all layers learn together
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+    ids = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    _, out = _compile(model, CONFIG, calib, ids, monkeypatch, smooth_only=True)
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_logits_target_has_no_layer_screening():
+    model, calib, seqs = _setup()
+    with pytest.raises(ValueError, match=re.escape("learn_layers: layers applies to the layer-output targets, "
+                                                   "not to 'logits'")):
+        fsbr_layers.learn_layers(model, CONFIG, calib, seqs, target="logits", layers=1)
+
+
 @pytest.mark.parametrize("config,held,message", [
     (qpass.preset("w8a8_static"), 1, "learn_layers: config.smoothing must be Smoothing('learned'), got alpha='auto'"),
     (CONFIG, 0, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 0"),
     (CONFIG, 4, "learn_layers: held_out must be in [1, 3] for 4 sequences, got 4"),
-    (CONFIG, "own?", "learn_layers: target must be 'fp32' or 'own', got 'own?'"),
+    (CONFIG, "own?", "learn_layers: target must be 'fp32', 'own' or 'logits', got 'own?'"),
 ])
 def test_bad_arguments(config, held, message):
     model, calib, seqs = _setup()
