@@ -2,6 +2,10 @@
 
     python bench/learned_layers.py --stage start --state /tmp/ll   # calibrate, fp32, auto alpha
     python bench/learned_layers.py --stage learn --state /tmp/ll [--steps 30 --lr 0.01 --penalty 0 ...]
+    python bench/learned_layers.py --stage learn --state /tmp/ll --target logits --tokens 256 --steps 16
+
+(``--target logits``: every layer's factors learned together through the whole model, on the
+next-token KL divergence from fp32; ``qpass.fsbr_layers.learn_layers``.)
 
 Two stages so that the expensive part that does not depend on the learning (calibration, fp32, the
 auto-alpha compile with its alpha search) runs once. ``start`` compiles ``w8a8_static`` with
@@ -104,7 +108,8 @@ def main(argv=None) -> int:
     learned = learn_layers(model, cfg, calib, seqs, held_out=args.held, layers=args.layers,
                            target=args.target)
     learn_s = time.perf_counter() - t
-    results = evaluate(model, calib, texts, [(f"{args.preset} learned (layer output)", cfg)], fp32=False,
+    how = "logits, end to end" if args.target == "logits" else "layer output"
+    results = evaluate(model, calib, texts, [(f"{args.preset} learned ({how})", cfg)], fp32=False,
                        inductor=False)
     base = {r["name"]: r for r in start["results"]}
     fp32 = base["fp32"]["texts"]
