@@ -193,7 +193,9 @@ class Smoothing:
     same; the learned factors are kept in the calibration (``Calibration.save`` writes them), so a
     second compile with the same config does not learn again (nor search alpha). ``Smoothing("learned", steps=50)``.
     ``qpass.fsbr_layers.learn_layers(model, config, calibration, sequences)`` learns the same factors
-    from whole decoder-layer outputs instead (attention replayed, full sequences) and stores them there.
+    from whole decoder-layer outputs instead (attention replayed, full sequences) and stores them there;
+    with ``target="logits"`` it learns all layers' factors together on the quantized model's next-token
+    KL divergence from fp32, which on SmolLM2 beat auto alpha on both held-out texts (README).
     """
 
     alpha: float | Literal["auto", "learned"] = 0.5
