@@ -37,11 +37,12 @@ auto-alpha factors, and one warning names it and says why.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -165,12 +166,7 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
                 f"(step {step} of {steps}; {n_train} training sequences)")
         logger.info("%s: %s, %.1f s", path, note, seconds)
         results.append(LayerResult(path, start, best, step, note, seconds))
-    outside = [k for k in starts if f"{target_fp}/{k}" not in calibration.learned]
-    if outside:
-        logger.warning("qpass: %d smoothing folds outside the decoder layers keep their auto-alpha factors: %s",
-                       len(outside), ", ".join(outside))
-        for key in outside:
-            calibration.learned[f"{target_fp}/{key}"] = starts[key].clone()
+    _keep_start_outside(starts, calibration, target_fp)
     return results
 
 
@@ -201,6 +197,9 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
             continue
         layers_q[i] = replay.layer
         replays.append(replay)
+    if not replays:
+        _keep_start_outside(starts, calibration, target_fp)
+        return results
 
     with torch.no_grad():
         refs = [torch.log_softmax(model(ids, use_cache=False).logits.float(), -1) for ids in sequences]
@@ -213,49 +212,72 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
         with torch.no_grad():
             return sum(float(divergence(b)) for b in range(n_train, len(sequences))) / (len(sequences) - n_train)
 
-    start_s = [[t.clone() for t in r.log_s] for r in replays]
-    best = start = held()
-    best_s, best_step = start_s, 0
-    params = []
-    for r, s0 in zip(replays, start_s):
-        r.log_s = [t.clone().requires_grad_(True) for t in s0]
-        params += r.log_s
-    opt = torch.optim.Adam(params, lr=sm.learn_lr)
-    channels = sum(t.numel() for t in params)
-    for step in range(1, sm.learn_steps + 1):
-        opt.zero_grad(set_to_none=True)
-        finite = True
-        for b in range(n_train):
-            loss = divergence(b) / n_train
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-        if not finite:
-            break
-        if sm.learn_penalty:
-            (sm.learn_penalty * sum((t - t0).pow(2).sum() for r, s0 in zip(replays, start_s)
-                                    for t, t0 in zip(r.log_s, s0)) / channels).backward()
-        opt.step()
-        now = held()
+    sizes = [len(r.log_s) for r in replays]
+
+    def install(params: list[Tensor]) -> None:
+        for r, n, i in zip(replays, sizes, itertools.accumulate([0, *sizes])):
+            r.log_s = params[i:i + n]
+
+    def on_step(step: int, now: float) -> None:
         logger.info("logits: step %d, held-out KL %.5f (start %.5f)", step, now, start)
-        if now < best:
-            best, best_step = now, step
-            best_s = [[t.detach().clone() for t in r.log_s] for r in replays]
-    for r, s in zip(replays, best_s):
-        r.log_s, r.moved = s, bool(best_step)
+
+    start_s = [t.clone() for r in replays for t in r.log_s]
+    start = held()
+    best, best_step, _ = _adam(start_s, install, lambda: (divergence(b) / n_train for b in range(n_train)),
+                               held, start, sm.learn_steps, sm.learn_lr, sm.learn_penalty, on_step)
+    for r in replays:
+        r.moved = bool(best_step)
         for key, f in r.factors().items():
             calibration.learned[f"{target_fp}/{key}"] = f
+    _keep_start_outside(starts, calibration, target_fp)
+    note = (f"next-token KL divergence from fp32 {start:.4g} -> {best:.4g} on {len(sequences) - n_train} held-out "
+            f"sequences (step {best_step} of {sm.learn_steps}; {n_train} training sequences; {len(replays)} layers)")
+    logger.info("%s: %s", list_path, note)
+    return [*results, LayerResult(list_path, start, best, best_step, note, time.perf_counter() - t0)]
+
+
+def _keep_start_outside(starts: dict, calibration: Calibration, target_fp: str) -> None:
+    """Folds outside the decoder layers (none learned) keep their auto-alpha factors, with one warning."""
     outside = [k for k in starts if f"{target_fp}/{k}" not in calibration.learned]
     if outside:
         logger.warning("qpass: %d smoothing folds outside the decoder layers keep their auto-alpha factors: %s",
                        len(outside), ", ".join(outside))
         for key in outside:
             calibration.learned[f"{target_fp}/{key}"] = starts[key].clone()
-    note = (f"next-token KL divergence from fp32 {start:.4g} -> {best:.4g} on {len(sequences) - n_train} held-out "
-            f"sequences (step {best_step} of {sm.learn_steps}; {n_train} training sequences; {len(replays)} layers)")
-    logger.info("%s: %s", list_path, note)
-    return [*results, LayerResult(list_path, start, best, best_step, note, time.perf_counter() - t0)]
+
+
+def _adam(start_s: list[Tensor], install: Callable[[list[Tensor]], None], train: Callable[[], Iterable[Tensor]],
+          held: Callable[[], float], start: float, steps: int, lr: float, penalty: float,
+          on_step: Callable[[int, float], None] | None = None) -> tuple[float, int, list[Tensor]]:
+    """Adam on ``log s`` from ``start_s`` (``install`` hands the trained tensors to the model): each step
+    backpropagates every loss ``train()`` yields (stopping at the first that is not finite) and
+    ``penalty`` times the mean squared distance from the start; ``held()`` scores it. Returns the lowest
+    held-out score (``start`` if no step beat it), its step (0: the start) and its factors."""
+    best, best_step, best_s = start, 0, start_s
+    params = [t.clone().requires_grad_(True) for t in start_s]
+    install(params)
+    opt = torch.optim.Adam(params, lr=lr)
+    channels = sum(t.numel() for t in start_s)
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        finite = True
+        for loss in train():
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+        if not finite:
+            break
+        if penalty:
+            (penalty * sum((t - t0).pow(2).sum() for t, t0 in zip(params, start_s)) / channels).backward()
+        opt.step()
+        now = held()
+        if on_step is not None:
+            on_step(step, now)
+        if now < best:
+            best, best_step, best_s = now, step, [t.detach().clone() for t in params]
+    install(best_s)
+    return best, best_step, best_s
 
 
 def _compile_start(model, config, calibration, ids) -> None:
@@ -458,30 +480,17 @@ class _Replay:
             with torch.no_grad():
                 return sum(float(_token_error(self(xs[b], kwargs[b]), refs[b])) for b in idx) / len(idx)
 
-        best = start = error(held)
-        best_s, best_step = start_s, 0
+        start = error(held)
         norm = error(train)
         if steps == 0 or not (math.isfinite(start) and math.isfinite(norm) and norm > 0):
             return start, start, 0
-        self.log_s = [t.clone().requires_grad_(True) for t in start_s]
-        opt = torch.optim.Adam(self.log_s, lr=lr)
-        channels = sum(t.numel() for t in start_s)
-        for step in range(1, steps + 1):
-            opt.zero_grad(set_to_none=True)
-            finite = True
-            for b in train:
-                loss = _token_error(self(xs[b], kwargs[b]), refs[b]) / (norm * len(train))
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-            if not finite:
-                break
-            if penalty:
-                (penalty * sum((t - t0).pow(2).sum() for t, t0 in zip(self.log_s, start_s)) / channels).backward()
-            opt.step()
-            now = error(held)
-            if now < best:
-                best, best_step, best_s = now, step, [t.detach().clone() for t in self.log_s]
-        self.log_s, self.moved = (best_s if best_step else start_s), bool(best_step)
+
+        def install(params: list[Tensor]) -> None:
+            self.log_s = params
+
+        def losses():
+            return (_token_error(self(xs[b], kwargs[b]), refs[b]) / (norm * len(train)) for b in train)
+
+        best, best_step, _ = _adam(start_s, install, losses, lambda: error(held), start, steps, lr, penalty)
+        self.moved = bool(best_step)
         return start, best, best_step
