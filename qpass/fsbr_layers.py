@@ -21,6 +21,11 @@ output (input columns ``/ s``, weight columns ``* s``, absorber rows ``/ s`` and
 config's weight and activation specs, straight-through rounding); norms are left alone (a norm
 absorber's ``1 / s`` is the consumer's ``x / s``). The user's model is not changed.
 
+``target="logits"`` learns every layer's factors together instead: all the layers' replays in one
+copy of the model, Adam on all ``log s`` at once on the mean per-token KL divergence of the quantized
+model's next-token distribution from fp32's (the model's own loss, end to end), the best held-out step
+kept.
+
 The factors land in ``Calibration.learned`` under the config's fingerprint and each fold's linears,
 where ``Smoothing("learned")`` reads them (``qpass.passes.learned``): compile the same config with the
 same calibration and they fold exactly as closed-form factors do. The start factors are the
