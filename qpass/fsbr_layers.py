@@ -139,12 +139,9 @@ def learn_layers(model: nn.Module, config: QuantConfig, calibration: Calibration
     for i, layer in enumerate(decoder):
         path = f"{list_path}.{i}"
         t0 = time.perf_counter()
-        folds = {k: v for k, v in starts.items() if k.split("+")[0].startswith(path + ".")}
         with torch.no_grad():
             y_fp = [_out(layer(x, **kw)) for x, kw in zip(x_fp, kwargs)]
-        replay, why = _Replay.build(layer, path, folds, config, calibration)
-        if replay is not None and (err := replay.exactness(x_fp[-1], kwargs[-1], layer)) > _EXACT:
-            replay, why = None, f"its folds with random factors do not reproduce the layer (error {err:.1e})"
+        folds, replay, why = _checked_replay(layer, path, starts, config, calibration, x_fp[-1], kwargs[-1])
         if replay is None:
             logger.warning("qpass: %s: smoothing factors not learned from the layer output (%s); auto alpha", path, why)
             for key, s in folds.items():
@@ -188,10 +185,7 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
     results = []
     for i, layer in enumerate(decoder):
         path = f"{list_path}.{i}"
-        folds = {k: v for k, v in starts.items() if k.split("+")[0].startswith(path + ".")}
-        replay, why = _Replay.build(layer, path, folds, config, calibration)
-        if replay is not None and (err := replay.exactness(x_fp[0], kwargs[0], layer)) > _EXACT:
-            replay, why = None, f"its folds with random factors do not reproduce the layer (error {err:.1e})"
+        folds, replay, why = _checked_replay(layer, path, starts, config, calibration, x_fp[0], kwargs[0])
         with torch.no_grad():
             x_fp = [_out(layer(x_fp[0], **kwargs[0]))]
         if replay is None:
@@ -228,8 +222,8 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
 
     start_s = [t.clone() for r in replays for t in r.log_s]
     start = held()
-    best, best_step, _ = _adam(start_s, install, lambda: (divergence(b) / n_train for b in range(n_train)),
-                               held, start, sm.learn_steps, sm.learn_lr, sm.learn_penalty, on_step)
+    best, best_step = _adam(start_s, install, lambda: (divergence(b) / n_train for b in range(n_train)),
+                            held, start, sm.learn_steps, sm.learn_lr, sm.learn_penalty, on_step)
     for r in replays:
         r.moved = bool(best_step)
         for key, f in r.factors().items():
@@ -239,6 +233,16 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
             f"sequences (step {best_step} of {sm.learn_steps}; {n_train} training sequences; {len(replays)} layers)")
     logger.info("%s: %s", list_path, note)
     return [*results, LayerResult(list_path, start, best, best_step, note, time.perf_counter() - t0)]
+
+
+def _checked_replay(layer, path, starts, config, calibration, x, kwargs) -> tuple[dict, "_Replay | None", str]:
+    """The layer's start factors (its folds), its replay, and why there is none: ``_Replay.build``'s
+    reason, or a replay whose folds with random factors do not reproduce the layer on ``x``."""
+    folds = {k: v for k, v in starts.items() if k.split("+")[0].startswith(path + ".")}
+    replay, why = _Replay.build(layer, path, folds, config, calibration)
+    if replay is not None and (err := replay.exactness(x, kwargs, layer)) > _EXACT:
+        replay, why = None, f"its folds with random factors do not reproduce the layer (error {err:.1e})"
+    return folds, replay, why
 
 
 def _keep_start_outside(starts: dict, calibration: Calibration, target_fp: str) -> None:
@@ -253,11 +257,12 @@ def _keep_start_outside(starts: dict, calibration: Calibration, target_fp: str) 
 
 def _adam(start_s: list[Tensor], install: Callable[[list[Tensor]], None], train: Callable[[], Iterable[Tensor]],
           held: Callable[[], float], start: float, steps: int, lr: float, penalty: float,
-          on_step: Callable[[int, float], None] | None = None) -> tuple[float, int, list[Tensor]]:
+          on_step: Callable[[int, float], None] | None = None) -> tuple[float, int]:
     """Adam on ``log s`` from ``start_s`` (``install`` hands the trained tensors to the model): each step
     backpropagates every loss ``train()`` yields (stopping at the first that is not finite) and
-    ``penalty`` times the mean squared distance from the start; ``held()`` scores it. Returns the lowest
-    held-out score (``start`` if no step beat it), its step (0: the start) and its factors."""
+    ``penalty`` times the mean squared distance from the start; ``held()`` scores it. The factors of the
+    lowest held-out score are installed; returns that score (``start`` if no step beat it) and its step
+    (0: the start)."""
     best, best_step, best_s = start, 0, start_s
     params = [t.clone().requires_grad_(True) for t in start_s]
     install(params)
@@ -282,7 +287,7 @@ def _adam(start_s: list[Tensor], install: Callable[[list[Tensor]], None], train:
         if now < best:
             best, best_step, best_s = now, step, [t.detach().clone() for t in params]
     install(best_s)
-    return best, best_step, best_s
+    return best, best_step
 
 
 def _compile_start(model, config, calibration, ids) -> None:
@@ -496,6 +501,6 @@ class _Replay:
         def losses():
             return (_token_error(self(xs[b], kwargs[b]), refs[b]) / (norm * len(train)) for b in train)
 
-        best, best_step, _ = _adam(start_s, install, losses, lambda: error(held), start, steps, lr, penalty)
+        best, best_step = _adam(start_s, install, losses, lambda: error(held), start, steps, lr, penalty)
         self.moved = bool(best_step)
         return start, best, best_step

@@ -507,6 +507,7 @@ def _fake_key(target, args: tuple, kwargs: dict) -> tuple | None:
     any other target, and for symbolic shapes (those run every time)."""
     if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "qpass"):
         return None
+
     def part(a):
         if isinstance(a, torch.Tensor):
             if any(isinstance(d, torch.SymInt) for d in (*a.shape, *a.stride())):
