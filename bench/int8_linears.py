@@ -13,29 +13,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from qpass.kernels.onednn import onednn_qlinear, pack_onednn_int8  # noqa: E402
 
+from attention import _median_us  # noqa: E402  (bench/attention.py: median microseconds, 5 calls of warm-up)
+
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (2048, 2048), (2048, 5632)]
-
-
-def _us(fn, reps: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main(argv=None) -> int:
@@ -59,10 +48,10 @@ def main(argv=None) -> int:
             xi = torch.randint(-127, 128, (m, k), dtype=torch.int8)
             xu = torch.randint(0, 128, (m, k), dtype=torch.uint8)
             xf = torch.randn(m, k)
-            row = [_us(lambda: torch._int_mm(xi, w.t()), reps),
-                   _us(lambda: onednn_qlinear(xu, 0.01, 0, onednn.packed, onednn.scales, None), reps),
-                   _us(lambda: torch.ops.quantized.linear_dynamic(xf, fbgemm, False), reps),
-                   _us(lambda: torch.nn.functional.linear(xf, wf), reps)]
+            row = [_median_us(lambda: torch._int_mm(xi, w.t()), reps),
+                   _median_us(lambda: onednn_qlinear(xu, 0.01, 0, onednn.packed, onednn.scales, None), reps),
+                   _median_us(lambda: torch.ops.quantized.linear_dynamic(xf, fbgemm, False), reps),
+                   _median_us(lambda: torch.nn.functional.linear(xf, wf), reps)]
             print(f"| {k} | {n} | {m} | " + " | ".join(f"{v:.0f}" for v in row) + " |", flush=True)
     return 0
 
