@@ -1,9 +1,9 @@
 """The integer-only preset on the real model (SmolLM2-135M): one graph from the embedding to lm_head
 with no floating-point op in between, and perplexity within the issue's 3% of fp32 on one held-out
-window of 512 tokens. Measured 2026-11-30 (2-core AMD EPYC with AVX-512 VNNI, busy): fp32 29.910,
-illm_w8a8 29.981 (+0.24%); the README's table has 4 windows of two texts. On a 2-core Intel Xeon with
-AMX (2026-12-01) the rewrite of 30 layers took 11 s of the test's 60 (calibration, two perplexities,
-eager), after the integer operators' traced values were cached per shape (51 s before)."""
+window of 256 tokens (calibration 4 x 256 tokens). Measured 2026-12-02 (2-core Intel Xeon with AMX):
+fp32 29.156, illm_w8a8 29.469 (+1.07%); the README's table has 4 windows of 512 tokens of two texts
+(`bench/accuracy.py`). 256 tokens rather than 512 since stop 33: the graph runs eagerly, and its
+integer operators (int32 matmuls, 64-bit shifts) took 25 of the test's 65 s at 512 tokens."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ pytestmark = [
 def test_illm_w8a8_smollm2_integer_region_and_perplexity():
     torch._dynamo.reset()
     model, tokenizer = realdata.load_smollm2()
-    windows = realdata.eval_windows(tokenizer, 512, 512)
-    calib = qpass.calibrate(model, realdata.calibration_batches(tokenizer, 4, 512), samples=64)
+    windows = realdata.eval_windows(tokenizer, 256, 256)
+    calib = qpass.calibrate(model, realdata.calibration_batches(tokenizer, 4, 256), samples=64)
     with torch.no_grad():
         fp32 = perplexity(lambda ids: model(ids, use_cache=False), windows)
     backend = qpass.backend("illm_w8a8", calibration=calib, inductor=False)
@@ -40,4 +40,5 @@ def test_illm_w8a8_smollm2_integer_region_and_perplexity():
     assert len(backend.graphs) == 1
     assert check_integer_region(backend.graphs[0]) == []
     assert sum(r.kernel == "integer-only (qpass.di_matmul)" for r in backend.report.rows.values()) == 210
+    print(f"fp32 {fp32:.3f}, illm_w8a8 {ppl:.3f} ({100 * (ppl / fp32 - 1):+.2f}%)")
     assert ppl / fp32 - 1 < 0.03, (ppl, fp32)
