@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--penalty", type=float, default=0.0)
     p.add_argument("--target", choices=["fp32", "own", "logits"], default="fp32", help="learn_layers' target")
+    p.add_argument("--learn-text", choices=["calibration", "mixed"], default="calibration",
+                   help="what the factors learn from: the calibration's Wikipedia sequences, or half of them "
+                        "and half Usenet posts (realdata.newsgroup_text; neither text is evaluated)")
     p.add_argument("--layers", type=int, default=None, help="learn only the first N decoder layers (screening)")
     p.add_argument("--dynamic-fallback", type=float, default=None,
                    help="the preset with this dynamic_fallback (default: the preset's own)")
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     start = json.loads(start_json.read_text())
     cfg = qpass.preset(args.preset, smoothing=qpass.Smoothing("learned", steps=args.steps, lr=args.lr,
                                                                  penalty=args.penalty), **changes)
-    seqs = [b[:, : args.tokens] for b in batches[: args.train + args.held]]
+    seqs = learning_sequences(tokenizer, batches, args.learn_text, args.train, args.held, args.tokens)
     t = time.perf_counter()
     learned = learn_layers(model, cfg, calib, seqs, held_out=args.held, layers=args.layers,
                            target=args.target)
@@ -126,11 +129,23 @@ def main(argv=None) -> int:
                "layers": [dataclass_row(x) for x in learned],
                "meta": {"argv": sys.argv[1:], "learn_seconds": learn_s, "seconds": time.perf_counter() - t0,
                         "train_sequences": args.train, "held_sequences": args.held, "tokens": args.tokens,
-                        "target": args.target}}
+                        "target": args.target, "learn_text": args.learn_text}}
     out = args.json or args.state / "learned.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", out)
     return 0
+
+
+def learning_sequences(tokenizer, calibration: list[torch.Tensor], text: str, train: int, held: int,
+                       tokens: int) -> list[torch.Tensor]:
+    """``train`` learning sequences then ``held`` held-out ones (``learn_layers`` holds out the last),
+    ``tokens`` long: calibration sequences, or (``mixed``) calibration and Usenet sequences taking
+    turns in both parts, so that the kept step is chosen on both kinds of text too."""
+    if text == "calibration":
+        return [b[:, :tokens] for b in calibration[: train + held]]
+    other = iter(realdata.newsgroup_batches(tokenizer, (train + held + 1) // 2, tokens))
+    ours = iter(b[:, :tokens] for b in calibration)
+    return [next(ours) if i % 2 == 0 else next(other) for n in (train, held) for i in range(n)]
 
 
 def dataclass_row(x) -> dict:

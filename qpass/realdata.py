@@ -6,8 +6,9 @@
   ``LlamaForCausalLM`` and caches that (safetensors) together with the
   tokenizer, so that later loads take about a second instead of ~25 s.
 * Text: gensim's test data, which ships with the gensim wheel: a shortened
-  English Wikipedia dump (cleaned to prose paragraphs, :func:`wikipedia_text`)
-  and the Lee news corpus (:func:`news_text`).
+  English Wikipedia dump (cleaned to prose paragraphs, :func:`wikipedia_text`),
+  the Lee news corpus (:func:`news_text`) and 200 Usenet posts
+  (:func:`newsgroup_text`, a third kind of text, for learning on more than one).
 * Splits: calibration data comes from the *start* of the Wikipedia token
   stream, evaluation data from its *end*; the two never overlap
   (:func:`calibration_batches`, :func:`eval_windows`). :func:`news_eval_windows`
@@ -23,15 +24,18 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ _CACHE_MARKER = "qpass_source.json"
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
+NEWSGROUP_FILE = "mini_newsgroup"  # 20 Newsgroups sample: a zlib-compressed pickle of a dict of posts
 
 #: Tokens at the end of the Wikipedia stream reserved for evaluation.
 #: Calibration data never reaches into them, so any ``eval_windows`` request of
@@ -265,6 +270,58 @@ def news_text() -> str:
     text = "\n\n".join(docs)
     logger.info("news text: %d documents, %d chars", len(docs), len(text))
     return text
+
+
+class _NewsgroupUnpickler(pickle.Unpickler):
+    """Reads gensim's ``mini_newsgroup`` pickle (scikit-learn's ``Bunch`` of posts) without
+    scikit-learn: the Bunch becomes a plain dict; only the few classes that file holds load."""
+
+    _ALLOWED = {
+        ("copy_reg", "_reconstructor"), ("__builtin__", "dict"), ("__builtin__", "object"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("sklearn.datasets.base", "Bunch"):
+            return dict
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{NEWSGROUP_FILE}: unexpected class {module}.{name}")
+        if module.startswith("numpy.core"):  # numpy 2 moved it to numpy._core
+            import numpy
+
+            return getattr(getattr(numpy, "_core", None) or numpy.core, "multiarray")._reconstruct
+        return super().find_class(module, name)
+
+
+def _post_body(post: str) -> str:
+    """A Usenet post's own words: no headers, quoted lines, attributions or signature."""
+    _, _, body = post.partition("\n\n")
+    body = body.split("\n-- \n")[0]
+    lines = [
+        line for line in body.splitlines()
+        if not line.lstrip().startswith((">", "|", ":", "In article"))
+        and not line.rstrip().endswith(("writes:", "wrote:"))
+    ]
+    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in "\n".join(lines).split("\n\n"))
+    return "\n".join(p for p in paragraphs if p)
+
+
+@functools.lru_cache(maxsize=1)
+def newsgroup_text() -> str:
+    """200 Usenet posts (alt.atheism and sci.space, 1993), their own words only, separated by blank
+    lines: informal, argumentative text, unlike both the Wikipedia and the news text."""
+    raw = zlib.decompress(_gensim_data(NEWSGROUP_FILE).read_bytes())
+    posts = _NewsgroupUnpickler(io.BytesIO(raw), encoding="latin1").load()["data"]
+    bodies = [b for b in map(_post_body, posts) if b]
+    text = "\n\n".join(bodies)
+    logger.info("newsgroup text: %d posts, %d chars", len(bodies), len(text))
+    return text
+
+
+def newsgroup_batches(tokenizer: Any, n_batches: int, seqlen: int = 512) -> list[torch.Tensor]:
+    """``n_batches`` windows of shape ``(1, seqlen)`` from the start of :func:`newsgroup_text`: text
+    of a third kind, neither the calibration's (Wikipedia) nor the news evaluation's."""
+    return windows(token_ids(tokenizer, newsgroup_text()), seqlen, n_batches)
 
 
 # --------------------------------------------------------------------------

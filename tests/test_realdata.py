@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from qpass.realdata import (
     eval_windows,
     load_smollm2,
     news_text,
+    newsgroup_text,
     perplexity,
     split_tokens,
     token_ids,
@@ -60,6 +62,18 @@ def test_wikipedia_text_is_clean_prose() -> None:
         assert not p.startswith(("*", "#", "=", "|", "{", ":"))
         assert "'''" not in p and "{{" not in p and "[[" not in p
     assert "Autism is a neurodevelopmental disorder" in wikipedia_text()
+
+
+@needs_gensim
+def test_newsgroup_text_is_the_posters_own_words() -> None:
+    """No headers, quoted lines or signatures: what the 200 posts' authors wrote."""
+    posts = newsgroup_text().split("\n\n")
+    assert 150 < len(posts) <= 200 and len(newsgroup_text()) > 200_000
+    assert all(newsgroup_text().lower().count(word) > 400 for word in COMMON_WORDS)
+    lines = [line for p in posts for line in p.splitlines()]
+    assert not [line for line in lines if re.match(r"(From|Subject|Message-ID|Path|Newsgroups|Lines):", line)]
+    assert not [line for line in lines if line.startswith(">") or line.endswith("writes:")]
+    assert "Yes, atheists tend to claim self control and self ownership." in newsgroup_text()
 
 
 # --------------------------------------------------------------------------
