@@ -3,9 +3,12 @@
     python bench/learned_layers.py --stage start --state /tmp/ll   # calibrate, fp32, auto alpha
     python bench/learned_layers.py --stage learn --state /tmp/ll [--steps 30 --lr 0.01 --penalty 0 ...]
     python bench/learned_layers.py --stage learn --state /tmp/ll --target logits --tokens 256 --steps 16
+    python bench/learned_layers.py --stage learn --state /tmp/ll --target logits --tokens 256 --steps 16 --learn-text mixed
 
 (``--target logits``: every layer's factors learned together through the whole model, on the
-next-token KL divergence from fp32; ``qpass.fsbr_layers.learn_layers``.)
+next-token KL divergence from fp32; ``qpass.fsbr_layers.learn_layers``. ``--learn-text mixed``: the
+learning and held-out sequences alternate calibration Wikipedia and Usenet posts,
+``realdata.newsgroup_text``, a text that is never evaluated.)
 
 Two stages so that the expensive part that does not depend on the learning (calibration, fp32, the
 auto-alpha compile with its alpha search) runs once. ``start`` compiles ``w8a8_static`` with
