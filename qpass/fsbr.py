@@ -198,11 +198,17 @@ def block_loss(block: Block, log_s: list[Tensor], rows: slice | Tensor = slice(N
     return sum(_token_error(out[n], block.refs[n][rows]) for n in block.outputs)
 
 
-def decide_activations(block: Block, spec: QuantSpec | None, fallback: float | None) -> None:
-    """Each linear's activation spec as it will run at the starting factors: the configured one, or
-    with ``fallback`` per-token where the static scale loses by more than that factor
-    (``qmath.static_or_per_token``, the quantize pass's own rule). Kept fixed while learning."""
-    log_s = [s.log() for s in block.init]
+def decide_activations(block: Block, spec: QuantSpec | None, fallback: float | None,
+                       log_s: list[Tensor] | None = None) -> int:
+    """Each linear's activation spec as the quantize pass will run it at the factors ``exp(log_s)``
+    (default: the start): the configured one, or with ``fallback`` per-token where the static scale
+    loses by more than that factor (``qmath.static_or_per_token``, the quantize pass's own rule),
+    and then per-token for every linear of a fold where one of them is (they read the same input:
+    q / k / v, gate / up; the quantize pass's ``_per_token_together``). Learning calls it again as
+    the factors move, so that the factors kept are scored, and deployed, under one set of choices.
+    Returns how many linears changed their spec."""
+    log_s = [s.log() for s in block.init] if log_s is None else [t.detach() for t in log_s]
+    before = {name: lin.act for name, lin in block.linears.items()}
     for lin in block.linears.values():
         lin.act = spec
         if spec is None or spec.dynamic or fallback is None:
@@ -212,8 +218,19 @@ def decide_activations(block: Block, spec: QuantSpec | None, fallback: float | N
         lo, hi = lin.lo, lin.hi
         if c is not None:
             x, w, lo, hi = x / c, w * c, lo / c, hi / c
-        wq = w if block.weight is None else qmath.fake_quant_weight(w, block.weight, block.granularity)
-        lin.act = qmath.static_or_per_token(x, wq, spec, lo, hi, fallback).spec
+        with torch.no_grad():
+            wq = w if block.weight is None else qmath.fake_quant_weight(w, block.weight, block.granularity)
+            lin.act = qmath.static_or_per_token(x, wq, spec, lo, hi, fallback).spec
+    folds: dict[int, list[BlockLinear]] = {}
+    for lin in block.linears.values():
+        if lin.col is not None:
+            folds.setdefault(lin.col[0], []).append(lin)
+    for members in folds.values():
+        dynamic = next((lin.act for lin in members if lin.act is not None and lin.act.dynamic), None)
+        if dynamic is not None:
+            for lin in members:
+                lin.act = dynamic
+    return sum(before[name] != lin.act for name, lin in block.linears.items())
 
 
 @dataclass(frozen=True)
@@ -236,9 +253,12 @@ def split_rows(n: int, held_fraction: float = 0.25) -> tuple[slice, slice]:
     return slice(0, n - held), slice(n - held, n)
 
 
-def learn(block: Block, steps: int, lr: float, *, penalty: float = 0.0, held_fraction: float = 0.25) -> Learned:
+def learn(block: Block, steps: int, lr: float, *, penalty: float = 0.0, held_fraction: float = 0.25,
+          decide: Callable[[list[Tensor]], object] | None = None) -> Learned:
     """Adam on ``log s`` for ``steps`` steps; keeps the factors with the lowest held-out loss
-    (``split_rows``), which may be the start.
+    (``split_rows``), which may be the start. ``decide(log_s)`` (``decide_activations``) runs before
+    every held-out score, so each step is scored, and the next one trained, under the activation
+    choices its factors get when compiled.
 
     The training objective is the block error on the training rows relative to its value at the
     start, plus ``penalty`` times the mean squared distance of ``log s`` from the start (the
@@ -253,6 +273,8 @@ def learn(block: Block, steps: int, lr: float, *, penalty: float = 0.0, held_fra
     channels = sum(t.numel() for t in start_s)
 
     def held_loss() -> float:
+        if decide is not None:
+            decide(log_s)
         with torch.no_grad():
             return float(block_loss(block, log_s, held))
 

@@ -208,6 +208,9 @@ def _learn_logits(model, config, calibration, sequences, n_train, starts, list_p
         return torch.nn.functional.kl_div(logp, refs[b], log_target=True, reduction="none").sum(-1).mean()
 
     def held() -> float:
+        changed = sum(r.decide() for r in replays)
+        if changed:
+            logger.info("logits: %d linears change between static and per-token activations at these factors", changed)
         with torch.no_grad():
             return sum(float(divergence(b)) for b in range(n_train, len(sequences))) / (len(sequences) - n_train)
 
@@ -385,8 +388,9 @@ class _Linear(nn.Module):
 
 
 class _Replay:
-    def __init__(self, layer: nn.Module, block: fsbr.Block, keys: list[str], linears: dict[str, str], path: str):
-        self.layer, self.block, self.keys, self.path = layer, block, keys, path
+    def __init__(self, layer: nn.Module, block: fsbr.Block, keys: list[str], linears: dict[str, str], path: str,
+                 config: QuantConfig):
+        self.layer, self.block, self.keys, self.path, self.config = layer, block, keys, path, config
         self.log_s = [s.double().log().float() for s in block.init]
         self.moved = False
         for rel, full in linears.items():
@@ -443,12 +447,18 @@ class _Replay:
             init.append(s.float().clone())
             keys.append(key)
         block = fsbr.Block(linears, [], init, config.weight)
-        fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
         replica = copy.deepcopy(layer).float().requires_grad_(False)
-        return cls(replica, block, keys, names, path), ""
+        replay = cls(replica, block, keys, names, path, config)
+        replay.decide()
+        return replay, ""
 
     def __call__(self, x: Tensor, kwargs: dict) -> Tensor:
         return _out(self.layer(x, **kwargs))
+
+    def decide(self) -> int:
+        """Static or per-token activations for each linear at the current factors, as the quantize
+        pass will choose them (``fsbr.decide_activations``); how many changed."""
+        return fsbr.decide_activations(self.block, self.config.activation, self.config.dynamic_fallback, self.log_s)
 
     def factors(self) -> dict[str, Tensor]:
         """The kept factors: the start itself (not ``exp(log(start))``) when no step beat it."""
@@ -490,7 +500,11 @@ class _Replay:
             with torch.no_grad():
                 return sum(float(_token_error(self(xs[b], kwargs[b]), refs[b])) for b in idx) / len(idx)
 
-        start = error(held)
+        def held_error() -> float:
+            self.decide()
+            return error(held)
+
+        start = held_error()
         norm = error(train)
         if steps == 0 or not (math.isfinite(start) and math.isfinite(norm) and norm > 0):
             return start, start, 0
@@ -501,6 +515,6 @@ class _Replay:
         def losses():
             return (_token_error(self(xs[b], kwargs[b]), refs[b]) / (norm * len(train)) for b in train)
 
-        best, best_step = _adam(start_s, install, losses, lambda: error(held), start, steps, lr, penalty)
+        best, best_step = _adam(start_s, install, losses, held_error, start, steps, lr, penalty)
         self.moved = bool(best_step)
         return start, best, best_step

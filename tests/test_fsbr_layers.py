@@ -1,13 +1,16 @@
 """Smoothing factors learned from whole decoder-layer outputs (qpass.fsbr_layers)."""
 
+import dataclasses
 import logging
+import math
 import re
 
 import pytest
 import torch
 
 import qpass
-from qpass import fsbr_layers
+from qpass import fsbr, fsbr_layers, qmath
+from qpass.config import PerToken
 from qpass.passes import smooth
 from qpass.passes.learned import fingerprint
 from tests.models import tiny_model, token_batches
@@ -172,3 +175,69 @@ def test_half_model_is_refused():
     with pytest.raises(ValueError, match=re.escape("learn_layers: the model must be float32 (its fp32 layer outputs "
                                                    "are the targets), got torch.bfloat16")):
         fsbr_layers.learn_layers(model.to(torch.bfloat16), CONFIG, calib, seqs)
+
+
+def _scripted_fallback(monkeypatch, per_token_shape):
+    """``qmath.static_or_per_token`` as a script: per-token for weights of ``per_token_shape`` alone,
+    static for every other linear; the same rule for learning and for the quantize pass."""
+    real = qmath.static_or_per_token
+
+    def scripted(x, w, spec, lo, hi, factor):
+        static = real(x, w, spec, lo, hi, math.inf)
+        if tuple(w.shape) != per_token_shape:
+            return static
+        dynamic = dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
+        return qmath.FallbackChoice(dynamic, static.y, 1.0, 0.0)
+
+    monkeypatch.setattr(qmath, "static_or_per_token", scripted)
+
+
+@pytest.mark.parametrize("target", ["logits", "fp32"])
+def test_learning_scores_the_activation_choices_the_compile_makes(monkeypatch, target):
+    """k_proj and v_proj (32 x 64) choose per-token activations and q_proj (64 x 64) static; the quantize
+    pass then runs q_proj per-token too, since the three read one input (``_per_token_together``).
+    Learning scores its factors under those choices, not under each linear's own: the choices of the
+    last step it scored are the compiled model's."""
+    _scripted_fallback(monkeypatch, (32, 64))
+    model, calib, seqs = _setup()
+    config = CONFIG.replace(smoothing=qpass.Smoothing("learned", steps=2, lr=0.05))
+    scored = {}
+    decide = fsbr_layers._Replay.decide
+
+    def recording(self):
+        changed = decide(self)
+        scored.update({name: lin.act.dynamic for name, lin in self.block.linears.items()})
+        return changed
+
+    monkeypatch.setattr(fsbr_layers._Replay, "decide", recording)
+    fsbr_layers.learn_layers(model, config, calib, seqs, held_out=1, target=target)
+    ids = token_batches(1, seed=7)[0]
+    be, _ = _compile(model, config, calib, ids)
+    compiled = {p: r.per_token_fallback for p, r in be.report.rows.items() if p != "lm_head"}
+    assert len(scored) == 14 and scored == compiled
+    assert {p.removeprefix("model.layers.") for p, dynamic in scored.items() if dynamic} == {
+        f"{i}.self_attn.{n}_proj" for i in (0, 1) for n in "qkv"}
+
+
+def test_decide_activations_takes_the_folds_members_per_token_together():
+    """One fold's linears read one input: where one of them loses too much with the static scale, all go
+    per-token. Another fold's linear keeps its own choice. The choice follows the factors it is given."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    spec, fallback = CONFIG.activation, 8.0
+    tight = x.abs().amax(0)
+    wide = tight.clone()
+    wide[0] = 40.0  # one channel's calibrated range 10x its data's: the static scale is poisoned
+    lin = {name: fsbr.BlockLinear(name, torch.randn(4, 8), x.clone(), col=(fold, torch.arange(8)), lo=-hi, hi=hi)
+           for name, fold, hi in [("a", 0, wide), ("b", 0, tight), ("c", 1, tight)]}
+    block = fsbr.Block(lin, [], [torch.ones(8), torch.ones(8)], None)
+    assert fsbr.decide_activations(block, spec, fallback) == 3  # none was decided before
+    assert [lin[n].act.dynamic for n in "abc"] == [True, True, False]
+    assert lin["a"].act == lin["b"].act == dataclasses.replace(spec, granularity=PerToken(), dynamic=True)
+    assert lin["c"].act == spec
+    assert fsbr.decide_activations(block, spec, fallback) == 0
+    # a factor that divides channel 0 by 40 / its range leaves a's static range the data's: the fold is static
+    log_s = [torch.zeros(8).index_fill(0, torch.tensor([0]), float((wide[0] / tight[0]).log())), torch.zeros(8)]
+    assert fsbr.decide_activations(block, spec, fallback, log_s) == 2
+    assert [lin[n].act.dynamic for n in "abc"] == [False, False, False]
+    assert fsbr.decide_activations(block, spec, None) == 0  # no fallback: the configured spec everywhere

@@ -108,8 +108,9 @@ def learned_scales(qg: QGraph, edits, folds, config: QuantConfig, calibration: C
         # tensors made outside inference mode (``_build_block`` copies them)
         with torch.inference_mode(False), torch.enable_grad():
             block, how = _build_block(qg, edits, members, calibration, config)
-            fsbr.decide_activations(block, config.activation, config.dynamic_fallback)
-            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr, penalty=sm.learn_penalty)
+            result = fsbr.learn(block, sm.learn_steps, sm.learn_lr, penalty=sm.learn_penalty,
+                                decide=lambda log_s: fsbr.decide_activations(block, config.activation,
+                                                                             config.dynamic_fallback, log_s))
         seconds = time.perf_counter() - start
         note = (f"learned (FSBR): block error {result.loss_start:.3g} -> {result.loss_end:.3g} on held-out samples "
                 f"(step {result.steps} of {sm.learn_steps}; {result.rows[0]} training rows, {result.rows[1]} held out){how}")
