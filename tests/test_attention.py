@@ -5,6 +5,7 @@ Inductor reductions; the same logits with and without each."""
 from __future__ import annotations
 
 import importlib
+import re
 
 import expecttest
 import pytest
@@ -292,18 +293,40 @@ class RewrittenAttentionSnapshot(expecttest.TestCase):
 %1 = input : f32[2,3,8,16]
 %2 = input : f32[2,3,8,16]
 %3 = input : b8[2,12,1,8]
-%4 = reshape(%0, (-1, 3, 4, 1, 16)) : f32[2,3,4,1,16]
-%5 = unsqueeze(%1, 2) : f32[2,3,1,8,16]
-%6 = mul(%4, %5) : f32[2,3,4,8,16]
-%7 = sum(%6, -1) : f32[2,3,4,8]
-%8 = mul(%7, 0.25) : f32[2,3,4,8]
-%9 = unflatten(%3, 1, (3, 4)) : b8[2,3,4,1,8]
-%10 = squeeze(%9, 3) : b8[2,3,4,8]
-%11 = where(%10, %8, -inf) : f32[2,3,4,8]
-%12 = softmax(%11, -1) : f32[2,3,4,8]
-%13 = unsqueeze(%12, -1) : f32[2,3,4,8,1]
-%14 = unsqueeze(%2, 2) : f32[2,3,1,8,16]
-%15 = mul(%13, %14) : f32[2,3,4,8,16]
-%16 = sum(%15, -2) : f32[2,3,4,16]
-%17 = reshape(%16, (-1, 12, 1, 16)) : f32[2,12,1,16]
+%4 = aten.clone(%0, memory_format=torch.contiguous_format) : f32[2,12,1,16]
+%5 = as_strided(%4, (2, 3, 4, 1, 16), (192, 64, 16, 16, 1)) : f32[2,3,4,1,16]
+%6 = unsqueeze(%1, 2) : f32[2,3,1,8,16]
+%7 = mul(%5, %6) : f32[2,3,4,8,16]
+%8 = sum(%7, -1) : f32[2,3,4,8]
+%9 = mul(%8, 0.25) : f32[2,3,4,8]
+%10 = unflatten(%3, 1, (3, 4)) : b8[2,3,4,1,8]
+%11 = squeeze(%10, 3) : b8[2,3,4,8]
+%12 = where(%11, %9, -inf) : f32[2,3,4,8]
+%13 = softmax(%12, -1) : f32[2,3,4,8]
+%14 = unsqueeze(%13, -1) : f32[2,3,4,8,1]
+%15 = unsqueeze(%2, 2) : f32[2,3,1,8,16]
+%16 = mul(%14, %15) : f32[2,3,4,8,16]
+%17 = sum(%16, -2) : f32[2,3,4,16]
+%18 = reshape(%17, (-1, 12, 1, 16)) : f32[2,12,1,16]
 """)
+
+
+def test_one_query_scores_read_the_rotated_query_computed_once():
+    """The decode step's score reduction reads the query through ``as_strided``, which Inductor realizes:
+    the query's rotary embedding (cos, sin) runs once, not inside the loop over the cached keys; the
+    logits are those of the rewritten graphs run eagerly."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model("llama", layers=1)
+    calib = qpass.calibrate(model, token_batches(2), progress=False)
+    backend = qpass.backend("w8a8_dynamic", calibration=calib)
+    (prompt, step), code = run_and_get_code(_prefill_and_decode, model, backend)
+    assert backend.report.decode_attention == 1
+    code = "\n".join(code)
+    loops = [m.start() for m in re.finditer(r"x\d+<static_cast<int64_t>\(16L\); x\d+\+=static_cast<int64_t>\(1L\)", code)]
+    bodies = [code[i:code.index("vec_reduce_all", i)] for i in loops]  # over the 16 cached positions
+    scores = [b for b in bodies if "tmp_acc0_vec + " in b]
+    assert scores, "no loop over the cached keys found in the decode kernels"
+    assert not any("cos()" in b or "sin()" in b for b in scores), scores[0]
+    want = _prefill_and_decode(model, qpass.backend("w8a8_dynamic", calibration=calib, inductor=False))
+    torch.testing.assert_close(step, want[1], rtol=0, atol=1e-5)

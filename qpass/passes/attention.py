@@ -162,6 +162,10 @@ def decode_attention(qg: QGraph) -> int:
     output rounded once, as the kernel's accumulators do. Not bit-equal to the kernel (another
     summation order; fp32 relative differences ~1e-7).
 
+    The query reaches the score reduction through ``clone`` + ``as_strided`` (where the batch is static),
+    which Inductor realizes: inlined, the query's rotary embedding (a cos and a sin per element) was
+    recomputed for every cached key, 528 times per layer in SmolLM2's decode step.
+
     Only under Inductor (eagerly the product would be materialised), for a static query length of 1,
     ``is_causal`` off, no dropout, and a mask that is absent or shared by the heads or given per head
     (``(B, 1 or H, 1, S)``). Returns how many calls were rewritten."""
@@ -192,7 +196,13 @@ def decode_attention(qg: QGraph) -> int:
             return x if _dtype(x) == torch.float32 else qg.call(f32, (x, torch.float32), before=before)
 
         qf, kf, vf = fp32(a["query"]), fp32(a["key"]), fp32(a["value"])
-        q5 = qg.call(torch.reshape, (qf, (-1, g, n, 1, d)), before=before)  # query head g*n + r -> (g, r)
+        if isinstance(b, int):
+            # query head g*n + r -> (g, r), through an explicit as_strided: Inductor realizes its input, so
+            # what computes the query (the rotary embedding's cos / sin) runs once, not for every key
+            qc = qg.call(torch.ops.aten.clone.default, (qf,), {"memory_format": torch.contiguous_format}, before=before)
+            q5 = qg.call(torch.as_strided, (qc, (b, g, n, 1, d), (h * d, n * d, d, d, 1)), before=before)
+        else:
+            q5 = qg.call(torch.reshape, (qf, (-1, g, n, 1, d)), before=before)  # query head g*n + r -> (g, r)
         k5 = qg.call(torch.unsqueeze, (kf, 2), before=before)  # (B, G, 1, S, D)
         scores = qg.call(torch.sum, (qg.call(torch.mul, (q5, k5), before=before), -1), before=before)  # (B, G, n, S)
         scores = qg.call(torch.mul, (scores, float(scale)), before=before)
