@@ -159,12 +159,21 @@ def test_multi_head_attention_and_the_integer_only_preset_are_left_alone():
 ])
 def test_one_query_attention_runs_as_reductions_with_the_kernels_logits(dtype, preset, atol, monkeypatch):
     """At decode (one query per sequence) the SDPA call becomes multiply + sum, softmax, multiply +
-    sum, in float32 for a bf16 model; the prompt's keeps the kernel. Logits as with the kernel."""
+    sum, in float32 for a bf16 model; the prompt's keeps the kernel. Logits as with the kernel. The
+    score reduction reads the query through ``as_strided``, which Inductor realizes: the query's rotary
+    embedding (cos, sin) runs once, not inside the generated loop over the 16 cached keys."""
+    from torch._inductor.utils import run_and_get_code
+
     model = tiny_model("llama", layers=1).to(dtype)
     calib = qpass.calibrate(model, token_batches(2), progress=False)
     backend = qpass.backend(preset, calibration=calib)
-    got = _prefill_and_decode(model, backend)
+    got, code = run_and_get_code(_prefill_and_decode, model, backend)
     assert backend.report.decode_attention == 1
+    code = "\n".join(code)
+    loops = [m.start() for m in re.finditer(r"x\d+<static_cast<int64_t>\(16L\); x\d+\+=static_cast<int64_t>\(1L\)", code)]
+    scores = [b for b in (code[i:code.index("vec_reduce_all", i)] for i in loops) if "tmp_acc0_vec + " in b]
+    assert scores, "no reduction over the cached keys found in the decode kernels"
+    assert not any("cos()" in b or "sin()" in b for b in scores), scores[0]
     prompt, step = backend.graphs
     assert len([n for n in prompt.graph.nodes if n.target is F.scaled_dot_product_attention]) == 1
     ops = [n.target for n in step.graph.nodes if n.op == "call_function"]
@@ -310,23 +319,3 @@ class RewrittenAttentionSnapshot(expecttest.TestCase):
 %18 = reshape(%17, (-1, 12, 1, 16)) : f32[2,12,1,16]
 """)
 
-
-def test_one_query_scores_read_the_rotated_query_computed_once():
-    """The decode step's score reduction reads the query through ``as_strided``, which Inductor realizes:
-    the query's rotary embedding (cos, sin) runs once, not inside the loop over the cached keys; the
-    logits are those of the rewritten graphs run eagerly."""
-    from torch._inductor.utils import run_and_get_code
-
-    model = tiny_model("llama", layers=1)
-    calib = qpass.calibrate(model, token_batches(2), progress=False)
-    backend = qpass.backend("w8a8_dynamic", calibration=calib)
-    (prompt, step), code = run_and_get_code(_prefill_and_decode, model, backend)
-    assert backend.report.decode_attention == 1
-    code = "\n".join(code)
-    loops = [m.start() for m in re.finditer(r"x\d+<static_cast<int64_t>\(16L\); x\d+\+=static_cast<int64_t>\(1L\)", code)]
-    bodies = [code[i:code.index("vec_reduce_all", i)] for i in loops]  # over the 16 cached positions
-    scores = [b for b in bodies if "tmp_acc0_vec + " in b]
-    assert scores, "no loop over the cached keys found in the decode kernels"
-    assert not any("cos()" in b or "sin()" in b for b in scores), scores[0]
-    want = _prefill_and_decode(model, qpass.backend("w8a8_dynamic", calibration=calib, inductor=False))
-    torch.testing.assert_close(step, want[1], rtol=0, atol=1e-5)
