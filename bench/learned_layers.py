@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=6, help="calibration sequences the factors learn from")
     p.add_argument("--held", type=int, default=2, help="calibration sequences that choose the kept step")
     p.add_argument("--tokens", type=int, default=512, help="tokens of each learning sequence")
+    p.add_argument("--learn-offset", type=int, default=0,
+                   help="skip this many calibration sequences before the learning ones (other sequences, same text)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--penalty", type=float, default=0.0)
@@ -109,7 +111,10 @@ def main(argv=None) -> int:
     start = json.loads(start_json.read_text())
     cfg = qpass.preset(args.preset, smoothing=qpass.Smoothing("learned", steps=args.steps, lr=args.lr,
                                                                  penalty=args.penalty), **changes)
-    seqs = learning_sequences(tokenizer, batches, args.learn_text, args.train, args.held, args.tokens)
+    if args.learn_offset + args.train + args.held > len(batches):
+        p.error(f"--learn-offset {args.learn_offset} + --train {args.train} + --held {args.held} exceeds the "
+                f"{len(batches)} calibration sequences")
+    seqs = learning_sequences(tokenizer, batches[args.learn_offset:], args.learn_text, args.train, args.held, args.tokens)
     t = time.perf_counter()
     learned = learn_layers(model, cfg, calib, seqs, held_out=args.held, layers=args.layers,
                            target=args.target)
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
                "layers": [dataclass_row(x) for x in learned],
                "meta": {"argv": sys.argv[1:], "learn_seconds": learn_s, "seconds": time.perf_counter() - t0,
                         "train_sequences": args.train, "held_sequences": args.held, "tokens": args.tokens,
-                        "target": args.target, "learn_text": args.learn_text}}
+                        "target": args.target, "learn_text": args.learn_text, "learn_offset": args.learn_offset}}
     out = args.json or args.state / "learned.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("wrote %s", out)
