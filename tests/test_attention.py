@@ -318,4 +318,3 @@ class RewrittenAttentionSnapshot(expecttest.TestCase):
 %17 = sum(%16, -2) : f32[2,3,4,16]
 %18 = reshape(%17, (-1, 12, 1, 16)) : f32[2,12,1,16]
 """)
-

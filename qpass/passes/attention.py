@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from qpass.graph import QGraph, meta_value
+from qpass.passes.decode import realized
 
 __all__ = ["grouped_query_attention", "decode_attention", "repeated_heads"]
 
@@ -199,8 +200,7 @@ def decode_attention(qg: QGraph) -> int:
         if isinstance(b, int):
             # query head g*n + r -> (g, r), through an explicit as_strided: Inductor realizes its input, so
             # what computes the query (the rotary embedding's cos / sin) runs once, not for every key
-            qc = qg.call(torch.ops.aten.clone.default, (qf,), {"memory_format": torch.contiguous_format}, before=before)
-            q5 = qg.call(torch.as_strided, (qc, (b, g, n, 1, d), (h * d, n * d, d, d, 1)), before=before)
+            q5 = realized(qg, qf, (b, g, n, 1, d), before)
         else:
             q5 = qg.call(torch.reshape, (qf, (-1, g, n, 1, d)), before=before)  # query head g*n + r -> (g, r)
         k5 = qg.call(torch.unsqueeze, (kf, 2), before=before)  # (B, G, 1, S, D)

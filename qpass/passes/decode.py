@@ -33,7 +33,7 @@ from torch import fx
 from qpass.graph import QGraph, meta_value
 from qpass.report import Report
 
-__all__ = ["float_decode_linears", "reduction_linear", "realized_row", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL",
+__all__ = ["float_decode_linears", "reduction_linear", "realized_row", "realized", "FLOAT_DECODE_M", "FLOAT_DECODE_MIN_NUMEL", "FLOAT_DECODE_LABEL",
            "FLOAT_DECODE_DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,16 @@ def realized_row(qg: QGraph, x: fx.Node, k: int, before: fx.Node) -> fx.Node:
     it ran inside the sum's loop for every output row (SmolLM2's ``lm_head``, 1 thread: 4.3 ms with
     an int8 weight, as slow as the fp32 weight, against 1.1 ms from a computed row). The clone keeps
     the eager ``as_strided`` exact whatever ``x``'s strides."""
-    row = qg.call(torch.reshape, (x, (1, k)), before=before)
-    row = qg.call(torch.ops.aten.clone.default, (row,), {"memory_format": torch.contiguous_format}, before=before)
-    return qg.call(torch.as_strided, (row, (1, 1, k), (k, k, 1)), before=before)
+    return realized(qg, qg.call(torch.reshape, (x, (1, k)), before=before), (1, 1, k), before)
+
+
+def realized(qg: QGraph, x: fx.Node, shape: tuple[int, ...], before: fx.Node) -> fx.Node:
+    """``x``'s values as a contiguous tensor of the static ``shape`` (same number of elements), through
+    ``clone`` + ``as_strided``: Inductor realizes an ``as_strided``'s input, so what computes ``x`` runs
+    once instead of being inlined into the loops of every reader (a reduction's, say)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    x = qg.call(torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format}, before=before)
+    return qg.call(torch.as_strided, (x, tuple(shape), tuple(reversed(strides))), before=before)
