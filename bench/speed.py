@@ -10,7 +10,7 @@ Workloads (batch 1):
            fixed fp32 cost that no contender quantizes);
   decode   one new token against a ``StaticCache`` holding ``--context`` tokens (filled once by the
            fp32 model); every repetition writes the same cache slot, so each step does the same work.
-Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them):
+Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them only with ``--rounds 1``):
   eager and ``torch.compile`` (Inductor, default settings) in the model's dtype; torchao
   ``Int8DynamicActivationInt8WeightConfig`` on a copy of the model, compiled with Inductor freezing
   (scoped with ``config.patch`` around its compiles; without freezing it runs ATen's reference
@@ -23,7 +23,10 @@ Contenders (each compiled once, ``dynamic=False``; Dynamo is reset between them)
   same ``_weight_int4pack_mm_for_cpu`` kernel; ``set_inductor_config=False``, no global settings).
   On SmolLM2 (fp32, CPU), llama.cpp on the model's own GGUF requantized to Q8_0 (``bench/llamacpp_contender.py``; skipped, with
   the reason printed, when ``llama_cpp`` is not installed: ``pip install 'qpass[bench]'``).
-Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
+Timing: every contender is compiled and checked first, then all are timed in ``--rounds`` rounds (5),
+taking turns, each round running each contender's share of the prefills and decode steps; so a machine
+whose speed drifts over minutes slows every row alike (``--rounds 1``: each contender alone after its
+compile, as before). Reported per contender: median milliseconds, speedup over fp32 ``torch.compile``, compile seconds
 (first call of each workload), resident weight MB (parameters with storage plus the compiled graphs'
 constants; torchao: its quantized tensors), process RSS, and the relative error and cosine of the
 logits against fp32 eager on the same inputs. A markdown table per model is printed, everything is
@@ -83,6 +86,7 @@ class Row:
     prefill_err: float = float("nan")  # relative L2 error of the logits vs fp32 eager
     prefill_cos: float = float("nan")
     decode_err: float = float("nan")
+    decode_round_ms: list[float] = field(default_factory=list)  # the median step of each round (--rounds)
     kernels: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
@@ -158,9 +162,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(call: Callable[[], Any], reps: int, warmup: int, device: torch.device,
-               before: Callable[[], Any] = lambda: None) -> float:
-    """Median wall time of ``call`` in ms; ``before`` runs untimed ahead of each call."""
+def _times(call: Callable[[], Any], reps: int, warmup: int, device: torch.device,
+           before: Callable[[], Any] = lambda: None) -> list[float]:
+    """Wall times of ``reps`` calls of ``call`` in seconds, after ``warmup`` untimed ones;
+    ``before`` runs untimed ahead of each call."""
     for _ in range(warmup):
         before()
         call()
@@ -172,7 +177,7 @@ def _median_ms(call: Callable[[], Any], reps: int, warmup: int, device: torch.de
         call()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return times
 
 
 def _timed_first(call: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
@@ -367,7 +372,23 @@ def _not_lm_head(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")  # qpass skips lm_head too
 
 
-def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, device) -> Row:
+@dataclass
+class Timed:
+    """A contender compiled and checked, ready to time: ``prefill`` and ``decode`` run one call each;
+    ``before_decode`` runs untimed ahead of each decode call, ``start_decode`` once ahead of a series of
+    them (llama.cpp refills its context after prefills)."""
+    row: Row
+    prefill: Callable[[], Any]
+    decode: Callable[[], Any] | None = None
+    before_decode: Callable[[], Any] = lambda: None
+    start_decode: Callable[[], Any] = lambda: None
+    prefill_times: list[float] = field(default_factory=list)
+    decode_times: list[float] = field(default_factory=list)
+
+
+def prepare(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], device) -> Timed:
+    """Compile ``c`` (its first prefill and decode calls, timed as compile seconds), check its logits
+    against fp32 eager, release what qpass allows, count its weights."""
     row = Row(c.name)
     with torch.no_grad():
         cache = w.new_cache(ref["model"])
@@ -383,19 +404,44 @@ def measure(c: Contender, w: Workloads, ref: dict[str, torch.Tensor], args, devi
             c.backend.release_weights(c.model)
             row.kernels = dict(collections.Counter(r.kernel or "fp32" for r in c.backend.report.rows.values()))
         row.prefill_err, row.prefill_cos = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"])
-        row.prefill_ms = _median_ms(lambda: w.prefill(c.fn), args.reps, args.warmup, device)
         if dec is not None:
             row.decode_err = _rel(dec, ref["decode"])
-            step = lambda: _logits(c.fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True))  # noqa: E731
-            row.decode_ms = _median_ms(step, args.decode_reps, args.warmup, device, before=lambda: w.rewind(cache))
     graphs = c.backend.graphs if c.backend is not None else []
     row.weight_mb = weight_bytes(c.model, graphs) / 2**20
     row.rss_mb = rss_mb()
-    return row
+    step = lambda: _logits(c.fn(w.token, past_key_values=cache, cache_position=w.position, use_cache=True))  # noqa: E731
+    return Timed(row, prefill=lambda: w.prefill(c.fn), decode=step if dec is not None else None,
+                 before_decode=lambda: w.rewind(cache))
 
 
-def measure_llamacpp(w: Workloads, ref: dict[str, torch.Tensor], args) -> Row:
-    """llama.cpp on the same token ids, threads and reps; weights MB is its Q8_0 file (every tensor)."""
+def time_in_turns(timed: list[Timed], args, device: torch.device) -> None:
+    """Time every contender in ``args.rounds`` rounds, each round running every contender's share of
+    the prefills and then of the decode steps in turn, and set each row's medians over all rounds.
+
+    A machine whose speed drifts over minutes (the project's shared 2-core machines: the same compiled
+    decode step measured 8 ms and 11 ms ten minutes apart) then slows every contender alike instead of
+    whichever one ran in the slow minutes. The first round starts each series with ``args.warmup``
+    untimed calls, the others with one (the previous contender's weights have left the caches)."""
+    rounds = max(1, args.rounds)
+    prefills, decodes = max(1, args.reps // rounds), max(1, args.decode_reps // rounds)
+    with torch.no_grad():
+        for r in range(rounds):
+            warm = args.warmup if r == 0 else 1
+            for t in timed:
+                t.prefill_times += _times(t.prefill, prefills, warm, device)
+                if t.decode is not None:
+                    t.start_decode()
+                    t.decode_times += _times(t.decode, decodes, warm, device, t.before_decode)
+    for t in timed:
+        t.row.prefill_ms = 1e3 * statistics.median(t.prefill_times)
+        if t.decode_times:
+            t.row.decode_ms = 1e3 * statistics.median(t.decode_times)
+            t.row.decode_round_ms = [1e3 * statistics.median(t.decode_times[i:i + decodes])
+                                     for i in range(0, len(t.decode_times), decodes)]
+
+
+def prepare_llamacpp(w: Workloads, ref: dict[str, torch.Tensor]) -> Timed:
+    """llama.cpp on the same token ids and threads; weights MB is its Q8_0 file (every tensor)."""
     import llamacpp_contender
 
     row = Row(llamacpp_contender.LlamaCpp.name)
@@ -405,14 +451,12 @@ def measure_llamacpp(w: Workloads, ref: dict[str, torch.Tensor], args) -> Row:
     ids, prompt, token = w.ids[0].tolist(), w.prompt[0].tolist(), int(w.token)
     m.prefill(ids)
     pre = torch.from_numpy(m.llm.scores[len(ids) - 1].copy()).float().reshape(ref["prefill"].shape)
-    row.prefill_ms = _median_ms(lambda: m.prefill(ids), args.reps, args.warmup, torch.device("cpu"))
     m.fill(prompt)
     m.decode(token)
     dec = torch.from_numpy(m.llm.scores[w.context].copy()).float().reshape(ref["decode"].shape)
-    row.decode_ms = _median_ms(lambda: m.decode(token), args.decode_reps, args.warmup, torch.device("cpu"))
     row.prefill_err, row.prefill_cos, row.decode_err = _rel(pre, ref["prefill"]), _cos(pre, ref["prefill"]), _rel(dec, ref["decode"])
     row.weight_mb, row.rss_mb = m.bytes / 2**20, rss_mb()
-    return row
+    return Timed(row, prefill=lambda: m.prefill(ids), decode=lambda: m.decode(token), start_decode=lambda: m.fill(prompt))
 
 
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -423,35 +467,53 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         cache = w.new_cache(model)
         ref = {"model": model, "prefill": w.prefill(model), "decode": w.decode(model, cache)}
     rows: list[Row] = []
-    for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
-                                  args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
-                                  cpp_wrapper=args.cpp_wrapper, weight_only_lm_head=args.weight_only_lm_head,
-                                  whole_prompt=args.whole_prompt_graphs):
-        if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
-            continue
-        torch._dynamo.reset()
-        try:
-            c = make()
-            rows.append(measure(c, w, ref, args, device))
-        except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
-            logger.exception("contender failed")
-            rows.append(Row(label, error=f"{type(e).__name__}: {e}"[:300]))
-        finally:
-            torch._dynamo.reset()
-        logger.info("%s", rows[-1])
-    if name == "smollm2" and device.type == "cpu" and not args.no_llamacpp:
-        import llamacpp_contender
-
-        why = llamacpp_contender.why_unavailable()
-        if why:
-            print(why)
-        else:
+    timed: list[Timed] = []  # compiled, timed together at the end (--rounds > 1)
+    turns = args.rounds > 1
+    torch._dynamo.reset()
+    # every contender's graphs stay in Dynamo's cache of the model's forward until all are timed
+    limit = torch._dynamo.config.patch(recompile_limit=64) if turns else _null()
+    with limit:
+        for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
+                                      args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
+                                      cpp_wrapper=args.cpp_wrapper, weight_only_lm_head=args.weight_only_lm_head,
+                                      whole_prompt=args.whole_prompt_graphs):
+            if args.only and not any(part in label for part in args.only) and not label.endswith("torch.compile"):
+                continue
+            if not turns:
+                torch._dynamo.reset()
             try:
-                rows.append(measure_llamacpp(w, ref, args))
+                t = prepare(make(), w, ref, device)
+                rows.append(t.row)
+                if turns:
+                    timed.append(t)
+                else:
+                    time_in_turns([t], args, device)
             except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
-                logger.exception("llama.cpp failed")
-                rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
+                logger.exception("contender failed")
+                rows.append(Row(label, error=f"{type(e).__name__}: {e}"[:300]))
             logger.info("%s", rows[-1])
+        if name == "smollm2" and device.type == "cpu" and not args.no_llamacpp:
+            import llamacpp_contender
+
+            why = llamacpp_contender.why_unavailable()
+            if why:
+                print(why)
+            else:
+                try:
+                    t = prepare_llamacpp(w, ref)
+                    rows.append(t.row)
+                    if turns:
+                        timed.append(t)
+                    else:
+                        time_in_turns([t], args, device)
+                except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
+                    logger.exception("llama.cpp failed")
+                    rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
+                logger.info("%s", rows[-1])
+        if timed:
+            logger.info("timing %d contenders in %d rounds, taking turns", len(timed), args.rounds)
+            time_in_turns(timed, args, device)
+    torch._dynamo.reset()
     base_name = f"{_dtype_name(model)} eager" if args.eager_graphs else f"{_dtype_name(model)} torch.compile"
     base = next((r for r in rows if r.name == base_name), None)
     for r in rows:
@@ -463,7 +525,8 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
 
 def format_table(result: dict[str, Any], args) -> str:
     head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
-            f"{args.context}; median of {args.reps} / {args.decode_reps} runs\n\n")
+            f"{args.context}; median of {args.reps} / {args.decode_reps} runs"
+            + (f", every contender taking turns in {args.rounds} rounds" if args.rounds > 1 else "") + "\n\n")
     dt = result.get("dtype", "fp32")
     base = f"{dt} eager" if args.eager_graphs else f"{dt} compile"
     cols = ("contender", "prefill ms", f"prefill vs {base}", "decode ms", f"decode vs {base}",
@@ -495,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed prefill runs")
     parser.add_argument("--decode-reps", type=int, default=50, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="time every contender in this many rounds, taking turns (the reps are shared out); "
+                             "1: each contender timed alone right after its compile, Dynamo reset between them")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-torchao", action="store_true")
