@@ -204,7 +204,7 @@ def decide_activations(block: Block, spec: QuantSpec | None, fallback: float | N
     (default: the start): the configured one, or with ``fallback`` per-token where the static scale
     loses by more than that factor (``qmath.static_or_per_token``, the quantize pass's own rule),
     and then per-token for every linear of a fold where one of them is (they read the same input:
-    q / k / v, gate / up; the quantize pass's ``_per_token_together``). Learning calls it again as
+    q / k / v, gate / up; ``qmath.shared_input_spec``, as the quantize pass applies it). Learning calls it again as
     the factors move, so that the factors kept are scored, and deployed, under one set of choices.
     Returns how many linears changed their spec."""
     log_s = [s.log() for s in block.init] if log_s is None else [t.detach() for t in log_s]
@@ -226,7 +226,7 @@ def decide_activations(block: Block, spec: QuantSpec | None, fallback: float | N
         if lin.col is not None:
             folds.setdefault(lin.col[0], []).append(lin)
     for members in folds.values():
-        dynamic = next((lin.act for lin in members if lin.act is not None and lin.act.dynamic), None)
+        dynamic = qmath.shared_input_spec(lin.act for lin in members)
         if dynamic is not None:
             for lin in members:
                 lin.act = dynamic

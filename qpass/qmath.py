@@ -6,7 +6,7 @@ Weights are ``(N, K)`` (out, in); activations ``(..., K)``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +185,16 @@ def static_or_per_token(x: Tensor, w: Tensor, spec: QuantSpec, lo: Tensor, hi: T
     if static_err <= factor * dynamic_err:
         return FallbackChoice(spec, y_static, static_err, dynamic_err)
     return FallbackChoice(dynamic, y_dynamic, static_err, dynamic_err)
+
+
+def shared_input_spec(specs: Iterable[QuantSpec | None]) -> QuantSpec | None:
+    """The activation spec every linear reading one input runs when one of them runs per-token
+    (``static_or_per_token`` chose it): that per-token spec, so the input is quantized once and the
+    group runs as one GEMM, and the others lose nothing (per-token scales are at least as fine as a
+    static one). None: none of them is per-token, each keeps its own. The quantize pass applies it to
+    the linears of one input node, learned smoothing (``fsbr.decide_activations``) to the linears of
+    one fold, so that learning scores the choices the compile makes."""
+    return next((s for s in specs if s is not None and s.dynamic), None)
 
 
 def adadim_candidates(a: AdaDim) -> tuple[Granularity, Granularity]:

@@ -260,24 +260,26 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
 
 def _per_token_together(qg: QGraph, plans: list[_Plan]) -> None:
     """Static activations chosen per-token for one linear (``dynamic_fallback``) go per-token for
-    every linear that reads the same input (q/k/v, gate/up): then the input is quantized once and
-    the group runs as one GEMM (``lower.FUSE_SHARED_INPUT``), and the others lose nothing (per-token
-    scales are at least as fine as the static one). Decided once per layer for every graph. Only
-    for the budget's own choices: a config's explicit ``dynamic_layers`` are kept as given."""
+    every linear that reads the same input (q/k/v, gate/up; ``qmath.shared_input_spec``, the rule
+    learned smoothing scores with too): then the input is quantized once and the group runs as one
+    GEMM (``lower.FUSE_SHARED_INPUT``). Decided once per layer for every graph. Only for the
+    budget's own choices: a config's explicit ``dynamic_layers`` are kept as given."""
     by_input: dict[fx.Node, list[_Plan]] = {}
     for p in plans:
         if p.aspec is not None and p.keep_mask is None:
             by_input.setdefault(p.site.input, []).append(p)
     for group in by_input.values():
-        per_token = [p for p in group if p.aspec.dynamic]
-        static = [p for p in group if not p.aspec.dynamic]
-        if not per_token or not static:
+        spec = qmath.shared_input_spec(p.aspec for p in group)
+        if spec is None:
             continue
-        for p in static:
+        source = next(p for p in group if p.aspec is spec)
+        for p in group:
+            if p.aspec.dynamic:
+                continue
             key = ("per_token_with", p.site.path)
             if key not in qg.memo:
-                why = f"per-token dynamic activations: shares its input with {per_token[0].site.path}, which runs per-token"
-                qg.memo[key] = per_token[0].aspec
+                why = f"per-token dynamic activations: shares its input with {source.site.path}, which runs per-token"
+                qg.memo[key] = spec
                 _note(p.row, why)
                 p.row.per_token_fallback = True
                 qg.memo.setdefault("new_per_token_fallbacks", []).append(p.site.path)
