@@ -523,14 +523,19 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     return {"model": name, "description": desc, "dtype": _dtype_name(model), "rows": [asdict(r) for r in rows]}
 
 
+def _spread(values: list[float]) -> str:
+    """``min-max`` of the per-round medians: how far the machine's speed drifted during the run."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else ""
+
+
 def format_table(result: dict[str, Any], args) -> str:
     head = (f"### {result['description']}: prefill 1 x {args.prefill} tokens, decode 1 token after "
             f"{args.context}; median of {args.reps} / {args.decode_reps} runs"
             + (f", every contender taking turns in {args.rounds} rounds" if args.rounds > 1 else "") + "\n\n")
     dt = result.get("dtype", "fp32")
     base = f"{dt} eager" if args.eager_graphs else f"{dt} compile"
-    cols = ("contender", "prefill ms", f"prefill vs {base}", "decode ms", f"decode vs {base}",
-            "compile s", "weights MB", "logits rel. err (prefill / decode)")
+    cols = ("contender", "prefill ms", f"prefill vs {base}", "decode ms", "decode ms per round (min-max)",
+            f"decode vs {base}", "compile s", "weights MB", "logits rel. err (prefill / decode)")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
         if r["error"] and r["prefill_ms"] != r["prefill_ms"]:  # nothing measured
@@ -538,7 +543,7 @@ def format_table(result: dict[str, Any], args) -> str:
             continue
         lines.append(
             f"| {r['name']} | {r['prefill_ms']:.1f} | {r['prefill_speedup']:.2f}x | {r['decode_ms']:.2f} | "
-            f"{r['decode_speedup']:.2f}x | {r['compile_s']:.0f} | {r['weight_mb']:.0f} | "
+            f"{_spread(r['decode_round_ms'])} | {r['decode_speedup']:.2f}x | {r['compile_s']:.0f} | {r['weight_mb']:.0f} | "
             f"{r['prefill_err']:.3f} / {r['decode_err']:.3f}" + (f" ({r['error'][:100]})" if r["error"] else "") + " |"
         )
     return head + "\n".join(lines)
