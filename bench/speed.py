@@ -472,6 +472,22 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     torch._dynamo.reset()
     # every contender's graphs stay in Dynamo's cache of the model's forward until all are timed
     limit = torch._dynamo.config.patch(recompile_limit=64) if turns else _null()
+
+    def add(label: str, ready: Callable[[], Timed]) -> None:
+        """Compile and check one contender; time it now (``--rounds 1``) or keep it for the turns.
+        A failure is recorded in its row."""
+        try:
+            t = ready()
+            rows.append(t.row)
+            if turns:
+                timed.append(t)
+            else:
+                time_in_turns([t], args, device)
+        except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
+            logger.exception("%s failed", label)
+            rows.append(Row(label, error=f"{type(e).__name__}: {e}"[:300]))
+        logger.info("%s", rows[-1])
+
     with limit:
         for label, make in contenders(model, args.presets, calib_batches, not args.no_torchao, args.int8_lm_head,
                                       args.variants, inductor=not args.eager_graphs, onednn_decode=args.onednn_decode,
@@ -481,17 +497,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
                 continue
             if not turns:
                 torch._dynamo.reset()
-            try:
-                t = prepare(make(), w, ref, device)
-                rows.append(t.row)
-                if turns:
-                    timed.append(t)
-                else:
-                    time_in_turns([t], args, device)
-            except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
-                logger.exception("contender failed")
-                rows.append(Row(label, error=f"{type(e).__name__}: {e}"[:300]))
-            logger.info("%s", rows[-1])
+            add(label, lambda: prepare(make(), w, ref, device))
         if name == "smollm2" and device.type == "cpu" and not args.no_llamacpp:
             import llamacpp_contender
 
@@ -499,17 +505,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
             if why:
                 print(why)
             else:
-                try:
-                    t = prepare_llamacpp(w, ref)
-                    rows.append(t.row)
-                    if turns:
-                        timed.append(t)
-                    else:
-                        time_in_turns([t], args, device)
-                except Exception as e:  # noqa: BLE001 - recorded in the table and the JSON
-                    logger.exception("llama.cpp failed")
-                    rows.append(Row(llamacpp_contender.LlamaCpp.name, error=f"{type(e).__name__}: {e}"[:300]))
-                logger.info("%s", rows[-1])
+                add(llamacpp_contender.LlamaCpp.name, lambda: prepare_llamacpp(w, ref))
         if timed:
             logger.info("timing %d contenders in %d rounds, taking turns", len(timed), args.rounds)
             time_in_turns(timed, args, device)
