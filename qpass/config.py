@@ -246,11 +246,20 @@ class OutlierSplit:
     - ``ratio``: channels whose calibrated absmax exceeds ``ratio`` times the layer's median
       channel absmax (the same test, scale-free: ``OutlierSplit(ratio=3.0)``);
     - ``top_k``: the ``top_k`` channels with the largest calibrated absmax.
+
+    ``common_size`` (threshold and ratio rules): every linear of one role, the layers whose module
+    paths differ only in a block number (``model.layers.*.mlp.down_proj``), keeps as many channels
+    as the one of them the rule gives most, each adding its next-largest channels to its own. More
+    channels stay in floating point, never fewer, and the decoder blocks have the same shapes, so
+    they compile to one graph (``qpass/blocks.py``); each layer's own count is in its report row.
+    ``common_size=False`` keeps exactly the channels the rule picks in each layer. Fused experts
+    (grouped matmuls) keep their own widths.
     """
 
     threshold: float | None = 6.0
     top_k: int | None = None
     ratio: float | None = None
+    common_size: bool = True
 
     def __post_init__(self) -> None:
         given = [name for name in ("threshold", "top_k", "ratio") if getattr(self, name) is not None]
@@ -265,6 +274,8 @@ class OutlierSplit:
             raise ValueError(f"OutlierSplit.ratio must be > 1 (a multiple of the median channel absmax), got {self.ratio!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k <= 0):
             raise ValueError(f"OutlierSplit.top_k must be a positive int, got {self.top_k!r}")
+        if not isinstance(self.common_size, bool):
+            raise TypeError(f"OutlierSplit.common_size must be a bool, got {self.common_size!r}")
 
 
 @dataclass(frozen=True)

@@ -354,6 +354,7 @@ def test_backend_takes_a_preset_name():
         (lambda: qpass.QuantConfig(skip="lm_head"), r"QuantConfig.skip must be a tuple of module paths"),
         (lambda: qpass.QuantConfig(lower=1), r"QuantConfig.lower must be a bool"),
         (lambda: qpass.QuantSpec("int8", qpass.PerToken(), symmetric=0), r"QuantSpec.symmetric must be a bool"),
+        (lambda: qpass.OutlierSplit(common_size=1), r"OutlierSplit.common_size must be a bool, got 1"),
     ],
 )
 def test_wrong_argument_types_raise_type_error(call, message):

@@ -90,10 +90,10 @@ def test_a_graph_of_one_block_is_not_split():
     assert blocks.compile_by_block(gm, lambda sub, inputs: pytest.fail("compiled a piece")) is None
 
 
-def _compiled_logits(model, ids, calib, **backend_kwargs):
+def _compiled_logits(model, ids, calib, config="w8a8_dynamic", **backend_kwargs):
     torch._dynamo.reset()
     counters.clear()
-    backend = qpass.backend("w8a8_dynamic", calibration=calib, inductor_config={"fx_graph_cache": True}, **backend_kwargs)
+    backend = qpass.backend(config, calibration=calib, inductor_config={"fx_graph_cache": True}, **backend_kwargs)
     with torch.no_grad():
         return torch.compile(model, backend=backend, dynamic=False)(ids, use_cache=False).logits
 
@@ -124,6 +124,18 @@ def test_identical_blocks_share_one_compile_and_the_pieces_compute_the_whole_gra
     assert counters["inductor"]["fxgraph_cache_hit"] == 2, dict(counters["inductor"])
     # each piece applies its own block's weights and scales: the values are the whole graph's
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_outlier_splits_of_a_common_size_share_one_block_compile(monkeypatch, tmp_path):
+    """llm_int8's ratio rule keeps 18, 21 and 25 of the tiny Llama's down_proj input channels in
+    float (``test_quantize``: no two blocks alike, so each would compile its own graph). The role's
+    common size (the default) gives every block 25: one block compiles, the other two are its cache
+    entry."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama", layers=3)
+    ids, calib = token_batches(1)[0], qpass.calibrate(model, token_batches(4))
+    _compiled_logits(model, ids, calib, "llm_int8")
+    assert (counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]) == (3, 2)
 
 
 def test_decode_steps_compile_whole_and_generation_matches_the_unsplit_backend(monkeypatch):

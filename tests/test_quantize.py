@@ -7,6 +7,7 @@ import torch
 
 import qpass
 from qpass import ops, qmath
+from qpass.passes import quantize
 from qpass.config import PerGroup, PerInputChannel, PerOutputChannel, PerTensor, PerToken, QuantSpec
 from tests.models import tiny_model, token_batches
 
@@ -125,6 +126,33 @@ def test_llm_int8_keeps_outlier_channels(llama):
     assert any("fp32 outlier channels" in n for n in notes)
     plain, _ = _run(model, qpass.preset("llm_int8").replace(outliers=None), calib, ids)
     assert _rel(out, ref) < _rel(plain, ref)
+
+
+def test_outlier_sets_take_their_roles_common_size():
+    """``OutlierSplit.common_size`` (the default): every linear of a role keeps as many channels as the
+    one the rule gives most (the tiny Llama's down_proj: 18, 21 and 25 channels by the ratio rule ->
+    25 each), a superset of its own, and its report row says so; ``common_size=False`` keeps the
+    rule's counts. The layers' paths differ only in the block number."""
+    model = tiny_model("llama", layers=3)
+    calib = qpass.calibrate(model, token_batches(4))
+    ids = token_batches(1, seed=7)[0]
+    counts = {}
+    for common in (False, True):
+        config = qpass.preset("llm_int8").replace(outliers=qpass.OutlierSplit(threshold=None, ratio=2.0, common_size=common))
+        _, backend = _run(model, config, calib, ids)
+        counts[common] = {p: r.outlier_channels for p, r in backend.report.rows.items() if p != "lm_head"}
+        rows = backend.report.rows
+    own = [counts[False][f"model.layers.{i}.mlp.down_proj"] for i in range(3)]
+    assert len(set(own)) == 3, own  # no two alike: the case the common size is for
+    roles = {quantize.role(p) for p in counts[True]}
+    assert len(roles) == 7, roles
+    for r in roles:
+        layers = [p for p in counts[True] if quantize.role(p) == r]
+        assert len(layers) == 3 and {counts[True][p] for p in layers} == {max(counts[False][p] for p in layers)}, r
+    for i, n in enumerate(own):
+        note = rows[f"model.layers.{i}.mlp.down_proj"].reason
+        grew = f"outlier channels: {n} by the rule, {max(own)} as the most of its role (OutlierSplit.common_size)"
+        assert (grew in note) == (n < max(own)), note
 
 
 def test_static_activation_scale_uses_smoothed_range():
@@ -299,6 +327,11 @@ def test_outlier_rules_pick_channels():
     assert picked(qpass.OutlierSplit(threshold=None, ratio=3.0)) == [3, 5, 6]  # median 1.1
     assert picked(qpass.OutlierSplit(threshold=None, top_k=1)) == [3]
     assert picked(qpass.OutlierSplit(threshold=None, ratio=20.0)) == []
+    # a role's common size adds the next-largest channels to the rule's, never drops one
+    common = _outlier_channels(qpass.QuantConfig(outliers=qpass.OutlierSplit(6.0)), view, common=3)
+    assert common.tolist() == [3, 5, 6]
+    assert _outlier_channels(qpass.QuantConfig(outliers=qpass.OutlierSplit(6.0)), view, common=1).tolist() == [3, 6]
+    assert _outlier_channels(qpass.QuantConfig(outliers=qpass.OutlierSplit(20.0)), view, common=9).tolist() == list(range(7))
     with pytest.raises(ValueError, match="give exactly one of threshold, top_k and ratio"):
         qpass.OutlierSplit(ratio=3.0)  # threshold keeps its default
     with pytest.raises(ValueError, match="OutlierSplit.ratio must be > 1"):

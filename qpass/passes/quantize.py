@@ -70,7 +70,7 @@ def quantize(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             logger.warning("%s: %s", site.path, row.reason)
             continue
         stats = calibration.get(site.path) if calibration is not None else None
-        plans.append(_plan_site(qg, site, config, stats, calibration is not None, row))
+        plans.append(_plan_site(qg, site, config, stats, calibration, row))
     if config.dynamic_fallback is not None:
         _per_token_together(qg, plans)
     shared: dict[tuple, fx.Node] = {}  # one activation quantization per input and scale
@@ -210,10 +210,12 @@ class _Plan:
     qw: qmath.QuantizedWeight
 
 
-def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibrated: bool, row) -> _Plan:
-    """``stats`` is None for a layer without usable statistics; ``calibrated`` says whether the
-    backend has a calibration at all (without one, static scales are a configuration error; with
-    one, such a layer falls back to what needs no statistics, and ``qpass.checks`` said why)."""
+def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibration: Calibration | None,
+               row) -> _Plan:
+    """``stats`` is None for a layer without usable statistics; ``calibration`` is None when the
+    backend has none at all (then static scales are a configuration error; with one, such a layer
+    falls back to what needs no statistics, and ``qpass.checks`` said why)."""
+    calibrated = calibration is not None
     wspec, aspec = config.weight, config.activation
     if config.quantizes_weight_only(site.path):
         aspec = None
@@ -238,7 +240,8 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
         outliers = None
     else:
-        outliers = _outlier_channels(config, view)
+        outliers = _outlier_channels(config, view, _common_count(qg, config, calibration, site.path, _dense_count))
+        _note_common_size(row, config, view, outliers)
     keep_mask = None
     if outliers is not None:
         keep_mask = torch.ones(w.shape[1], dtype=torch.bool)
@@ -384,12 +387,13 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             row.weight = row.activation = "fp32 (skipped)"
             continue
         stats = calibration.get(site.path) if calibration is not None else None
-        _quantize_experts(qg, site, config, stats, calibration is not None, row, shared)
+        _quantize_experts(qg, site, config, stats, calibration, row, shared)
         done += 1
     return done
 
 
-def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
+def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibration: Calibration | None, row,
+                      shared: dict) -> None:
     wspec, aspec = config.weight, config.activation
     if config.quantizes_weight_only(site.path):
         raise ValueError(f"{site.path}: QuantConfig.weight_only names dense linears; fused experts take the config's "
@@ -402,7 +406,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         _note(row, f"adadim: {qmath.describe(granularity)} for fused experts (no per-expert search)")
     _check_groups(site.path, granularity, w.shape[1], k)
     s = qg.smoothing.get(site.node)
-    outliers = _expert_outliers(qg, site, config, stats, s, calibrated, row)
+    outliers = _expert_outliers(qg, site, config, stats, s, calibration, row)
     keep = None if outliers is None else outliers.keep
     w_main = w if keep is None else w * keep[:, None, :]
     qws = (None if keep is not None else _stored_experts(qg, site.path, w, wspec, granularity)) or [
@@ -417,7 +421,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         view = (stats.min / s, stats.max / s, stats)
         if keep is not None:  # the static scales cover what reaches the int8 grouped matmul: the inliers
             view = (view[0] * keep, view[1] * keep, stats)
-    aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row,
+    aspec = _activation_spec(site.path, config, aspec, view is not None, calibration is not None, row,
                              "per-expert statistics for static scales")
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)
@@ -462,7 +466,8 @@ class ExpertOutliers:
     """An outlier split of fused experts (``QuantConfig.outliers``): per expert, the input channels
     that bypass quantization. ``channels`` is padded to one width for all experts, a multiple of 8
     (``torch._grouped_mm`` wants rows of a multiple of 16 bytes), with weight columns of zero, so
-    one float grouped matmul over the same segments computes every expert's outlier part."""
+    one float grouped matmul over the same segments computes every expert's outlier part
+    (``OutlierSplit.common_size`` does not apply to fused experts yet)."""
 
     keep: torch.Tensor  # (E, K) bool: the inlier channels of each expert
     channels: torch.Tensor  # (E, width) int64: each expert's outlier channels, padded
@@ -482,7 +487,7 @@ class ExpertOutliers:
         return f" + {counts} fp32 outlier channels per expert"
 
 
-def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibrated: bool,
+def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibration: Calibration | None,
                      row) -> ExpertOutliers | None:
     """The outlier channels of a grouped matmul, by the config's rule on the calibrated absmax after
     smoothing. ``gate_up``'s input is the normed hidden state, the same channels for every expert
@@ -495,7 +500,7 @@ def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, 
     if config.outliers is None:
         return None
     if stats is None:
-        if not calibrated:
+        if calibration is None:
             raise ValueError(f"{site.path}: OutlierSplit needs calibration statistics (pass calibration=qpass.calibrate(...))")
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
         return None
@@ -694,17 +699,56 @@ def _pair(qg: QGraph, node: fx.Node, before: fx.Node) -> tuple[fx.Node, fx.Node]
     return qg.call(operator.getitem, (node, 0), before=before), qg.call(operator.getitem, (node, 1), before=before)
 
 
-def _outlier_channels(config: QuantConfig, view) -> torch.Tensor | None:
+def _outlier_channels(config: QuantConfig, view, common: int = 0) -> torch.Tensor | None:
+    """The input channels the config's outlier rule picks from ``view``'s absmax, sorted; at least
+    ``common`` of them (the role's common size, ``_common_count``), the largest first."""
     split = config.outliers
     if split is None:
         return None
     absmax = view[2]  # _quantize_site handled a layer without statistics
+    count = min(max(_rule_count(split, absmax), common), absmax.numel())
+    # The channels over a threshold are the largest ``count``: topk picks the same set.
+    return absmax.topk(count).indices.sort().values if count else None
+
+
+def _rule_count(split, absmax: torch.Tensor) -> int:
+    """How many channels ``split``'s rule keeps in floating point for this absmax."""
     if split.top_k is not None:
-        idx = absmax.topk(min(split.top_k, absmax.numel())).indices
-    else:
-        threshold = split.threshold if split.ratio is None else split.ratio * float(absmax.median())
-        idx = (absmax > threshold).nonzero().flatten()
-    return idx.sort().values if idx.numel() else None
+        return min(split.top_k, absmax.numel())
+    threshold = split.threshold if split.ratio is None else split.ratio * float(absmax.median())
+    return int((absmax > threshold).sum())
+
+
+def role(path: str) -> str:
+    """``path`` with its numbers starred (``model.layers.*.mlp.down_proj``): the layers of one role
+    in every block (and every expert), which compile to the same graph when their shapes agree."""
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _common_count(qg: QGraph, config: QuantConfig, calibration: Calibration | None, path: str, count) -> int:
+    """``OutlierSplit.common_size``: the most outlier channels ``count(split, stats)`` gives any
+    calibrated linear of ``path``'s role, on the calibration's statistics as recorded (before
+    smoothing, which only the graph of each layer knows); 0 when the sizes are not shared. Once
+    per role for every graph of the backend."""
+    split = config.outliers
+    if calibration is None or split is None or not split.common_size or split.top_k is not None:
+        return 0
+    key = ("outlier_common_count", role(path))
+    if key not in qg.memo:
+        qg.memo[key] = max((count(split, calibration[p]) for p in calibration if role(p) == key[1]), default=0)
+    return qg.memo[key]
+
+
+def _dense_count(split, stats: ChannelStats) -> int:
+    return _rule_count(split, stats.channel_absmax)
+
+
+def _note_common_size(row, config: QuantConfig, view, outliers: torch.Tensor | None) -> None:
+    if outliers is None or config.outliers.top_k is not None:
+        return
+    own = _rule_count(config.outliers, view[2])
+    if own != outliers.numel():
+        _note(row, f"outlier channels: {own} by the rule, {outliers.numel()} as the most of its role (OutlierSplit.common_size)")
 
 
 def _describe_act(spec: QuantSpec) -> str:
