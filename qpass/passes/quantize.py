@@ -240,7 +240,7 @@ def _plan_site(qg: QGraph, site: LinearSite, config: QuantConfig, stats, calibra
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
         outliers = None
     else:
-        outliers = _outlier_channels(config, view, _common_count(qg, config, calibration, site.path, _dense_count))
+        outliers = _outlier_channels(config, view, _common_count(qg, config, calibration, site.path))
         _note_common_size(row, config, view, outliers)
     keep_mask = None
     if outliers is not None:
@@ -387,13 +387,12 @@ def _experts(qg: QGraph, config: QuantConfig, calibration: Calibration | None, r
             row.weight = row.activation = "fp32 (skipped)"
             continue
         stats = calibration.get(site.path) if calibration is not None else None
-        _quantize_experts(qg, site, config, stats, calibration, row, shared)
+        _quantize_experts(qg, site, config, stats, calibration is not None, row, shared)
         done += 1
     return done
 
 
-def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibration: Calibration | None, row,
-                      shared: dict) -> None:
+def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, calibrated: bool, row, shared: dict) -> None:
     wspec, aspec = config.weight, config.activation
     if config.quantizes_weight_only(site.path):
         raise ValueError(f"{site.path}: QuantConfig.weight_only names dense linears; fused experts take the config's "
@@ -406,7 +405,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         _note(row, f"adadim: {qmath.describe(granularity)} for fused experts (no per-expert search)")
     _check_groups(site.path, granularity, w.shape[1], k)
     s = qg.smoothing.get(site.node)
-    outliers = _expert_outliers(qg, site, config, stats, s, calibration, row)
+    outliers = _expert_outliers(qg, site, config, stats, s, calibrated, row)
     keep = None if outliers is None else outliers.keep
     w_main = w if keep is None else w * keep[:, None, :]
     qws = (None if keep is not None else _stored_experts(qg, site.path, w, wspec, granularity)) or [
@@ -421,7 +420,7 @@ def _quantize_experts(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats,
         view = (stats.min / s, stats.max / s, stats)
         if keep is not None:  # the static scales cover what reaches the int8 grouped matmul: the inliers
             view = (view[0] * keep, view[1] * keep, stats)
-    aspec = _activation_spec(site.path, config, aspec, view is not None, calibration is not None, row,
+    aspec = _activation_spec(site.path, config, aspec, view is not None, calibrated, row,
                              "per-expert statistics for static scales")
     if aspec is not None and not aspec.dynamic and config.dynamic_fallback is not None:
         key = ("static_or_per_token", site.path)
@@ -487,7 +486,7 @@ class ExpertOutliers:
         return f" + {counts} fp32 outlier channels per expert"
 
 
-def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibration: Calibration | None,
+def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, s, calibrated: bool,
                      row) -> ExpertOutliers | None:
     """The outlier channels of a grouped matmul, by the config's rule on the calibrated absmax after
     smoothing. ``gate_up``'s input is the normed hidden state, the same channels for every expert
@@ -500,7 +499,7 @@ def _expert_outliers(qg: QGraph, site: ExpertsSite, config: QuantConfig, stats, 
     if config.outliers is None:
         return None
     if stats is None:
-        if calibration is None:
+        if not calibrated:
             raise ValueError(f"{site.path}: OutlierSplit needs calibration statistics (pass calibration=qpass.calibrate(...))")
         _note(row, "no outlier split: no usable statistics to find the outlier channels")
         return None
@@ -725,9 +724,9 @@ def role(path: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in path.split("."))
 
 
-def _common_count(qg: QGraph, config: QuantConfig, calibration: Calibration | None, path: str, count) -> int:
-    """``OutlierSplit.common_size``: the most outlier channels ``count(split, stats)`` gives any
-    calibrated linear of ``path``'s role, on the calibration's statistics as recorded (before
+def _common_count(qg: QGraph, config: QuantConfig, calibration: Calibration | None, path: str) -> int:
+    """``OutlierSplit.common_size``: the most outlier channels the rule gives any calibrated linear
+    of ``path``'s role, on the calibration's statistics as recorded (before
     smoothing, which only the graph of each layer knows); 0 when the sizes are not shared. Once
     per role for every graph of the backend."""
     split = config.outliers
@@ -735,12 +734,9 @@ def _common_count(qg: QGraph, config: QuantConfig, calibration: Calibration | No
         return 0
     key = ("outlier_common_count", role(path))
     if key not in qg.memo:
-        qg.memo[key] = max((count(split, calibration[p]) for p in calibration if role(p) == key[1]), default=0)
+        qg.memo[key] = max((_rule_count(split, calibration[p].channel_absmax) for p in calibration if role(p) == key[1]),
+                           default=0)
     return qg.memo[key]
-
-
-def _dense_count(split, stats: ChannelStats) -> int:
-    return _rule_count(split, stats.channel_absmax)
 
 
 def _note_common_size(row, config: QuantConfig, view, outliers: torch.Tensor | None) -> None:
